@@ -1,0 +1,93 @@
+# opsmesh — developer entry points. `make up` runs the stack, `make test` checks everything.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+STAMP  := $(VENV)/.installed
+TOOLS  := tools/node_modules/.bin/protoc-gen-es
+PROTOS := $(shell find proto -name '*.proto' | sort)
+PY_PACKAGES := mesh session_svc devtools
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-11s %s\n", $$1, $$2}'
+
+# --- environment -----------------------------------------------------------------------
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "opsmesh needs Python >= 3.11 (found $$($(PYTHON) --version))"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || \
+	  { echo "cannot create a venv: on Debian, apt-get install python3-venv"; exit 1; }
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+$(TOOLS): tools/package.json tools/package-lock.json
+	@command -v npm >/dev/null || { echo "npm is missing: on Debian, apt-get install npm"; exit 1; }
+	cd tools && npm ci --no-audit --no-fund --silent
+	@touch $@
+
+.PHONY: install
+install: $(STAMP) ## create .venv with every Python dependency
+
+# --- contracts ---------------------------------------------------------------------------
+.PHONY: gen
+gen: $(STAMP) $(TOOLS) ## regenerate gen/python and gen/ts from proto/
+	rm -rf gen/python/opsmesh
+	mkdir -p gen/python
+	$(PY) -m grpc_tools.protoc -I proto \
+	  --python_out=gen/python --pyi_out=gen/python --grpc_python_out=gen/python \
+	  --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=quiet:gen/python \
+	  $(PROTOS)
+	find gen/python/opsmesh -type d -exec touch {}/__init__.py \;
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/buf generate
+
+.PHONY: gen-check
+gen-check: ## fail when gen/ differs from what proto/ generates
+	@rm -rf .gen-check && mkdir .gen-check && cp -r gen .gen-check/before
+	@$(MAKE) --no-print-directory -s gen >/dev/null
+	@if ! diff -r .gen-check/before gen >/dev/null; then \
+	  diff -r .gen-check/before gen | head -20; rm -rf .gen-check; \
+	  echo "gen/ is out of date with proto/: run 'make gen' and commit the result"; exit 1; fi
+	@rm -rf .gen-check; echo "gen-check: generated code is up to date"
+
+# --- checks ------------------------------------------------------------------------------
+.PHONY: lint
+lint: $(STAMP) ## ruff, mypy --strict, buf lint/format/breaking
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/buf lint
+	$(BIN)/buf format --diff --exit-code
+	@if git rev-parse --verify -q main >/dev/null && git cat-file -e main:buf.yaml 2>/dev/null; then \
+	  $(BIN)/buf breaking --against '.git#branch=main'; \
+	else echo "buf breaking: no main branch with buf.yaml to compare against, skipped"; fi
+
+.PHONY: test
+test: $(STAMP) lint gen-check ## lint, gen-check and every test with coverage (>= 90%)
+	$(BIN)/coverage erase
+	$(BIN)/pytest --cov --cov-report=term $(PYTEST_ARGS)
+
+.PHONY: bench
+bench: $(STAMP) ## run the benchmarks (bench/*.py)
+	$(PY) bench/session_bench.py
+
+# --- dev stack ---------------------------------------------------------------------------
+.PHONY: up
+up: $(STAMP) ## start Redis, NATS and every service in the background (logs in .run/)
+	$(PY) -m devtools.stack up
+
+.PHONY: down
+down: ## stop what `make up` started
+	@if [ -x $(PY) ]; then $(PY) -m devtools.stack down; else echo "nothing to stop"; fi
+
+.PHONY: status
+status: $(STAMP) ## show what runs where
+	$(PY) -m devtools.stack status
+
+.PHONY: clean
+clean: down ## remove the venv, run folder and caches
+	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache .coverage* tools/node_modules

@@ -1,0 +1,1 @@
+"""Developer tooling: real dependency servers for tests and the local dev stack."""

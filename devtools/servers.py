@@ -1,0 +1,296 @@
+"""Real Redis, Redis Sentinel and NATS servers as child processes.
+
+Used by the test fixtures (ephemeral ports, temporary folders) and by the dev
+stack (fixed ports, detached). Readiness is read from each server's own log
+output, never guessed with sleeps; a server that exits during start-up raises
+:class:`ServerStartError` with the end of its log.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+_INSTALL_HINTS = {
+    "redis-server": "apt-get install redis-server",
+    "nats-server": "apt-get install nats-server",
+}
+
+
+class ServerStartError(RuntimeError):
+    def __init__(self, name: str, reason: str, log_tail: str = "") -> None:
+        message = f"{name} did not start: {reason}"
+        if log_tail:
+            message += f"\n--- last lines of its log ---\n{log_tail}"
+        super().__init__(message)
+        self.name = name
+
+
+def find_binary(name: str) -> str:
+    """The path of a server binary, or a clear error naming the package to install."""
+    found = shutil.which(name) or next(
+        (str(p) for p in (Path("/usr/sbin") / name, Path("/usr/bin") / name) if p.exists()), None
+    )
+    if found is None:
+        hint = _INSTALL_HINTS.get(name, f"install {name}")
+        raise ServerStartError(name, f"{name} is not installed (on Debian: {hint})")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (for servers that cannot pick their own)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class ManagedProcess:
+    """A server process whose readiness is a line in its log."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log_path: Path,
+        ready: re.Pattern[str],
+        env: Mapping[str, str] | None = None,
+        detach: bool = False,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self._ready = ready
+        self._env = dict(env) if env is not None else None
+        self._detach = detach
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, f"{self.name} is not running"
+        return self.process.pid
+
+    def start(self, timeout: float = 15.0) -> re.Match[str]:
+        """Starts the process and waits until its log shows the ready line."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._env,
+                start_new_session=self._detach,
+            )
+        deadline = time.monotonic() + timeout
+        with self.log_path.open("r", errors="replace") as reader:
+            reader.seek(offset)
+            seen = ""
+            while True:
+                seen += reader.read()
+                match = self._ready.search(seen)
+                if match is not None:
+                    return match
+                if self.process.poll() is not None:
+                    raise ServerStartError(
+                        self.name,
+                        f"exited with code {self.process.returncode}",
+                        _tail(self.log_path),
+                    )
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise ServerStartError(
+                        self.name, f"not ready after {timeout:g}s", _tail(self.log_path)
+                    )
+                time.sleep(0.01)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+class RedisServer:
+    """``redis-server`` on loopback with persistence off."""
+
+    def __init__(
+        self, workdir: Path, *, port: int | None = None, detach: bool = False, name: str = "redis"
+    ) -> None:
+        self.workdir = workdir
+        self.port = port or 0
+        self._fixed_port = port is not None
+        self._detach = detach
+        self.name = name
+        self.process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        attempts = 1 if self._fixed_port else 5
+        for attempt in range(attempts):
+            if not self._fixed_port:
+                self.port = free_port()
+            self.process = ManagedProcess(
+                self.name,
+                [
+                    find_binary("redis-server"),
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.workdir),
+                    "--logfile",
+                    "",
+                    "--daemonize",
+                    "no",
+                ],
+                log_path=self.workdir / f"{self.name}.log",
+                ready=re.compile(r"Ready to accept connections"),
+                detach=self._detach,
+            )
+            try:
+                self.process.start()
+                return self
+            except ServerStartError:
+                # Another process may have taken the free port between probe and bind.
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+
+
+class RedisSentinel:
+    """A ``redis-server --sentinel`` monitoring one master as ``master_name``."""
+
+    def __init__(self, workdir: Path, *, master_port: int, master_name: str = "mymaster") -> None:
+        self.workdir = workdir
+        self.master_port = master_port
+        self.master_name = master_name
+        self.port = 0
+        self.process: ManagedProcess | None = None
+
+    def start(self) -> RedisSentinel:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        config = self.workdir / "sentinel.conf"
+        config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+            f"sentinel monitor {self.master_name} 127.0.0.1 {self.master_port} 1\n"
+            f"sentinel down-after-milliseconds {self.master_name} 2000\n"
+        )
+        self.process = ManagedProcess(
+            "redis-sentinel",
+            [find_binary("redis-server"), str(config), "--sentinel"],
+            log_path=self.workdir / "sentinel.log",
+            ready=re.compile(r"\+monitor master " + re.escape(self.master_name)),
+        )
+        self.process.start()
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+
+class NatsServer:
+    """``nats-server`` with JetStream, storing under ``workdir``."""
+
+    def __init__(self, workdir: Path, *, port: int | None = None, detach: bool = False) -> None:
+        self.workdir = workdir
+        self.port = port or -1  # -1: nats-server picks a free port and logs it
+        self._detach = detach
+        self.process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> NatsServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.process = ManagedProcess(
+            "nats",
+            [
+                find_binary("nats-server"),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-js",
+                "-sd",
+                str(self.workdir / "jetstream"),
+            ],
+            log_path=self.workdir / "nats.log",
+            ready=re.compile(
+                r"Listening for client connections on [^\s]*:(\d+)(?s:.*)"
+                r"Server is ready"
+            ),
+            detach=self._detach,
+        )
+        match = self.process.start()
+        self.port = int(match.group(1))
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,228 @@
+"""The RPC interceptor: request ids, authentication, metrics, error mapping.
+
+Every handler of a service is wrapped once, so each RPC runs inside one
+lifecycle: request id from ``x-request-id`` (or a new one, echoed back), the
+caller's principal for protected methods, in-flight/latency/count metrics, and
+domain errors turned into precise statuses. An unexpected exception is logged
+once with its traceback and answers INTERNAL without leaking internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import grpc
+from grpc import aio
+
+from mesh.auth import Authenticator, is_public_method
+from mesh.context import principal_var, request_id_var
+from mesh.errors import OpsmeshError, Unavailable, to_status
+from mesh.metrics import MethodMetrics, RpcMetrics
+
+log = logging.getLogger("opsmesh.rpc")
+
+REQUEST_ID_HEADER = "x-request-id"
+_MAX_REQUEST_ID = 128
+
+
+def _metadata_dict(call_metadata: Any) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for key, value in call_metadata or ():
+        if isinstance(value, str):
+            result.setdefault(key, value)
+    return result
+
+
+def _request_id(metadata: dict[str, str]) -> str:
+    given = metadata.get(REQUEST_ID_HEADER, "")
+    if 0 < len(given) <= _MAX_REQUEST_ID and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+if TYPE_CHECKING:
+    _ServerInterceptor = aio.ServerInterceptor[Any, Any]
+else:  # not generic at run time
+    _ServerInterceptor = aio.ServerInterceptor
+
+
+class RpcInterceptor(_ServerInterceptor):
+    def __init__(
+        self, *, authenticator: Authenticator, metrics: RpcMetrics, access_log: bool = False
+    ) -> None:
+        self._authenticator = authenticator
+        self._metrics = metrics
+        self._access_log = access_log
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method: str = handler_call_details.method
+        metadata = _metadata_dict(handler_call_details.invocation_metadata)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method, metadata, "unary"),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method, metadata, "server_stream"),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(handler.stream_unary, method, metadata, "client_stream"),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(handler.stream_stream, method, metadata, "bidi_stream"),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _begin(
+        self, context: aio.ServicerContext[Any, Any], method: str, metadata: dict[str, str]
+    ) -> str:
+        request_id = _request_id(metadata)
+        request_id_var.set(request_id)
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+        if not is_public_method(method):
+            principal_var.set(await self._authenticator.authenticate(metadata, method))
+        return request_id
+
+    async def _fail(
+        self, context: aio.ServicerContext[Any, Any], method: str, error: Exception
+    ) -> NoReturn:
+        """Logs ``error`` once and aborts the RPC with its status (always raises)."""
+        request_id = request_id_var.get() or ""
+        trailing: tuple[tuple[str, str | bytes], ...] = ((REQUEST_ID_HEADER, request_id),)
+        if isinstance(error, OpsmeshError):
+            level = logging.WARNING if isinstance(error, Unavailable) else logging.INFO
+            log.log(
+                level,
+                "%s failed: %s %s",
+                method,
+                error.code.name,
+                error.message,
+                extra={"grpc_method": method, "grpc_code": error.code.name, "reason": error.reason},
+            )
+            status = to_status(error)
+            await context.abort(
+                error.code,
+                status.details,
+                trailing + tuple(status.trailing_metadata),
+            )
+        log.error("%s failed unexpectedly", method, exc_info=error, extra={"grpc_method": method})
+        await context.abort(
+            grpc.StatusCode.INTERNAL, "internal error; the server logged the details", trailing
+        )
+        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+    def _finish(
+        self, method_metrics: MethodMetrics, method: str, code: grpc.StatusCode, started: float
+    ) -> None:
+        elapsed = time.perf_counter() - started
+        method_metrics.in_flight.dec()
+        method_metrics.record(code.name, elapsed)
+        if self._access_log:
+            log.info(
+                "%s %s %.2fms",
+                method,
+                code.name,
+                elapsed * 1000,
+                extra={
+                    "grpc_method": method,
+                    "grpc_code": code.name,
+                    "duration_ms": elapsed * 1000,
+                },
+            )
+
+    def _wrap_unary(
+        self,
+        behavior: Callable[..., Awaitable[Any]],
+        method: str,
+        metadata: dict[str, str],
+        rpc_type: str,
+    ) -> Callable[..., Awaitable[Any]]:
+        method_metrics, started_counter = self._metrics.for_method(method, rpc_type)
+
+        async def wrapped(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            started_counter.inc()
+            method_metrics.in_flight.inc()
+            code = grpc.StatusCode.OK
+            try:
+                await self._begin(context, method, metadata)
+                return await behavior(request, context)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as error:
+                if _is_abort(error):
+                    code = _aborted_code(context)
+                    raise
+                code = error.code if isinstance(error, OpsmeshError) else grpc.StatusCode.INTERNAL
+                await self._fail(context, method, error)
+            finally:
+                self._finish(method_metrics, method, code, started)
+
+        return wrapped
+
+    def _wrap_stream(
+        self,
+        behavior: Any,
+        method: str,
+        metadata: dict[str, str],
+        rpc_type: str,
+    ) -> Callable[..., AsyncIterator[Any]]:
+        method_metrics, started_counter = self._metrics.for_method(method, rpc_type)
+
+        async def wrapped(
+            request: Any, context: aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            started_counter.inc()
+            method_metrics.in_flight.inc()
+            code = grpc.StatusCode.OK
+            try:
+                await self._begin(context, method, metadata)
+                async for response in behavior(request, context):
+                    yield response
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as error:
+                if _is_abort(error):
+                    code = _aborted_code(context)
+                    raise
+                code = error.code if isinstance(error, OpsmeshError) else grpc.StatusCode.INTERNAL
+                await self._fail(context, method, error)
+            finally:
+                self._finish(method_metrics, method, code, started)
+
+        return wrapped
+
+
+def _is_abort(error: BaseException) -> bool:
+    # context.abort() raises grpc.aio.AbortError; it must travel up untouched.
+    return isinstance(error, aio.AbortError)
+
+
+def _aborted_code(context: aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    code = context.code()
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN

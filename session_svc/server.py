@@ -1,0 +1,71 @@
+"""Wires the session service: settings → Redis → store → gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Mapping
+
+from mesh.auth import Authenticator, authenticator_from_mode
+from mesh.health import Probe
+from mesh.logs import configure_logging
+from mesh.redisconn import connect_redis
+from mesh.server import Registration, RunnerOptions, ServiceRunner
+from mesh.settings import SettingsError
+from opsmesh.session.v1 import session_pb2_grpc
+from session_svc.config import SessionSettings
+from session_svc.service import SERVICE_NAME, SessionService
+from session_svc.store import SessionStore
+
+
+def build_runner(
+    settings: SessionSettings,
+    *,
+    authenticator: Authenticator | None = None,
+    options: RunnerOptions | None = None,
+) -> ServiceRunner:
+    """A ready-to-start server for ``settings`` (tests pass their own authenticator)."""
+    client = connect_redis(settings.redis)
+    store = SessionStore(
+        client,
+        key_prefix=settings.key_prefix,
+        max_ttl_ms=int(settings.limits.max_ttl * 1000),
+        max_sessions_per_user=settings.limits.max_sessions_per_user,
+    )
+    service = SessionService(store, settings.limits)
+    base = options or RunnerOptions()
+    return ServiceRunner(
+        settings=settings.server,
+        registrations=[
+            Registration(
+                service_name=SERVICE_NAME,
+                add_to_server=lambda server: session_pb2_grpc.add_SessionServiceServicer_to_server(
+                    service, server
+                ),
+            )
+        ],
+        authenticator=authenticator or authenticator_from_mode(settings.auth_mode),
+        probes=[Probe(name="redis", check=store.ping)],
+        options=RunnerOptions(
+            health_interval=base.health_interval,
+            health_timeout=base.health_timeout,
+            on_stop=(*base.on_stop, client.aclose),
+        ),
+    )
+
+
+async def serve(environ: Mapping[str, str]) -> None:
+    settings = SessionSettings.from_env(environ)
+    configure_logging(
+        service="session_svc", level=settings.server.log_level, fmt=settings.server.log_format
+    )
+    await build_runner(settings).serve_until_signalled()
+
+
+def main() -> None:
+    try:
+        asyncio.run(serve(os.environ))
+    except SettingsError as error:
+        print(f"session_svc: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

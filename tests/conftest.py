@@ -1,0 +1,85 @@
+"""Fixtures: real redis-server and nats-server on ephemeral ports, and the session service."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc import aio
+
+from devtools.servers import NatsServer, RedisServer
+from mesh.redisconn import RedisSettings
+from mesh.server import RunnerOptions, ServiceRunner
+from mesh.settings import ServerSettings
+from opsmesh.session.v1 import session_pb2_grpc
+from session_svc.config import SessionLimits, SessionSettings
+from session_svc.server import build_runner
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path_factory.mktemp("nats")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own, for tests that stop and restart it."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+TEST_LIMITS = SessionLimits(
+    default_ttl=600.0, min_ttl=1.0, max_ttl=3600.0, max_context_bytes=4096,
+    max_sessions_per_user=25,
+)  # fmt: skip
+
+
+def session_settings(redis_url: str, **limits: float) -> SessionSettings:
+    """Settings for a session service on an ephemeral port with its own key prefix."""
+    return SessionSettings(
+        server=ServerSettings(port=0, grace_period=2.0),
+        redis=RedisSettings(url=redis_url, socket_timeout=0.5, connect_timeout=0.5),
+        limits=replace(TEST_LIMITS, **limits),  # type: ignore[arg-type]
+        key_prefix=f"test:{uuid.uuid4().hex[:8]}:",
+    )
+
+
+FAST_HEALTH = RunnerOptions(health_interval=0.1, health_timeout=0.5)
+
+
+@pytest.fixture
+async def session_runner(redis_server: RedisServer) -> AsyncIterator[ServiceRunner]:
+    runner = build_runner(session_settings(redis_server.url), options=FAST_HEALTH)
+    await runner.start()
+    yield runner
+    await runner.stop()
+
+
+@pytest.fixture
+async def channel(session_runner: ServiceRunner) -> AsyncIterator[aio.Channel]:
+    async with aio.insecure_channel(f"127.0.0.1:{session_runner.port}") as chan:
+        yield chan
+
+
+@pytest.fixture
+def sessions(channel: aio.Channel) -> session_pb2_grpc.SessionServiceStub:
+    return session_pb2_grpc.SessionServiceStub(channel)
+
+
+def code_of(error: BaseException) -> grpc.StatusCode:
+    assert isinstance(error, aio.AioRpcError), error
+    return error.code()
