@@ -190,6 +190,7 @@ class RedisServer:
             )
             try:
                 self.process.start()
+                self._fixed_port = True  # a restart comes back on the same port
                 return self
             except ServerStartError:
                 # Another process may have taken the free port between probe and bind.

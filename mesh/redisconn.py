@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 
 from mesh.errors import DependencyUnavailable
 from mesh.settings import EnvReader
@@ -72,6 +74,12 @@ class RedisSettings:
         )
 
 
+def _no_retries() -> Retry:
+    # A write whose reply was lost cannot be told from one never done, so nothing is retried
+    # here: the RPC answers UNAVAILABLE and the caller decides (reads are safe to repeat).
+    return Retry(NoBackoff(), 0)
+
+
 def connect_redis(settings: RedisSettings) -> aioredis.Redis:
     """A client for the configured Redis; connections open lazily, on first use."""
     if settings.sentinels:
@@ -87,6 +95,7 @@ def connect_redis(settings: RedisSettings) -> aioredis.Redis:
             socket_timeout=settings.socket_timeout,
             socket_connect_timeout=settings.connect_timeout,
             max_connections=settings.max_connections,
+            retry=_no_retries(),
         )
         return master
     client: aioredis.Redis = aioredis.Redis.from_url(
@@ -95,7 +104,7 @@ def connect_redis(settings: RedisSettings) -> aioredis.Redis:
         socket_timeout=settings.socket_timeout,
         socket_connect_timeout=settings.connect_timeout,
         max_connections=settings.max_connections,
-        health_check_interval=15,
+        retry=_no_retries(),
     )
     return client
 

@@ -58,6 +58,8 @@ class RpcInterceptor(_ServerInterceptor):
         self._authenticator = authenticator
         self._metrics = metrics
         self._access_log = access_log
+        # method -> (the service's handler, our wrapper of it); built once per method.
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -70,34 +72,42 @@ class RpcInterceptor(_ServerInterceptor):
         if handler is None:
             return handler
         method: str = handler_call_details.method
-        metadata = _metadata_dict(handler_call_details.invocation_metadata)
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method, metadata, "unary"),
+                self._wrap_unary(handler.unary_unary, method, "unary"),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method, metadata, "server_stream"),
+                self._wrap_stream(handler.unary_stream, method, "server_stream"),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(handler.stream_unary, method, metadata, "client_stream"),
+                self._wrap_unary(handler.stream_unary, method, "client_stream"),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(handler.stream_stream, method, metadata, "bidi_stream"),
+            self._wrap_stream(handler.stream_stream, method, "bidi_stream"),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
-    async def _begin(
-        self, context: aio.ServicerContext[Any, Any], method: str, metadata: dict[str, str]
-    ) -> str:
+    async def _begin(self, context: aio.ServicerContext[Any, Any], method: str) -> str:
+        metadata = _metadata_dict(context.invocation_metadata())
         request_id = _request_id(metadata)
         request_id_var.set(request_id)
         context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
@@ -156,7 +166,6 @@ class RpcInterceptor(_ServerInterceptor):
         self,
         behavior: Callable[..., Awaitable[Any]],
         method: str,
-        metadata: dict[str, str],
         rpc_type: str,
     ) -> Callable[..., Awaitable[Any]]:
         method_metrics, started_counter = self._metrics.for_method(method, rpc_type)
@@ -167,7 +176,7 @@ class RpcInterceptor(_ServerInterceptor):
             method_metrics.in_flight.inc()
             code = grpc.StatusCode.OK
             try:
-                await self._begin(context, method, metadata)
+                await self._begin(context, method)
                 return await behavior(request, context)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
@@ -187,7 +196,6 @@ class RpcInterceptor(_ServerInterceptor):
         self,
         behavior: Any,
         method: str,
-        metadata: dict[str, str],
         rpc_type: str,
     ) -> Callable[..., AsyncIterator[Any]]:
         method_metrics, started_counter = self._metrics.for_method(method, rpc_type)
@@ -200,7 +208,7 @@ class RpcInterceptor(_ServerInterceptor):
             method_metrics.in_flight.inc()
             code = grpc.StatusCode.OK
             try:
-                await self._begin(context, method, metadata)
+                await self._begin(context, method)
                 async for response in behavior(request, context):
                     yield response
             except asyncio.CancelledError:

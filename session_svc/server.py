@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from collections.abc import Mapping
@@ -11,7 +10,7 @@ from mesh.auth import Authenticator, authenticator_from_mode
 from mesh.health import Probe
 from mesh.logs import configure_logging
 from mesh.redisconn import connect_redis
-from mesh.server import Registration, RunnerOptions, ServiceRunner
+from mesh.server import Registration, RunnerOptions, ServiceRunner, run
 from mesh.settings import SettingsError
 from opsmesh.session.v1 import session_pb2_grpc
 from session_svc.config import SessionSettings
@@ -65,7 +64,7 @@ async def serve(environ: Mapping[str, str]) -> None:
 
 def main() -> None:
     try:
-        asyncio.run(serve(os.environ))
+        run(serve(os.environ))
     except SettingsError as error:
         print(f"session_svc: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -1,0 +1,218 @@
+"""GetSession / UpdateContext through the gRPC session service vs redis-py directly.
+
+One run, side by side:
+* baseline: the same Redis operations (the service's own Lua scripts, via
+  ``SessionStore``) called straight from redis-py, no gRPC in between;
+* service: the real ``python -m session_svc`` process (pinned to one core)
+  called over gRPC on loopback.
+Prints p50/p99 latency (sequential calls) and throughput (concurrent calls)
+for both, and the ratios against the issue's targets:
+gRPC GetSession p50 within 4x of the raw Redis round trip, >= 3,000
+GetSession/s with the service on one core.
+
+    .venv/bin/python bench/session_bench.py [--seconds 5] [--concurrency 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import redis.asyncio as aioredis
+import uvloop
+from google.protobuf import struct_pb2
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from devtools.servers import ManagedProcess, RedisServer, free_port
+from mesh.auth import ORG_HEADER, USER_HEADER
+from mesh.context import Principal
+from opsmesh.session.v1 import session_pb2 as pb
+from opsmesh.session.v1 import session_pb2_grpc
+from session_svc.store import SessionStore, VersionConflict
+
+OWNER = Principal("bench-user", "bench-org")
+METADATA = ((USER_HEADER, OWNER.user_id), (ORG_HEADER, OWNER.org_id))
+CONTEXT = {"topic": "checkout latency", "services": ["api", "db"], "window": "15m", "step": 1}
+
+
+async def latencies(call: Callable[[], Awaitable[object]], count: int) -> list[float]:
+    for _ in range(min(200, count)):
+        await call()  # warm-up: connections, script cache
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        await call()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+async def throughput(
+    call: Callable[[], Awaitable[object]], seconds: float, concurrency: int
+) -> float:
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            await call()
+            done += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return done / (time.perf_counter() - start)
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
+
+
+def pin(pid: int, cpu: int) -> bool:
+    try:
+        os.sched_setaffinity(pid, {cpu % (os.cpu_count() or 1)})
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+async def run(args: argparse.Namespace) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="session-bench-"))
+    redis_server = RedisServer(workdir / "redis").start()
+    assert redis_server.process is not None
+    port = free_port()
+    env = dict(
+        os.environ,
+        OPSMESH_GRPC_PORT=str(port),
+        OPSMESH_METRICS_PORT="0",
+        OPSMESH_REDIS_URL=redis_server.url,
+        OPSMESH_LOG_LEVEL="INFO",
+        OPSMESH_SESSION_KEY_PREFIX="bench:",
+    )
+    service = ManagedProcess(
+        "session_svc",
+        [sys.executable, "-m", "session_svc"],
+        log_path=workdir / "session.log",
+        ready=re.compile(r"serving opsmesh\.session\.v1\.SessionService"),
+        env=env,
+    )
+    # Service alone on core 0; Redis and this load generator on the other core.
+    service.start()
+    pinned = pin(service.pid, 0)
+    pin(redis_server.process.pid, 1)
+    pin(0, 1)
+    results: dict[str, float] = {}
+    try:
+        client = aioredis.Redis.from_url(redis_server.url)
+        store = SessionStore(
+            client, key_prefix="bench:", max_ttl_ms=86_400_000, max_sessions_per_user=1_000_000
+        )
+        context = struct_pb2.Struct()
+        context.update(CONTEXT)
+        raw = await store.create(OWNER, title="bench", context=context, ttl_ms=3_600_000)
+
+        async def raw_get() -> object:
+            return await store.get(OWNER, raw.id)
+
+        async def raw_update() -> object:
+            # The service's merge loop: read, write if unchanged, else read again.
+            while True:
+                current = await store.get(OWNER, raw.id)
+                try:
+                    return await store.set_context(
+                        OWNER, raw.id, context, expected_version=current.version
+                    )
+                except VersionConflict:
+                    continue
+
+        channel = aio.insecure_channel(f"127.0.0.1:{port}")
+        stub = session_pb2_grpc.SessionServiceStub(channel)
+        created = await stub.CreateSession(
+            pb.CreateSessionRequest(title="bench", context=context), metadata=METADATA
+        )
+        sid = created.session.id
+        get_request = pb.GetSessionRequest(session_id=sid)
+        update_request = pb.UpdateContextRequest(session_id=sid, context=context)
+
+        health_stub = health_pb2_grpc.HealthStub(channel)
+        health_request = health_pb2.HealthCheckRequest()
+
+        async def grpc_health() -> object:
+            return await health_stub.Check(health_request)
+
+        async def grpc_get() -> object:
+            return await stub.GetSession(get_request, metadata=METADATA)
+
+        async def grpc_update() -> object:
+            return await stub.UpdateContext(update_request, metadata=METADATA)
+
+        print(
+            f"session bench: {args.samples} sequential calls for latency, "
+            f"{args.seconds:g}s x {args.concurrency} concurrent for throughput"
+            f"{'' if pinned else ' (could not pin the service to one core)'}\n"
+        )
+        print(f"{'operation':<34}{'p50 us':>10}{'p99 us':>10}{'ops/s':>10}")
+        for name, call in [
+            ("Health.Check  gRPC floor", grpc_health),
+            ("GetSession    redis-py direct", raw_get),
+            ("GetSession    gRPC service", grpc_get),
+            ("UpdateContext redis-py direct", raw_update),
+            ("UpdateContext gRPC service", grpc_update),
+        ]:
+            samples = await latencies(call, args.samples)
+            rate = await throughput(call, args.seconds, args.concurrency)
+            results[f"{name}:p50"] = pct(samples, 0.50)
+            results[f"{name}:p99"] = pct(samples, 0.99)
+            results[f"{name}:rate"] = rate
+            print(f"{name:<34}{pct(samples, 0.5):>10.0f}{pct(samples, 0.99):>10.0f}{rate:>10.0f}")
+        await channel.close()
+        await client.aclose()
+    finally:
+        service.stop()
+        redis_server.stop()
+
+    get_ratio = (
+        results["GetSession    gRPC service:p50"] / results["GetSession    redis-py direct:p50"]
+    )
+    upd_ratio = (
+        results["UpdateContext gRPC service:p50"] / results["UpdateContext redis-py direct:p50"]
+    )
+    get_rate = results["GetSession    gRPC service:rate"]
+    print()
+    floor = results["Health.Check  gRPC floor:p50"]
+    print(f"GetSession p50 ratio gRPC/redis-py:    {get_ratio:.2f}x  (target <= 4x)")
+    print(
+        f"  of which the bare gRPC round trip:   {floor:.0f} us "
+        f"({floor / results['GetSession    redis-py direct:p50']:.2f}x redis-py alone)"
+    )
+    print(f"UpdateContext p50 ratio gRPC/redis-py: {upd_ratio:.2f}x")
+    print(
+        f"GetSession throughput via gRPC:        {get_rate:.0f}/s "
+        f"(target >= 3000/s on one core; "
+        f"{get_rate / results['GetSession    redis-py direct:rate']:.2f}x of redis-py direct)"
+    )
+    ok = get_ratio <= 4 and get_rate >= 3000
+    print("targets met" if ok else "targets NOT met")
+    return 0 if ok else 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--samples", type=int, default=3000)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=64)
+    raise SystemExit(uvloop.run(run(parser.parse_args())))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""The local dev stack behind ``make up``, ``make down`` and ``make status``.
+
+Starts Redis, NATS (JetStream) and every service that exists, detached, on the
+default ports of DESIGN.md (never Redis' 6379 or NATS' 4222, which a machine
+may already run), waits until each is ready (services: gRPC health SERVING),
+and records what it started in ``<run dir>/stack.json`` so ``down`` stops
+exactly that. Ports and the run folder can be overridden by environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from devtools.servers import (
+    ManagedProcess,
+    NatsServer,
+    RedisServer,
+    ServerStartError,
+    pid_alive,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StackConfig:
+    run_dir: Path
+    redis_port: int = 16379
+    nats_port: int = 14222
+    session_port: int = 50051
+    session_metrics_port: int = 9151
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], root: Path) -> StackConfig:
+        def port(name: str, default: int) -> int:
+            raw = environ.get(name, "")
+            if not raw:
+                return default
+            if not raw.isdigit() or not 0 < int(raw) < 65536:
+                raise SystemExit(f"{name}={raw!r}: expected a port number")
+            return int(raw)
+
+        return cls(
+            run_dir=Path(environ.get("OPSMESH_RUN_DIR") or root / ".run"),
+            redis_port=port("OPSMESH_DEV_REDIS_PORT", 16379),
+            nats_port=port("OPSMESH_DEV_NATS_PORT", 14222),
+            session_port=port("OPSMESH_DEV_SESSION_PORT", 50051),
+            session_metrics_port=port("OPSMESH_DEV_SESSION_METRICS_PORT", 9151),
+        )
+
+    @property
+    def state_file(self) -> Path:
+        return self.run_dir / "stack.json"
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    pid: int
+    address: str
+    log: str
+    grpc_port: int = 0
+
+
+def _load(config: StackConfig) -> list[Component]:
+    if not config.state_file.exists():
+        return []
+    return [Component(**entry) for entry in json.loads(config.state_file.read_text())]
+
+
+def _save(config: StackConfig, components: Sequence[Component]) -> None:
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    config.state_file.write_text(json.dumps([c.__dict__ for c in components], indent=2))
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
+
+
+def health_status(port: int, service: str = "", timeout: float = 1.0) -> str:
+    """The grpc.health.v1 status of a server on localhost, or why it has none."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as error:
+            return f"unreachable ({error.code().name})"
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def _wait_serving(component: Component, process: ManagedProcess, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    status = "unknown"
+    while time.monotonic() < deadline:
+        if not process.running():
+            raise ServerStartError(component.name, "exited during start-up")
+        status = health_status(component.grpc_port)
+        if status == "SERVING":
+            return
+        time.sleep(0.1)
+    raise ServerStartError(component.name, f"health is {status} after {timeout:g}s")
+
+
+def _service_env(config: StackConfig, port: int, metrics_port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OPSMESH_GRPC_PORT=str(port),
+        OPSMESH_METRICS_PORT=str(metrics_port),
+        OPSMESH_REDIS_URL=f"redis://127.0.0.1:{config.redis_port}/0",
+        OPSMESH_NATS_URL=f"nats://127.0.0.1:{config.nats_port}",
+    )
+    return env
+
+
+def up(config: StackConfig) -> int:
+    running = [c for c in _load(config) if pid_alive(c.pid)]
+    if running:
+        print("the dev stack is already up ('make down' stops it):")
+        _print(running)
+        return 0
+    wanted = {
+        "redis": config.redis_port,
+        "nats": config.nats_port,
+        "session_svc": config.session_port,
+    }
+    taken = [f"{name} port {port}" for name, port in wanted.items() if _port_taken(port)]
+    if taken:
+        print(
+            f"cannot start: {', '.join(taken)} already in use by another program "
+            "(set OPSMESH_DEV_*_PORT to move it)",
+            file=sys.stderr,
+        )
+        return 1
+    started: list[Component] = []
+    try:
+        redis = RedisServer(config.run_dir / "redis", port=config.redis_port, detach=True).start()
+        assert redis.process is not None
+        started.append(
+            Component("redis", redis.process.pid, redis.url, str(redis.process.log_path))
+        )
+        _save(config, started)
+
+        nats = NatsServer(config.run_dir / "nats", port=config.nats_port, detach=True).start()
+        assert nats.process is not None
+        started.append(
+            Component(
+                "nats", nats.process.pid, nats.url + " (JetStream)", str(nats.process.log_path)
+            )
+        )
+        _save(config, started)
+
+        log_dir = config.run_dir / "logs"
+        session = ManagedProcess(
+            "session_svc",
+            [sys.executable, "-m", "session_svc"],
+            log_path=log_dir / "session_svc.log",
+            ready=re.compile(r"serving opsmesh\.session\.v1\.SessionService"),
+            env=_service_env(config, config.session_port, config.session_metrics_port),
+            detach=True,
+        )
+        session.start()
+        component = Component(
+            "session_svc",
+            session.pid,
+            f"grpc 127.0.0.1:{config.session_port}  metrics "
+            f"http://127.0.0.1:{config.session_metrics_port}/metrics",
+            str(session.log_path),
+            grpc_port=config.session_port,
+        )
+        started.append(component)
+        _save(config, started)
+        _wait_serving(component, session, timeout=15)
+    except ServerStartError as error:
+        print(f"make up failed: {error}", file=sys.stderr)
+        _stop(started)
+        config.state_file.unlink(missing_ok=True)
+        return 1
+    print(f"opsmesh dev stack is up (state and logs in {config.run_dir}):")
+    _print(started)
+    print(f"\ntry:  grpcurl -plaintext localhost:{config.session_port} list\nstop: make down")
+    return 0
+
+
+def _stop(components: Sequence[Component], timeout: float = 15.0) -> None:
+    for component in reversed(components):
+        if not pid_alive(component.pid):
+            continue
+        os.kill(component.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while pid_alive(component.pid) and time.monotonic() < deadline:
+            _reap(component.pid)
+            time.sleep(0.05)
+        if pid_alive(component.pid):
+            os.kill(component.pid, signal.SIGKILL)
+        print(f"stopped {component.name} (pid {component.pid})")
+
+
+def _reap(pid: int) -> None:
+    # Our own children (when up and down run in one process) must be reaped to disappear.
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def down(config: StackConfig) -> int:
+    components = _load(config)
+    if not components:
+        print("the dev stack is not running")
+        return 0
+    _stop(components)
+    config.state_file.unlink(missing_ok=True)
+    return 0
+
+
+def status(config: StackConfig) -> int:
+    components = _load(config)
+    if not components:
+        print("the dev stack is not running ('make up' starts it)")
+        return 1
+    _print(components)
+    return 0 if all(pid_alive(c.pid) for c in components) else 1
+
+
+def _print(components: Sequence[Component]) -> None:
+    for c in components:
+        state = "running" if pid_alive(c.pid) else "DEAD"
+        if c.grpc_port and state == "running":
+            state = health_status(c.grpc_port)
+        print(f"  {c.name:<12} {c.address:<60} pid {c.pid:<7} {state}")
+        print(f"  {'':<12} log: {c.log}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devtools.stack", description=__doc__)
+    parser.add_argument("command", choices=("up", "down", "status"))
+    args = parser.parse_args(argv)
+    config = StackConfig.from_env(os.environ, Path.cwd())
+    commands = {"up": up, "down": down, "status": status}
+    return commands[args.command](config)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

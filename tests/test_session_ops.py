@@ -1,0 +1,288 @@
+"""Operating the session service: Redis outages, Sentinel, the process, grpcurl, make up."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from devtools.servers import ManagedProcess, RedisSentinel, RedisServer, free_port
+from mesh.redisconn import RedisSettings
+from opsmesh.session.v1 import session_pb2 as pb
+from opsmesh.session.v1 import session_pb2_grpc
+from session_svc.server import build_runner
+from tests.conftest import FAST_HEALTH, session_settings
+from tests.helpers import assert_eventually, error_details, identity
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def test_redis_outage_is_unavailable_and_the_service_recovers_by_itself(
+    own_redis: RedisServer,
+) -> None:
+    runner = build_runner(session_settings(own_redis.url), options=FAST_HEALTH)
+    await runner.start()
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel:
+            stub = session_pb2_grpc.SessionServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            created = (
+                await stub.CreateSession(pb.CreateSessionRequest(), metadata=identity())
+            ).session
+
+            own_redis.stop()
+            with pytest.raises(aio.AioRpcError) as caught:
+                await stub.GetSession(
+                    pb.GetSessionRequest(session_id=created.id), metadata=identity()
+                )
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "redis is unavailable" in (caught.value.details() or "")
+            details = error_details(caught.value)
+            assert details["ErrorInfo"].metadata["dependency"] == "redis"
+            assert details["RetryInfo"].retry_delay.seconds == 1
+
+            async def not_serving() -> None:
+                reply = await health.Check(health_pb2.HealthCheckRequest())
+                assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+            await assert_eventually(not_serving, timeout=5)
+
+            own_redis.start()  # same port, empty: Redis here keeps nothing on disk
+
+            async def recovered() -> None:
+                reply = await health.Check(health_pb2.HealthCheckRequest())
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+                await stub.CreateSession(pb.CreateSessionRequest(), metadata=identity())
+
+            await assert_eventually(recovered, timeout=10)
+    finally:
+        await runner.stop()
+
+
+async def test_sessions_through_redis_sentinel(own_redis: RedisServer, tmp_path: Path) -> None:
+    sentinel = RedisSentinel(tmp_path / "sentinel", master_port=own_redis.port).start()
+    try:
+        settings = session_settings(own_redis.url)
+        settings = type(settings)(
+            server=settings.server,
+            redis=RedisSettings(
+                url="redis://unused:1/0",
+                sentinels=(("127.0.0.1", sentinel.port),),
+                sentinel_master="mymaster",
+            ),
+            limits=settings.limits,
+            key_prefix=settings.key_prefix,
+        )
+        runner = build_runner(settings, options=FAST_HEALTH)
+        await runner.start()
+        try:
+            async with aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel:
+                stub = session_pb2_grpc.SessionServiceStub(channel)
+                created = (
+                    await stub.CreateSession(
+                        pb.CreateSessionRequest(title="via sentinel"), metadata=identity()
+                    )
+                ).session
+                got = await stub.GetSession(
+                    pb.GetSessionRequest(session_id=created.id), metadata=identity()
+                )
+                assert got.session.title == "via sentinel"
+        finally:
+            await runner.stop()
+    finally:
+        sentinel.stop()
+
+
+def _service_env(redis_url: str, port: int, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OPSMESH_GRPC_PORT=str(port),
+        OPSMESH_METRICS_PORT="0",
+        OPSMESH_REDIS_URL=redis_url,
+        OPSMESH_SESSION_KEY_PREFIX=f"proc:{uuid.uuid4().hex[:8]}:",
+        **extra,
+    )
+    return env
+
+
+def test_process_serves_then_drains_on_sigterm(redis_server: RedisServer, tmp_path: Path) -> None:
+    port = free_port()
+    process = ManagedProcess(
+        "session_svc",
+        [sys.executable, "-m", "session_svc"],
+        log_path=tmp_path / "session.log",
+        ready=__import__("re").compile(r"serving opsmesh\.session\.v1\.SessionService"),
+        env=_service_env(redis_server.url, port),
+    )
+    process.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = session_pb2_grpc.SessionServiceStub(channel)
+            created = stub.CreateSession(pb.CreateSessionRequest(), metadata=identity()).session
+            assert (
+                stub.GetSession(
+                    pb.GetSessionRequest(session_id=created.id), metadata=identity()
+                ).session.id
+                == created.id
+            )
+    finally:
+        assert process.process is not None
+        process.process.send_signal(signal.SIGTERM)
+        assert process.process.wait(15) == 0
+    lines = [json.loads(line) for line in process.log_path.read_text().splitlines() if line]
+    messages = [entry["message"] for entry in lines]
+    assert any(m.startswith("draining") for m in messages), messages
+    assert messages[-1] == "stopped"
+    assert all(entry["service"] == "session_svc" for entry in lines)
+
+
+def test_bad_configuration_fails_fast_with_every_problem_named() -> None:
+    env = dict(os.environ)
+    env.update(
+        OPSMESH_GRPC_PORT="eighty",
+        OPSMESH_SESSION_TTL="forever",
+        OPSMESH_REDIS_URL="http://nope",
+        OPSMESH_LOG_LEVEL="LOUD",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "session_svc"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    for name in (
+        "OPSMESH_GRPC_PORT",
+        "OPSMESH_SESSION_TTL",
+        "OPSMESH_REDIS_URL",
+        "OPSMESH_LOG_LEVEL",
+    ):
+        assert name in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+
+
+@pytest.mark.skipif(not Path(GRPCURL).exists(), reason="grpcurl is not installed (make install)")
+def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
+    tmp_path: Path,
+) -> None:
+    """The issue's 'done when', end to end through the dev stack and real grpcurl."""
+    ports = {name: free_port() for name in ("REDIS", "NATS", "SESSION", "SESSION_METRICS")}
+    env = dict(os.environ, OPSMESH_RUN_DIR=str(tmp_path / "run"))
+    env.update({f"OPSMESH_DEV_{name}_PORT": str(port) for name, port in ports.items()})
+
+    def stack(command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "devtools.stack", command],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    address = f"localhost:{ports['SESSION']}"
+
+    def grpcurl(
+        *args: str, data: dict[str, object] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        headers = ["-H", "x-opsmesh-user-id: dev", "-H", "x-opsmesh-org-id: devorg"]
+        body = ["-d", json.dumps(data)] if data is not None else []
+        return subprocess.run(
+            [GRPCURL, "-plaintext", *headers, *body, address, *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    assert stack("status").returncode == 1
+    up = stack("up")
+    assert up.returncode == 0, up.stderr + up.stdout
+    try:
+        assert "SERVING" in up.stdout
+        assert "already up" in stack("up").stdout
+        assert stack("status").returncode == 0
+
+        listed = grpcurl("list")
+        assert listed.returncode == 0, listed.stderr
+        assert {"opsmesh.session.v1.SessionService", "grpc.health.v1.Health"} <= set(
+            listed.stdout.split()
+        )
+        health = grpcurl("grpc.health.v1.Health/Check")
+        assert json.loads(health.stdout)["status"] == "SERVING"
+
+        created = grpcurl(
+            "opsmesh.session.v1.SessionService/CreateSession",
+            data={"title": "from grpcurl", "context": {"env": "dev"}},
+        )
+        assert created.returncode == 0, created.stderr
+        session = json.loads(created.stdout)["session"]
+        sid = session["id"]
+        got = json.loads(
+            grpcurl("opsmesh.session.v1.SessionService/GetSession", data={"sessionId": sid}).stdout
+        )
+        assert got["session"]["context"] == {"env": "dev"}
+        updated = grpcurl(
+            "opsmesh.session.v1.SessionService/UpdateContext",
+            data={"sessionId": sid, "context": {"step": 2}, "expectedVersion": "1"},
+        )
+        assert json.loads(updated.stdout)["session"]["version"] == "2"
+        stale = grpcurl(
+            "opsmesh.session.v1.SessionService/UpdateContext",
+            data={"sessionId": sid, "context": {"step": 3}, "expectedVersion": "1"},
+        )
+        assert stale.returncode != 0
+        assert "Aborted" in stale.stderr
+        listing = json.loads(
+            grpcurl("opsmesh.session.v1.SessionService/ListSessions", data={}).stdout
+        )
+        assert [s["id"] for s in listing["sessions"]] == [sid]
+        assert (
+            grpcurl(
+                "opsmesh.session.v1.SessionService/ExpireSession", data={"sessionId": sid}
+            ).returncode
+            == 0
+        )
+        gone = grpcurl("opsmesh.session.v1.SessionService/GetSession", data={"sessionId": sid})
+        assert "NotFound" in gone.stderr
+    finally:
+        down = stack("down")
+    assert down.returncode == 0
+    assert "stopped session_svc" in down.stdout
+    assert stack("status").returncode == 1
+    assert "not running" in stack("down").stdout
+
+
+def test_make_up_reports_a_taken_port(tmp_path: Path, redis_server: RedisServer) -> None:
+    env = dict(
+        os.environ,
+        OPSMESH_RUN_DIR=str(tmp_path / "run"),
+        OPSMESH_DEV_REDIS_PORT=str(redis_server.port),
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "devtools.stack", "up"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert f"redis port {redis_server.port} already in use" in result.stderr
