@@ -136,6 +136,11 @@ def stream(channel: aio.Channel, method: str):
     )
 
 
+async def collect(call: AsyncIterator[wrappers_pb2.Int32Value], sink: list[int]) -> None:
+    async for item in call:
+        sink.append(item.value)
+
+
 async def health(channel: aio.Channel, service: str = "") -> int:
     reply = await health_pb2_grpc.HealthStub(channel).Check(
         health_pb2.HealthCheckRequest(service=service), timeout=2
@@ -169,8 +174,7 @@ async def test_streams_map_errors_after_partial_results(probe_server) -> None:
     received = []
     call = stream(channel, "Count")(wrappers_pb2.Int32Value(value=3), metadata=identity())
     with pytest.raises(aio.AioRpcError) as caught:
-        async for item in call:
-            received.append(item.value)
+        await collect(call, received)
     assert received == [0, 1, 2]
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(aio.AioRpcError) as caught:
@@ -230,7 +234,7 @@ async def test_metrics_count_each_rpc_by_code_and_are_served_over_http(probe_ser
     assert f"grpc_server_in_flight{{{base}}} 0.0" in text
     assert f"grpc_server_handling_seconds_count{{{base}}} 2.0" in text
     url = f"http://127.0.0.1:{runner.metrics_port}/metrics"
-    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())  # noqa: S310
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
     assert "grpc_server_handled_total" in body
 
 

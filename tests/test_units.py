@@ -211,7 +211,7 @@ def test_process_that_exits_or_never_gets_ready_fails_with_its_log(tmp_path: Pat
         log_path=tmp_path / "hangs.log",
         ready=re.compile("never"),
     )
-    with pytest.raises(ServerStartError, match="not ready after 0.5s"):
+    with pytest.raises(ServerStartError, match=r"not ready after 0\.5s"):
         hangs.start(timeout=0.5)
     assert not hangs.running()
     assert hangs.stop() == hangs.process.returncode
