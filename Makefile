@@ -63,7 +63,7 @@ lint: $(STAMP) ## ruff, mypy --strict, buf lint/format/breaking
 	$(BIN)/buf lint
 	$(BIN)/buf format --diff --exit-code
 	@if git rev-parse --verify -q main >/dev/null && git cat-file -e main:buf.yaml 2>/dev/null; then \
-	  $(BIN)/buf breaking --against '.git#branch=main'; \
+	  $(BIN)/buf breaking --against '.git#branch=main' && echo "buf breaking: no breaking change against main"; \
 	else echo "buf breaking: no main branch with buf.yaml to compare against, skipped"; fi
 
 .PHONY: test

@@ -142,7 +142,21 @@ class ManagedProcess:
             self.process.wait()
 
 
-class RedisServer:
+class _Server:
+    """A server run by a :class:`ManagedProcess` once started."""
+
+    process: ManagedProcess | None = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+
+
+class RedisServer(_Server):
     """``redis-server`` on loopback with persistence off."""
 
     def __init__(
@@ -198,16 +212,8 @@ class RedisServer:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
 
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-
-
-class RedisSentinel:
+class RedisSentinel(_Server):
     """A ``redis-server --sentinel`` monitoring one master as ``master_name``."""
 
     def __init__(self, workdir: Path, *, master_port: int, master_name: str = "mymaster") -> None:
@@ -235,12 +241,8 @@ class RedisSentinel:
         self.process.start()
         return self
 
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
 
-
-class NatsServer:
+class NatsServer(_Server):
     """``nats-server`` with JetStream, storing under ``workdir``."""
 
     def __init__(self, workdir: Path, *, port: int | None = None, detach: bool = False) -> None:
@@ -277,14 +279,6 @@ class NatsServer:
         match = self.process.start()
         self.port = int(match.group(1))
         return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
 
 
 def pid_alive(pid: int) -> bool:

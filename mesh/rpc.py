@@ -55,9 +55,9 @@ class RpcInterceptor(_ServerInterceptor):
     def __init__(
         self, *, authenticator: Authenticator, metrics: RpcMetrics, access_log: bool = False
     ) -> None:
-        self._authenticator = authenticator
+        self.authenticator = authenticator
+        self.access_log = access_log
         self._metrics = metrics
-        self._access_log = access_log
         # method -> (the service's handler, our wrapper of it); built once per method.
         self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
@@ -106,131 +106,130 @@ class RpcInterceptor(_ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    async def _begin(self, context: aio.ServicerContext[Any, Any], method: str) -> str:
-        metadata = _metadata_dict(context.invocation_metadata())
-        request_id = _request_id(metadata)
-        request_id_var.set(request_id)
-        context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
-        if not is_public_method(method):
-            principal_var.set(await self._authenticator.authenticate(metadata, method))
-        return request_id
-
-    async def _fail(
-        self, context: aio.ServicerContext[Any, Any], method: str, error: Exception
-    ) -> NoReturn:
-        """Logs ``error`` once and aborts the RPC with its status (always raises)."""
-        request_id = request_id_var.get() or ""
-        trailing: tuple[tuple[str, str | bytes], ...] = ((REQUEST_ID_HEADER, request_id),)
-        if isinstance(error, OpsmeshError):
-            level = logging.WARNING if isinstance(error, Unavailable) else logging.INFO
-            log.log(
-                level,
-                "%s failed: %s %s",
-                method,
-                error.code.name,
-                error.message,
-                extra={"grpc_method": method, "grpc_code": error.code.name, "reason": error.reason},
-            )
-            status = to_status(error)
-            await context.abort(
-                error.code,
-                status.details,
-                trailing + tuple(status.trailing_metadata),
-            )
-        log.error("%s failed unexpectedly", method, exc_info=error, extra={"grpc_method": method})
-        await context.abort(
-            grpc.StatusCode.INTERNAL, "internal error; the server logged the details", trailing
-        )
-        raise AssertionError("unreachable: abort raises")  # pragma: no cover
-
-    def _finish(
-        self, method_metrics: MethodMetrics, method: str, code: grpc.StatusCode, started: float
-    ) -> None:
-        elapsed = time.perf_counter() - started
-        method_metrics.in_flight.dec()
-        method_metrics.record(code.name, elapsed)
-        if self._access_log:
-            log.info(
-                "%s %s %.2fms",
-                method,
-                code.name,
-                elapsed * 1000,
-                extra={
-                    "grpc_method": method,
-                    "grpc_code": code.name,
-                    "duration_ms": elapsed * 1000,
-                },
-            )
-
     def _wrap_unary(
-        self,
-        behavior: Callable[..., Awaitable[Any]],
-        method: str,
-        rpc_type: str,
+        self, behavior: Callable[..., Awaitable[Any]], method: str, rpc_type: str
     ) -> Callable[..., Awaitable[Any]]:
-        method_metrics, started_counter = self._metrics.for_method(method, rpc_type)
+        metrics = self._metrics.for_method(method, rpc_type)
 
         async def wrapped(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            started = time.perf_counter()
-            started_counter.inc()
-            method_metrics.in_flight.inc()
-            code = grpc.StatusCode.OK
-            try:
-                await self._begin(context, method)
+            async with _RpcScope(self, context, method, metrics):
                 return await behavior(request, context)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as error:
-                if _is_abort(error):
-                    code = _aborted_code(context)
-                    raise
-                code = error.code if isinstance(error, OpsmeshError) else grpc.StatusCode.INTERNAL
-                await self._fail(context, method, error)
-            finally:
-                self._finish(method_metrics, method, code, started)
 
         return wrapped
 
     def _wrap_stream(
-        self,
-        behavior: Any,
-        method: str,
-        rpc_type: str,
+        self, behavior: Any, method: str, rpc_type: str
     ) -> Callable[..., AsyncIterator[Any]]:
-        method_metrics, started_counter = self._metrics.for_method(method, rpc_type)
+        metrics = self._metrics.for_method(method, rpc_type)
 
         async def wrapped(
             request: Any, context: aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
-            started = time.perf_counter()
-            started_counter.inc()
-            method_metrics.in_flight.inc()
-            code = grpc.StatusCode.OK
-            try:
-                await self._begin(context, method)
+            async with _RpcScope(self, context, method, metrics):
                 async for response in behavior(request, context):
                     yield response
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as error:
-                if _is_abort(error):
-                    code = _aborted_code(context)
-                    raise
-                code = error.code if isinstance(error, OpsmeshError) else grpc.StatusCode.INTERNAL
-                await self._fail(context, method, error)
-            finally:
-                self._finish(method_metrics, method, code, started)
 
         return wrapped
 
 
-def _is_abort(error: BaseException) -> bool:
-    # context.abort() raises grpc.aio.AbortError; it must travel up untouched.
-    return isinstance(error, aio.AbortError)
+class _RpcScope:
+    """The lifecycle of one RPC: identity in, metrics and the final status out."""
+
+    __slots__ = ("_code", "_context", "_interceptor", "_method", "_metrics", "_started")
+
+    def __init__(
+        self,
+        interceptor: RpcInterceptor,
+        context: aio.ServicerContext[Any, Any],
+        method: str,
+        metrics: tuple[MethodMetrics, Any],
+    ) -> None:
+        self._interceptor = interceptor
+        self._context = context
+        self._method = method
+        self._metrics = metrics
+        self._started = 0.0
+        self._code = grpc.StatusCode.OK
+
+    async def __aenter__(self) -> None:
+        self._started = time.perf_counter()
+        method_metrics, started_counter = self._metrics
+        started_counter.inc()
+        method_metrics.in_flight.inc()
+        try:
+            metadata = _metadata_dict(self._context.invocation_metadata())
+            request_id = _request_id(metadata)
+            request_id_var.set(request_id)
+            self._context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+            if not is_public_method(self._method):
+                principal = await self._interceptor.authenticator.authenticate(
+                    metadata, self._method
+                )
+                principal_var.set(principal)
+        except BaseException as error:
+            await self.__aexit__(type(error), error, None)
+            raise
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, error: BaseException | None, tb: Any
+    ) -> None:
+        try:
+            if error is None:
+                return
+            if isinstance(error, asyncio.CancelledError | GeneratorExit):
+                self._code = grpc.StatusCode.CANCELLED
+            elif isinstance(error, aio.AbortError):
+                # The handler aborted itself: its status travels up untouched.
+                code = self._context.code()
+                self._code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+            elif isinstance(error, Exception):
+                self._code = (
+                    error.code if isinstance(error, OpsmeshError) else grpc.StatusCode.INTERNAL
+                )
+                await _abort_with(self._context, self._method, error)
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        elapsed = time.perf_counter() - self._started
+        method_metrics, _ = self._metrics
+        method_metrics.in_flight.dec()
+        method_metrics.record(self._code.name, elapsed)
+        if self._interceptor.access_log:
+            log.info(
+                "%s %s %.2fms",
+                self._method,
+                self._code.name,
+                elapsed * 1000,
+                extra={
+                    "grpc_method": self._method,
+                    "grpc_code": self._code.name,
+                    "duration_ms": elapsed * 1000,
+                },
+            )
 
 
-def _aborted_code(context: aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
-    code = context.code()
-    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+async def _abort_with(
+    context: aio.ServicerContext[Any, Any], method: str, error: Exception
+) -> NoReturn:
+    """Logs ``error`` once and aborts the RPC with its status (always raises)."""
+    trailing: tuple[tuple[str, str | bytes], ...] = (
+        (REQUEST_ID_HEADER, request_id_var.get() or ""),
+    )
+    if isinstance(error, OpsmeshError):
+        level = logging.WARNING if isinstance(error, Unavailable) else logging.INFO
+        log.log(
+            level,
+            "%s failed: %s %s",
+            method,
+            error.code.name,
+            error.message,
+            extra={"grpc_method": method, "grpc_code": error.code.name, "reason": error.reason},
+        )
+        status = to_status(error)
+        await context.abort(error.code, status.details, trailing + tuple(status.trailing_metadata))
+    log.error("%s failed unexpectedly", method, exc_info=error, extra={"grpc_method": method})
+    await context.abort(
+        grpc.StatusCode.INTERNAL, "internal error; the server logged the details", trailing
+    )
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
