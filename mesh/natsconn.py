@@ -1,0 +1,94 @@
+"""NATS connections for services, and the mapping of NATS outages to UNAVAILABLE."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+
+from mesh.errors import DependencyUnavailable
+from mesh.settings import EnvReader
+
+log = logging.getLogger("opsmesh.nats")
+
+# Errors that mean "NATS cannot serve this now" (down, reconnecting, JetStream unavailable).
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.NoServersError,
+    nats.errors.NoRespondersError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.TimeoutError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+    asyncio.TimeoutError,
+    OSError,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NatsSettings:
+    url: str = "nats://127.0.0.1:4222"
+    connect_timeout: float = 2.0
+    request_timeout: float = 2.0
+    """Timeout of JetStream API calls and publish acknowledgements."""
+
+    @classmethod
+    def from_env(cls, env: EnvReader, *, default_url: str) -> NatsSettings:
+        url = env.string("OPSMESH_NATS_URL", default_url)
+        if not all(part.strip().startswith(("nats://", "tls://")) for part in url.split(",")):
+            env.problem(
+                f"OPSMESH_NATS_URL={url!r}: expected nats:// or tls:// URLs, comma-separated"
+            )
+        return cls(
+            url=url,
+            connect_timeout=env.seconds(
+                "OPSMESH_NATS_CONNECT_TIMEOUT", 2.0, minimum=0.1, maximum=60
+            ),
+            request_timeout=env.seconds("OPSMESH_NATS_TIMEOUT", 2.0, minimum=0.1, maximum=60),
+        )
+
+
+async def connect_nats(settings: NatsSettings, *, name: str) -> Client:
+    """A connection that reconnects forever (a service must outlive a NATS restart)."""
+
+    async def disconnected() -> None:
+        log.warning("disconnected from NATS; reconnecting")
+
+    async def reconnected() -> None:
+        log.info("reconnected to NATS")
+
+    async def error(exc: Exception) -> None:
+        log.warning("NATS connection error: %s: %s", type(exc).__name__, exc)
+
+    with nats_errors():
+        client: Client = await nats.connect(
+            servers=[part.strip() for part in settings.url.split(",")],
+            name=name,
+            connect_timeout=settings.connect_timeout,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            allow_reconnect=True,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=error,
+        )
+    return client
+
+
+@contextmanager
+def nats_errors() -> Iterator[None]:
+    """Turns NATS outages inside the block into DependencyUnavailable."""
+    try:
+        yield
+    except UNAVAILABLE_ERRORS as failure:
+        raise DependencyUnavailable("nats", failure) from failure

@@ -1,0 +1,142 @@
+"""Task service and worker settings, read from OPSMESH_* environment variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from mesh.natsconn import NatsSettings
+from mesh.settings import EnvReader, ServerSettings
+from opsmesh.task.v1 import task_pb2
+
+DEFAULT_GRPC_PORT = 50054
+DEFAULT_METRICS_PORT = 9154
+DEFAULT_WORKER_METRICS_PORT = 9156
+
+
+@dataclass(frozen=True, kw_only=True)
+class Topology:
+    """Names of the JetStream objects; a namespace keeps deployments (and tests) apart."""
+
+    namespace: str = "opsmesh"
+
+    @property
+    def stream(self) -> str:
+        return f"{self.namespace}_task_work"
+
+    @property
+    def bucket(self) -> str:
+        return f"{self.namespace}_tasks"
+
+    def subject(self, task_type: int) -> str:
+        return f"{self.namespace}.tasks.work.{TYPE_NAMES[task_type]}"
+
+    def consumer(self, task_type: int) -> str:
+        return f"{self.namespace}_worker_{TYPE_NAMES[task_type]}"
+
+
+TYPE_NAMES: dict[int, str] = {
+    task_pb2.TASK_TYPE_WORKSPACE: "workspace",
+    task_pb2.TASK_TYPE_EMAIL: "email",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    max_attempts: int
+    backoff_base: float = 1.0
+    """Delay before the first retry, in seconds; doubled each attempt (full jitter)."""
+    backoff_cap: float = 300.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskSettings:
+    server: ServerSettings
+    nats: NatsSettings
+    topology: Topology
+    retry: Mapping[int, RetryPolicy]
+    auth_mode: str = "trusted-headers"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> TaskSettings:
+        env = EnvReader(environ)
+        settings = cls(
+            server=ServerSettings.from_env(
+                env, default_port=DEFAULT_GRPC_PORT, default_metrics_port=DEFAULT_METRICS_PORT
+            ),
+            nats=NatsSettings.from_env(env, default_url="nats://127.0.0.1:14222"),
+            topology=_topology(env),
+            retry=_retry_policies(env),
+            auth_mode=env.string(
+                "OPSMESH_AUTH_MODE", "trusted-headers", choices=("trusted-headers",)
+            ),
+        )
+        env.check()
+        return settings
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSettings:
+    nats: NatsSettings
+    topology: Topology
+    retry: Mapping[int, RetryPolicy]
+    worker_id: str
+    concurrency: int = 8
+    ack_wait: float = 30.0
+    """Seconds before JetStream redelivers an unacknowledged task; heartbeats extend it."""
+    grace_period: float = 20.0
+    metrics_port: int = 0
+    host: str = "127.0.0.1"
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> WorkerSettings:
+        env = EnvReader(environ)
+        settings = cls(
+            nats=NatsSettings.from_env(env, default_url="nats://127.0.0.1:14222"),
+            topology=_topology(env),
+            retry=_retry_policies(env),
+            worker_id=env.string("OPSMESH_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
+            concurrency=env.integer("OPSMESH_WORKER_CONCURRENCY", 8, minimum=1, maximum=1024),
+            ack_wait=env.seconds("OPSMESH_WORKER_ACK_WAIT", 30.0, minimum=1, maximum=3600),
+            grace_period=env.seconds("OPSMESH_GRACE_PERIOD", 20.0, minimum=0, maximum=3600),
+            metrics_port=env.integer(
+                "OPSMESH_METRICS_PORT", DEFAULT_WORKER_METRICS_PORT, minimum=0, maximum=65535
+            ),
+            host=env.string("OPSMESH_HOST", "127.0.0.1"),
+            log_level=env.string(
+                "OPSMESH_LOG_LEVEL", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+            ),
+            log_format=env.string("OPSMESH_LOG_FORMAT", "json", choices=("json", "text")),
+        )
+        env.check()
+        return settings
+
+
+def _topology(env: EnvReader) -> Topology:
+    namespace = env.string("OPSMESH_TASK_NAMESPACE", "opsmesh")
+    if not namespace.replace("_", "").isalnum():
+        env.problem(f"OPSMESH_TASK_NAMESPACE={namespace!r}: expected letters, digits and _")
+    return Topology(namespace=namespace)
+
+
+def _retry_policies(env: EnvReader) -> dict[int, RetryPolicy]:
+    base = env.seconds("OPSMESH_TASK_BACKOFF_BASE", 1.0, minimum=0, maximum=3600)
+    cap = env.seconds("OPSMESH_TASK_BACKOFF_CAP", 300.0, minimum=0, maximum=86400)
+    defaults = {task_pb2.TASK_TYPE_WORKSPACE: 5, task_pb2.TASK_TYPE_EMAIL: 8}
+    return {
+        task_type: RetryPolicy(
+            max_attempts=env.integer(
+                f"OPSMESH_TASK_MAX_ATTEMPTS_{TYPE_NAMES[task_type].upper()}",
+                default,
+                minimum=1,
+                maximum=100,
+            ),
+            backoff_base=base,
+            backoff_cap=cap,
+        )
+        for task_type, default in defaults.items()
+    }

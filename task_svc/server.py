@@ -1,0 +1,73 @@
+"""Wires the task service: settings → NATS (JetStream stream + bucket) → gRPC server."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+
+from mesh.auth import Authenticator, authenticator_from_mode
+from mesh.health import Probe
+from mesh.logs import configure_logging
+from mesh.natsconn import connect_nats
+from mesh.server import Registration, RunnerOptions, ServiceRunner, run
+from mesh.settings import SettingsError
+from opsmesh.task.v1 import task_pb2_grpc
+from task_svc.config import TaskSettings
+from task_svc.queue import Publisher, ensure_topology
+from task_svc.service import SERVICE_NAME, TaskService
+from task_svc.store import TaskStore
+
+
+async def build_runner(
+    settings: TaskSettings,
+    *,
+    authenticator: Authenticator | None = None,
+    options: RunnerOptions | None = None,
+) -> ServiceRunner:
+    """A ready-to-start server; connects to NATS and declares the stream and bucket first."""
+    client = await connect_nats(settings.nats, name="task_svc")
+    js = client.jetstream(timeout=settings.nats.request_timeout)
+    store = TaskStore(await ensure_topology(js, settings.topology))
+    publisher = Publisher(js, settings.topology, timeout=settings.nats.request_timeout)
+    service = TaskService(store, publisher, dict(settings.retry))
+
+    async def jetstream_answers() -> None:
+        await js.account_info()
+
+    base = options or RunnerOptions()
+    return ServiceRunner(
+        settings=settings.server,
+        registrations=[
+            Registration(
+                service_name=SERVICE_NAME,
+                add_to_server=lambda server: task_pb2_grpc.add_TaskServiceServicer_to_server(
+                    service, server
+                ),
+            )
+        ],
+        authenticator=authenticator or authenticator_from_mode(settings.auth_mode),
+        probes=[Probe(name="nats", check=jetstream_answers)],
+        options=RunnerOptions(
+            health_interval=base.health_interval,
+            health_timeout=base.health_timeout,
+            on_stop=(*base.on_stop, client.drain),
+        ),
+    )
+
+
+async def serve(environ: Mapping[str, str]) -> None:
+    settings = TaskSettings.from_env(environ)
+    configure_logging(
+        service="task_svc", level=settings.server.log_level, fmt=settings.server.log_format
+    )
+    runner = await build_runner(settings)
+    await runner.serve_until_signalled()
+
+
+def main() -> None:
+    try:
+        run(serve(os.environ))
+    except SettingsError as error:
+        print(f"task_svc: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

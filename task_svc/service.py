@@ -1,0 +1,233 @@
+"""opsmesh.task.v1.TaskService: publish, read, watch, cancel and resubmit tasks."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import TypeAlias
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from grpc import aio
+
+from mesh.context import current_principal
+from mesh.errors import DependencyUnavailable, FailedPrecondition, InvalidArgument
+from mesh.pagination import decode_token, encode_token, page_size
+from opsmesh.task.v1 import task_pb2, task_pb2_grpc
+from task_svc import states
+from task_svc.config import RetryPolicy
+from task_svc.queue import Publisher
+from task_svc.store import TaskStore, new_task_id, now
+
+log = logging.getLogger("opsmesh.tasks")
+
+SERVICE_NAME = task_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name
+
+Context: TypeAlias = "aio.ServicerContext[object, object]"
+
+_TOKEN_KIND = "tasks"  # noqa: S105 - a token kind, not a secret
+_DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?")
+_QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?")
+_EMAIL = re.compile(r"[^@\s\r\n]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}")
+_MAX_IDEMPOTENCY_KEY = 128
+_MAX_NOTIFY_EMAILS = 20
+
+
+def _task_id(value: str, field: str = "task_id") -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise InvalidArgument(f"{field} {value[:64]!r} is not a task id", field=field) from None
+
+
+def _check_idempotency_key(key: str) -> None:
+    if len(key) > _MAX_IDEMPOTENCY_KEY or not key.isprintable():
+        raise InvalidArgument(
+            f"idempotency_key must be at most {_MAX_IDEMPOTENCY_KEY} printable characters",
+            field="idempotency_key",
+        )
+
+
+def _check_workspace(payload: task_pb2.WorkspaceTaskPayload) -> None:
+    if payload.action == task_pb2.WORKSPACE_ACTION_UNSPECIFIED:
+        raise InvalidArgument(
+            "payload.action must be PROVISION or DEPROVISION", field="payload.action"
+        )
+    if _DNS_LABEL.fullmatch(payload.workspace) is None:
+        raise InvalidArgument(
+            "payload.workspace must be a DNS label: 1-40 lowercase letters, digits or '-', "
+            "starting with a letter and not ending with '-'",
+            field="payload.workspace",
+        )
+    for name in ("cpu", "memory", "storage"):
+        value = getattr(payload.quota, name)
+        if value and _QUANTITY.fullmatch(value) is None:
+            raise InvalidArgument(
+                f"payload.quota.{name} {value[:32]!r} is not a Kubernetes quantity "
+                "(e.g. 4, 500m, 8Gi)",
+                field=f"payload.quota.{name}",
+            )
+    if not 0 <= payload.quota.pods <= 10_000:
+        raise InvalidArgument("payload.quota.pods must be 0 to 10000", field="payload.quota.pods")
+    if len(payload.notify_emails) > _MAX_NOTIFY_EMAILS:
+        raise InvalidArgument(
+            f"at most {_MAX_NOTIFY_EMAILS} notify_emails", field="payload.notify_emails"
+        )
+    for address in payload.notify_emails:
+        if _EMAIL.fullmatch(address) is None:
+            raise InvalidArgument(
+                f"{address[:64]!r} is not an email address", field="payload.notify_emails"
+            )
+
+
+class TaskService(task_pb2_grpc.TaskServiceServicer):
+    def __init__(
+        self, store: TaskStore, publisher: Publisher, retry: dict[int, RetryPolicy]
+    ) -> None:
+        self._store = store
+        self._publisher = publisher
+        self._retry = retry
+
+    async def _publish(
+        self, task_type: int, payload: Message, idempotency_key: str
+    ) -> task_pb2.Task:
+        principal = current_principal()
+        _check_idempotency_key(idempotency_key)
+        stamp = now()
+        task = task_pb2.Task(
+            id=new_task_id(),
+            type=task_type,  # type: ignore[arg-type]
+            status=task_pb2.TASK_STATUS_PENDING,
+            org_id=principal.org_id,
+            created_by=principal.user_id,
+            idempotency_key=idempotency_key,
+            max_attempts=self._retry[task_type].max_attempts,
+            created_at=stamp,
+            updated_at=stamp,
+            version=1,
+        )
+        json_format.ParseDict(
+            json_format.MessageToDict(payload, preserving_proto_field_name=True), task.payload
+        )
+        stored, created = await self._store.create(task)
+        if not created:
+            return stored
+        try:
+            await self._publisher.publish(stored, generation=stored.version)
+        except DependencyUnavailable:
+            # Nothing was queued: remove the record so no task waits forever, and let the
+            # client retry with the same idempotency key.
+            try:
+                await self._store.forget(stored)
+            except DependencyUnavailable:
+                log.error(
+                    "task %s was recorded but not queued and could not be removed; it stays "
+                    "pending until resubmitted",
+                    stored.id,
+                    extra={"task_id": stored.id},
+                )
+            raise
+        return stored
+
+    async def PublishWorkspaceTask(
+        self, request: task_pb2.PublishWorkspaceTaskRequest, context: Context
+    ) -> task_pb2.PublishWorkspaceTaskResponse:
+        _check_workspace(request.payload)
+        task = await self._publish(
+            task_pb2.TASK_TYPE_WORKSPACE, request.payload, request.idempotency_key
+        )
+        return task_pb2.PublishWorkspaceTaskResponse(task=task)
+
+    async def PublishEmailTask(
+        self, request: task_pb2.PublishEmailTaskRequest, context: Context
+    ) -> task_pb2.PublishEmailTaskResponse:
+        _task_id(request.payload.notification_id, "payload.notification_id")
+        task = await self._publish(
+            task_pb2.TASK_TYPE_EMAIL, request.payload, request.idempotency_key
+        )
+        return task_pb2.PublishEmailTaskResponse(task=task)
+
+    async def GetTask(
+        self, request: task_pb2.GetTaskRequest, context: Context
+    ) -> task_pb2.GetTaskResponse:
+        task_id = _task_id(request.task_id)
+        return task_pb2.GetTaskResponse(
+            task=await self._store.get(current_principal().org_id, task_id)
+        )
+
+    async def ListTasks(
+        self, request: task_pb2.ListTasksRequest, context: Context
+    ) -> task_pb2.ListTasksResponse:
+        limit = page_size(request.page_size, default=50, maximum=200)
+        cursor = decode_token(request.page_token, _TOKEN_KIND)
+        if cursor is not None:
+            cursor = _task_id(cursor, "page_token")
+        tasks, next_cursor = await self._store.page(
+            current_principal().org_id,
+            before=cursor,
+            limit=limit,
+            statuses=frozenset(request.statuses),
+            types=frozenset(request.types),
+        )
+        return task_pb2.ListTasksResponse(
+            tasks=tasks,
+            next_page_token=encode_token(_TOKEN_KIND, next_cursor) if next_cursor else "",
+        )
+
+    async def WatchTask(
+        self, request: task_pb2.WatchTaskRequest, context: Context
+    ) -> AsyncIterator[task_pb2.WatchTaskResponse]:
+        task_id = _task_id(request.task_id)
+        last_version = 0
+        async for task in self._store.watch(current_principal().org_id, task_id):
+            if task.version <= last_version:
+                continue
+            last_version = task.version
+            yield task_pb2.WatchTaskResponse(task=task)
+            if task.status in states.TERMINAL:
+                return
+
+    async def CancelTask(
+        self, request: task_pb2.CancelTaskRequest, context: Context
+    ) -> task_pb2.CancelTaskResponse:
+        task_id = _task_id(request.task_id)
+        reason = request.reason[:500] or "cancelled by the user"
+
+        def cancel(task: task_pb2.Task) -> None:
+            if task.status in states.TERMINAL:
+                raise FailedPrecondition(
+                    f"task {task_id} is already {states.name(task.status)}",
+                    reason="TASK_FINISHED",
+                )
+            if task.status == states.RUNNING:
+                task.cancel_requested = True
+            else:
+                task.status = states.CANCELLED
+                task.error = reason
+
+        task = await self._store.change(current_principal().org_id, task_id, cancel)
+        return task_pb2.CancelTaskResponse(task=task)
+
+    async def RetryTask(
+        self, request: task_pb2.RetryTaskRequest, context: Context
+    ) -> task_pb2.RetryTaskResponse:
+        task_id = _task_id(request.task_id)
+
+        def resubmit(task: task_pb2.Task) -> None:
+            if task.status not in (states.FAILED, states.CANCELLED):
+                raise FailedPrecondition(
+                    f"only failed or cancelled tasks can be retried; task {task_id} is "
+                    f"{states.name(task.status)}",
+                    reason="TASK_NOT_RETRYABLE",
+                )
+            task.status = states.PENDING
+            task.retry_count = 0
+            task.cancel_requested = False
+            task.error = ""
+            task.progress.Clear()
+
+        task = await self._store.change(current_principal().org_id, task_id, resubmit)
+        await self._publisher.publish(task, generation=task.version)
+        return task_pb2.RetryTaskResponse(task=task)

@@ -1,0 +1,184 @@
+"""Task records in a NATS JetStream key-value bucket, changed only by compare-and-set.
+
+Keys: ``t.<org>.<task id>`` hold the serialized ``opsmesh.task.v1.Task``;
+``i.<org>.<sha256 of the idempotency key>`` hold the id of the task a key
+created (written with create-if-absent, so two racing publishes get one task).
+``<org>`` is the organization id in hex, since ids may hold characters that
+subjects do not allow. Task ids are time-ordered UUIDs (version 7 layout), so
+sorting keys newest first needs no separate index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Collection
+
+import nats.js.errors
+from google.protobuf import timestamp_pb2
+from nats.js.kv import KeyValue
+
+from mesh.errors import Aborted, NotFound
+from mesh.natsconn import nats_errors
+from opsmesh.task.v1 import task_pb2
+
+_CAS_ATTEMPTS = 64
+
+
+def new_task_id() -> str:
+    """A UUID with the version 7 layout: 48 bits of Unix ms, then randomness."""
+    millis = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (millis & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76
+    value |= ((rand >> 62) & 0xFFF) << 64
+    value |= 0b10 << 62
+    value |= rand & ((1 << 62) - 1)
+    return str(uuid.UUID(int=value))
+
+
+def now() -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+def _org(org_id: str) -> str:
+    return org_id.encode().hex()
+
+
+def task_key(org_id: str, task_id: str) -> str:
+    return f"t.{_org(org_id)}.{task_id}"
+
+
+def _idempotency_key(org_id: str, key: str) -> str:
+    return f"i.{_org(org_id)}.{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def _not_found(task_id: str) -> NotFound:
+    return NotFound(f"task {task_id} not found")
+
+
+class TaskStore:
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    async def create(self, task: task_pb2.Task) -> tuple[task_pb2.Task, bool]:
+        """Stores a new task; with an idempotency key already used, the task it made instead."""
+        with nats_errors():
+            if task.idempotency_key:
+                marker = _idempotency_key(task.org_id, task.idempotency_key)
+                try:
+                    await self._kv.create(marker, task.id.encode())
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    entry = await self._kv.get(marker)
+                    existing_id = (entry.value or b"").decode()
+                    return await self.get(task.org_id, existing_id), False
+            await self._kv.create(task_key(task.org_id, task.id), task.SerializeToString())
+        return task, True
+
+    async def forget(self, task: task_pb2.Task) -> None:
+        """Removes a task that could not be queued, and its idempotency key."""
+        with nats_errors():
+            await self._kv.purge(task_key(task.org_id, task.id))
+            if task.idempotency_key:
+                await self._kv.purge(_idempotency_key(task.org_id, task.idempotency_key))
+
+    async def _read(self, org_id: str, task_id: str) -> tuple[task_pb2.Task, int]:
+        with nats_errors():
+            try:
+                entry = await self._kv.get(task_key(org_id, task_id))
+            except nats.js.errors.KeyNotFoundError:
+                raise _not_found(task_id) from None
+        if not entry.value:
+            raise _not_found(task_id)
+        return task_pb2.Task.FromString(entry.value), entry.revision or 0
+
+    async def get(self, org_id: str, task_id: str) -> task_pb2.Task:
+        task, _ = await self._read(org_id, task_id)
+        return task
+
+    async def change(
+        self, org_id: str, task_id: str, mutate: Callable[[task_pb2.Task], None]
+    ) -> task_pb2.Task:
+        """Applies ``mutate`` to the current record and stores it if nobody changed it meanwhile.
+
+        On a lost race the record is read again and ``mutate`` applied again, so
+        ``mutate`` must decide from the record it is given (and may raise to refuse).
+        """
+        for _ in range(_CAS_ATTEMPTS):
+            task, revision = await self._read(org_id, task_id)
+            mutate(task)
+            task.version += 1
+            task.updated_at.CopyFrom(now())
+            with nats_errors():
+                try:
+                    await self._kv.update(
+                        task_key(org_id, task_id), task.SerializeToString(), last=revision
+                    )
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    continue
+            return task
+        raise Aborted(f"task {task_id} kept changing; try again", reason="CONTENTION")
+
+    async def page(
+        self,
+        org_id: str,
+        *,
+        before: str | None,
+        limit: int,
+        statuses: Collection[int] = (),
+        types: Collection[int] = (),
+    ) -> tuple[list[task_pb2.Task], str | None]:
+        """Up to ``limit`` tasks older than task id ``before``, newest first; the next cursor."""
+        keys = await self._keys(f"t.{_org(org_id)}.*")
+        ids = sorted((key.rsplit(".", 1)[1] for key in keys), reverse=True)
+        if before is not None:
+            ids = [task_id for task_id in ids if task_id < before]
+        page: list[task_pb2.Task] = []
+        for position, task_id in enumerate(ids):
+            try:
+                task = await self.get(org_id, task_id)
+            except NotFound:
+                continue
+            if (statuses and task.status not in statuses) or (types and task.type not in types):
+                continue
+            page.append(task)
+            if len(page) == limit:
+                more = position + 1 < len(ids)
+                return page, task_id if more else None
+        return page, None
+
+    async def _keys(self, pattern: str) -> list[str]:
+        # KeyValue.keys(filters=...) needs nats-server 2.10; a watch with one filter works on 2.9.
+        keys: list[str] = []
+        with nats_errors():
+            watcher = await self._kv.watch(pattern, meta_only=True, ignore_deletes=True)
+            try:
+                while True:
+                    entry = await watcher.updates(timeout=5)  # type: ignore[no-untyped-call]
+                    if entry is None:
+                        return keys
+                    keys.append(entry.key)
+            finally:
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def watch(self, org_id: str, task_id: str) -> AsyncIterator[task_pb2.Task]:
+        """The task's current state, then every change, for as long as the caller iterates."""
+        await self.get(org_id, task_id)  # NOT_FOUND before the stream starts
+        with nats_errors():
+            watcher = await self._kv.watch(task_key(org_id, task_id))
+        try:
+            while True:
+                with nats_errors():
+                    try:
+                        entry = await watcher.updates(timeout=30)  # type: ignore[no-untyped-call]
+                    except nats.errors.TimeoutError:
+                        continue
+                if entry is None or not entry.value:
+                    continue  # end of the initial values, or a purge marker
+                yield task_pb2.Task.FromString(entry.value)
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]

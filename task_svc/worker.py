@@ -1,0 +1,397 @@
+"""The task worker: durable pull consumers per task type, bounded concurrency, retries.
+
+Run any number of replicas with ``python -m task_svc.worker``. For each message
+the record in the bucket is the truth: a task already finished is acknowledged
+and skipped (a redelivery), otherwise the worker marks it running, keeps the
+message alive with ``in_progress()`` heartbeats, runs the handler and records
+the outcome *before* acknowledging, so a crash at any point leads to a
+redelivery, never to a lost task. Transient failures are retried with
+exponential backoff and jitter through ``nak(delay)``; after the type's last
+attempt the task is failed and kept as a dead letter for RetryTask.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from mesh.context import Principal
+from mesh.errors import DependencyUnavailable, NotFound
+from mesh.health import Probe
+from mesh.logs import configure_logging
+from mesh.natsconn import connect_nats
+from mesh.server import RunnerOptions, ServiceRunner, run
+from mesh.settings import ServerSettings, SettingsError
+from opsmesh.task.v1 import task_pb2
+from task_svc import states
+from task_svc.config import TYPE_NAMES, RetryPolicy, WorkerSettings
+from task_svc.handlers import Handler, PermanentError, TaskCancelled, default_handlers
+from task_svc.queue import WorkItem, ensure_topology
+from task_svc.store import TaskStore, now
+
+log = logging.getLogger("opsmesh.worker")
+
+DEFAULT_WORKER_GRPC_PORT = 50056
+
+
+def backoff(retry: int, policy: RetryPolicy) -> float:
+    """Delay before retry number ``retry`` (1-based): exponential, capped, half of it jittered."""
+    ceiling: float = min(policy.backoff_cap, policy.backoff_base * 2.0 ** (retry - 1))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - jitter, not security
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.finished = Counter(
+            "opsmesh_tasks_finished_total",
+            "Task attempts finished by this worker, by type and outcome.",
+            ["type", "outcome"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "opsmesh_task_attempt_seconds",
+            "Duration of task attempts.",
+            ["type"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "opsmesh_tasks_in_flight", "Tasks this worker is running.", registry=registry
+        )
+
+
+@dataclass
+class _Context:
+    """What a handler sees of the task it runs (implements handlers.TaskContext)."""
+
+    worker: Worker
+    task: task_pb2.Task
+    attempt: int
+
+    async def progress(self, step: str, done: int, total: int, message: str = "") -> None:
+        def record(task: task_pb2.Task) -> None:
+            task.progress.CopyFrom(
+                task_pb2.TaskProgress(
+                    step=step, steps_done=done, steps_total=total, message=message
+                )
+            )
+
+        self.task = await self.worker.store.change(self.task.org_id, self.task.id, record)
+        if self.task.cancel_requested:
+            raise TaskCancelled()
+
+    async def check_cancelled(self) -> None:
+        self.task = await self.worker.store.get(self.task.org_id, self.task.id)
+        if self.task.cancel_requested:
+            raise TaskCancelled()
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        js: JetStreamContext,
+        store: TaskStore,
+        settings: WorkerSettings,
+        handlers: Mapping[int, Handler],
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self._js = js
+        self.store = store
+        self._settings = settings
+        self._handlers = dict(handlers)
+        self.metrics = WorkerMetrics(registry or CollectorRegistry())
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._slot_freed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        for task_type in self._handlers:
+            await self._subscribe(task_type)  # fail fast if JetStream is not there
+            self._loops.append(
+                asyncio.create_task(self._fetch_loop(task_type), name=f"fetch-{task_type}")
+            )
+        log.info(
+            "worker %s consuming %s with %d slots",
+            self._settings.worker_id,
+            ", ".join(TYPE_NAMES[t] for t in self._handlers),
+            self._settings.concurrency,
+        )
+
+    async def _subscribe(self, task_type: int) -> JetStreamContext.PullSubscription:
+        topology = self._settings.topology
+        return await self._js.pull_subscribe(
+            topology.subject(task_type),
+            durable=topology.consumer(task_type),
+            stream=topology.stream,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=self._settings.ack_wait,
+                deliver_policy=DeliverPolicy.ALL,
+                max_deliver=-1,  # attempts are counted on the record, per task type
+                max_ack_pending=max(1000, self._settings.concurrency * 4),
+            ),
+        )
+
+    async def _fetch_loop(self, task_type: int) -> None:
+        subscription: JetStreamContext.PullSubscription | None = None
+        failures = 0
+        while not self._stopping.is_set():
+            free = self._settings.concurrency - len(self._in_flight)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            try:
+                if subscription is None:
+                    subscription = await self._subscribe(task_type)
+                messages = await subscription.fetch(batch=free, timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except Exception as error:  # noqa: BLE001 - any fetch failure: resubscribe
+                # After a NATS restart the pull subscription may be gone: make a new one.
+                failures += 1
+                if failures == 1:
+                    log.warning("fetching %s tasks failed: %s", TYPE_NAMES[task_type], error)
+                subscription = None
+                await asyncio.sleep(min(5.0, 0.2 * failures))
+                continue
+            failures = 0
+            for message in messages:
+                job = asyncio.create_task(self._process(message))
+                self._in_flight.add(job)
+                self.metrics.in_flight.inc()
+                job.add_done_callback(self._job_done)
+
+    def _job_done(self, job: asyncio.Task[None]) -> None:
+        self._in_flight.discard(job)
+        self.metrics.in_flight.dec()
+        self._slot_freed.set()
+        if not job.cancelled() and job.exception() is not None:
+            log.error("task processing crashed", exc_info=job.exception())
+
+    async def _process(self, message: Msg) -> None:
+        try:
+            item = WorkItem.decode(message.data)
+        except (ValueError, KeyError, TypeError):
+            log.error("dropping an unreadable work message: %r", message.data[:200])
+            await message.term()
+            return
+        try:
+            await self._run(item, message)
+        except DependencyUnavailable as error:
+            # The record could not be read or written: leave the message to be redelivered.
+            log.warning("task %s: %s; will be redelivered", item.task_id, error.message)
+            await _quietly(message.nak(delay=2.0))
+
+    async def _run(self, item: WorkItem, message: Msg) -> None:
+        try:
+            task = await self.store.get(item.org_id, item.task_id)
+        except NotFound:
+            log.warning("task %s has no record; dropping its message", item.task_id)
+            await message.ack()
+            return
+        if task.status in states.TERMINAL:
+            await message.ack()  # already done: a redelivery, or cancelled while queued
+            return
+        policy = self._settings.retry[task.type]
+        worker_id = self._settings.worker_id
+
+        def start(record: task_pb2.Task) -> None:
+            if record.status in states.TERMINAL:
+                raise states.TransitionError(record.status, states.RUNNING)
+            if record.status == states.RUNNING:
+                # Redelivered while marked running: its worker died or stalled mid-attempt.
+                if record.attempts and not record.attempts[-1].HasField("ended_at"):
+                    record.attempts[-1].ended_at.CopyFrom(now())
+                    record.attempts[-1].error = "worker stopped responding"
+                record.retry_count += 1
+                if record.retry_count >= policy.max_attempts:
+                    record.status = states.FAILED
+                    record.error = (
+                        f"worker stopped responding; gave up after {policy.max_attempts} attempts"
+                    )
+                    return
+            record.status = states.RUNNING
+            record.error = ""
+            record.progress.Clear()
+            record.attempts.add(number=len(record.attempts) + 1, worker=worker_id, started_at=now())
+
+        try:
+            task = await self.store.change(item.org_id, item.task_id, start)
+        except states.TransitionError:
+            await message.ack()
+            return
+        if task.status == states.FAILED:
+            await message.ack()
+            return
+        await self._attempt(task, message, policy)
+
+    async def _attempt(self, task: task_pb2.Task, message: Msg, policy: RetryPolicy) -> None:
+        type_name = TYPE_NAMES[task.type]
+        context = _Context(worker=self, task=task, attempt=len(task.attempts))
+        heartbeat = asyncio.create_task(self._heartbeat(message))
+        started = time.perf_counter()
+        outcome = "succeeded"
+        try:
+            await self._handlers[task.type](context)
+        except TaskCancelled:
+            outcome = "cancelled"
+            await self._finish(task, states.CANCELLED, "cancelled while running")
+            await message.ack()
+        except PermanentError as error:
+            outcome = "failed"
+            await self._finish(task, states.FAILED, str(error))
+            await message.ack()
+        except asyncio.CancelledError:
+            outcome = "handed_back"
+            await asyncio.shield(self._hand_back(task, message))
+            raise
+        except DependencyUnavailable:
+            raise
+        except Exception as error:  # noqa: BLE001 - anything else is transient by contract
+            detail = f"{type(error).__name__}: {error}"
+            retries = task.retry_count + 1
+            if retries >= policy.max_attempts:
+                outcome = "dead_letter"
+                await self._finish(
+                    task, states.FAILED, f"{detail} (gave up after {policy.max_attempts} attempts)"
+                )
+                await message.ack()
+            else:
+                outcome = "retrying"
+                delay = backoff(retries, policy)
+                await self._finish(task, states.RETRYING, detail, retry=True)
+                await message.nak(delay=delay)
+        else:
+            await self._finish(task, states.SUCCEEDED, "")
+            await message.ack()
+        finally:
+            heartbeat.cancel()
+            self.metrics.finished.labels(type=type_name, outcome=outcome).inc()
+            self.metrics.duration.labels(type=type_name).observe(time.perf_counter() - started)
+
+    async def _finish(
+        self, task: task_pb2.Task, status: int, error: str, *, retry: bool = False
+    ) -> None:
+        def finish(record: task_pb2.Task) -> None:
+            record.status = status  # type: ignore[assignment]
+            record.error = error
+            if retry:
+                record.retry_count += 1
+            if record.attempts:
+                record.attempts[-1].ended_at.CopyFrom(now())
+                record.attempts[-1].error = error
+
+        await self.store.change(task.org_id, task.id, finish)
+
+    async def _hand_back(self, task: task_pb2.Task, message: Msg) -> None:
+        """Returns a task the worker could not finish before stopping: queued again at once."""
+        try:
+            await self._finish(task, states.RETRYING, "worker stopped before finishing")
+            await message.nak()
+        except Exception as error:  # noqa: BLE001 - best effort; redelivery covers it
+            # Not acknowledged either way: JetStream redelivers it after ack_wait.
+            log.warning("could not hand back task %s: %s", task.id, error)
+
+    async def _heartbeat(self, message: Msg) -> None:
+        interval = self._settings.ack_wait / 3
+        while True:
+            await asyncio.sleep(interval)
+            await _quietly(message.in_progress())
+
+    async def stop(self) -> None:
+        """Stops fetching; running tasks get the grace period, the rest are handed back."""
+        self._stopping.set()
+        self._slot_freed.set()
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._in_flight:
+            log.info("draining %d running tasks", len(self._in_flight))
+            _, pending = await asyncio.wait(
+                set(self._in_flight), timeout=self._settings.grace_period
+            )
+            for job in pending:
+                job.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+
+async def _quietly(action: object) -> None:
+    try:
+        await action  # type: ignore[misc]
+    except Exception as error:  # noqa: BLE001 - acks/heartbeats are best effort
+        log.debug("ignored: %s", error)
+
+
+async def serve(environ: Mapping[str, str], handlers: Mapping[int, Handler] | None = None) -> None:
+    settings = WorkerSettings.from_env(environ)
+    configure_logging(service="task_worker", level=settings.log_level, fmt=settings.log_format)
+    client: Client = await connect_nats(settings.nats, name=f"task-worker-{settings.worker_id}")
+    js = client.jetstream(timeout=settings.nats.request_timeout)
+    store = TaskStore(await ensure_topology(js, settings.topology))
+    registry = CollectorRegistry()
+    worker = Worker(
+        js=js,
+        store=store,
+        settings=settings,
+        handlers=handlers or default_handlers(),
+        registry=registry,
+    )
+
+    async def nats_connected() -> None:
+        if not client.is_connected:
+            raise ConnectionError("not connected to NATS")
+
+    port = int(environ.get("OPSMESH_GRPC_PORT") or DEFAULT_WORKER_GRPC_PORT)
+    runner = ServiceRunner(
+        settings=ServerSettings(
+            host=settings.host,
+            port=port,
+            metrics_port=settings.metrics_port,
+            grace_period=settings.grace_period,
+        ),
+        registrations=[],
+        authenticator=_NoCallers(),
+        probes=[Probe(name="nats", check=nats_connected)],
+        options=RunnerOptions(on_stop=(worker.stop, client.drain)),
+        registry=registry,
+    )
+    await worker.start()
+    await runner.serve_until_signalled()
+
+
+class _NoCallers:
+    """The worker serves only health and reflection, which need no identity."""
+
+    async def authenticate(self, metadata: Mapping[str, str], method: str) -> Principal:
+        raise NotImplementedError  # pragma: no cover - no protected methods exist
+
+
+def main() -> None:
+    try:
+        run(serve(os.environ))
+    except SettingsError as error:
+        print(f"task worker: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

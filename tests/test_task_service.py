@@ -1,0 +1,378 @@
+"""TaskService and the worker against a real nats-server with JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+import pytest
+from grpc import aio
+
+from devtools.servers import NatsServer
+from opsmesh.task.v1 import task_pb2 as pb
+from task_svc.handlers import default_handlers
+from tests.helpers import assert_eventually, error_details, identity
+from tests.taskkit import Script, ScriptedHandler, TaskStack, running_worker, task_stack
+
+ALICE = identity("alice", "acme")
+EVE = identity("eve", "evilcorp")
+
+
+@pytest.fixture
+async def stack(nats_server: NatsServer):
+    async with task_stack(nats_server.url) as tasks:
+        yield tasks
+
+
+async def publish_email(
+    stack: TaskStack, notification_id: str | None = None, key: str = "", who=ALICE
+) -> pb.Task:
+    response = await stack.stub.PublishEmailTask(
+        pb.PublishEmailTaskRequest(
+            payload=pb.EmailTaskPayload(notification_id=notification_id or str(uuid.uuid4())),
+            idempotency_key=key,
+        ),
+        metadata=who,
+    )
+    return response.task
+
+
+async def wait_status(
+    stack: TaskStack, task_id: str, status: int, who=ALICE, within: float = 15.0
+) -> pb.Task:
+    async def reached() -> pb.Task:
+        task = (await stack.stub.GetTask(pb.GetTaskRequest(task_id=task_id), metadata=who)).task
+        assert task.status == status, (pb.TaskStatus.Name(task.status), task.error)
+        return task
+
+    return await assert_eventually(reached, timeout=within)
+
+
+async def test_published_task_runs_once_and_succeeds(stack) -> None:
+    handler = ScriptedHandler()
+    task = await publish_email(stack)
+    assert task.status == pb.TASK_STATUS_PENDING
+    assert (task.org_id, task.created_by, task.type) == ("acme", "alice", pb.TASK_TYPE_EMAIL)
+    assert task.payload["notification_id"]
+    assert task.created_at.seconds > 0
+    assert task.max_attempts == 3
+    async with running_worker(stack, handler):
+        done = await wait_status(stack, task.id, pb.TASK_STATUS_SUCCEEDED)
+    assert handler.effects[task.id] == 1
+    assert sum(handler.calls.values()) == 1
+    assert [a.number for a in done.attempts] == [1]
+    assert done.attempts[0].worker == "w1"
+    assert done.attempts[0].HasField("ended_at")
+    assert done.retry_count == 0
+    assert done.error == ""
+
+
+async def test_same_idempotency_key_returns_the_same_task(stack) -> None:
+    handler = ScriptedHandler()
+    first = await publish_email(stack, key="invite-42")
+    again = await publish_email(stack, key="invite-42")
+    other_org = await publish_email(stack, key="invite-42", who=EVE)
+    assert again.id == first.id
+    assert other_org.id != first.id
+    racing = await asyncio.gather(*(publish_email(stack, key="race") for _ in range(10)))
+    assert len({t.id for t in racing}) == 1
+    async with running_worker(stack, handler):
+        await wait_status(stack, first.id, pb.TASK_STATUS_SUCCEEDED)
+        await wait_status(stack, racing[0].id, pb.TASK_STATUS_SUCCEEDED)
+    assert sum(handler.calls.values()) == 3  # acme once, evilcorp once, the race once
+
+
+async def test_transient_failures_are_retried_then_succeed(stack) -> None:
+    nid = str(uuid.uuid4())
+    handler = ScriptedHandler(scripts={nid: Script(transient_failures=2)})
+    task = await publish_email(stack, nid)
+    async with running_worker(stack, handler):
+        done = await wait_status(stack, task.id, pb.TASK_STATUS_SUCCEEDED)
+    assert done.retry_count == 2
+    assert [a.number for a in done.attempts] == [1, 2, 3]
+    assert "smtp down" in done.attempts[0].error
+    assert handler.effects[task.id] == 1
+
+
+async def test_exhausted_retries_fail_as_dead_letter_and_retry_task_resubmits(stack) -> None:
+    nid = str(uuid.uuid4())
+    script = Script(always_fail=True)
+    handler = ScriptedHandler(scripts={nid: script})
+    task = await publish_email(stack, nid)
+    async with running_worker(stack, handler):
+        failed = await wait_status(stack, task.id, pb.TASK_STATUS_FAILED)
+        assert "gave up after 3 attempts" in failed.error
+        assert len(failed.attempts) == 3
+        assert handler.calls[nid] == 3
+        listed = await stack.stub.ListTasks(
+            pb.ListTasksRequest(statuses=[pb.TASK_STATUS_FAILED]), metadata=ALICE
+        )
+        assert [t.id for t in listed.tasks] == [task.id]
+
+        script.always_fail = False
+        resubmitted = (
+            await stack.stub.RetryTask(pb.RetryTaskRequest(task_id=task.id), metadata=ALICE)
+        ).task
+        assert resubmitted.status == pb.TASK_STATUS_PENDING
+        assert resubmitted.retry_count == 0
+        done = await wait_status(stack, task.id, pb.TASK_STATUS_SUCCEEDED)
+    assert len(done.attempts) == 4
+    with pytest.raises(aio.AioRpcError) as caught:
+        await stack.stub.RetryTask(pb.RetryTaskRequest(task_id=task.id), metadata=ALICE)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_permanent_failure_fails_at_once(stack) -> None:
+    nid = str(uuid.uuid4())
+    handler = ScriptedHandler(scripts={nid: Script(permanent=True)})
+    task = await publish_email(stack, nid)
+    async with running_worker(stack, handler):
+        failed = await wait_status(stack, task.id, pb.TASK_STATUS_FAILED)
+    assert failed.error == "the recipient does not exist"
+    assert handler.calls[nid] == 1
+
+
+async def test_cancel_pending_task_never_runs(stack) -> None:
+    handler = ScriptedHandler()
+    task = await publish_email(stack)
+    cancelled = (
+        await stack.stub.CancelTask(
+            pb.CancelTaskRequest(task_id=task.id, reason="typo"), metadata=ALICE
+        )
+    ).task
+    assert cancelled.status == pb.TASK_STATUS_CANCELLED
+    assert cancelled.error == "typo"
+    canary = await publish_email(stack)
+    async with running_worker(stack, handler):
+        await wait_status(stack, canary.id, pb.TASK_STATUS_SUCCEEDED)
+    assert task.payload["notification_id"] not in handler.calls
+    with pytest.raises(aio.AioRpcError) as caught:
+        await stack.stub.CancelTask(pb.CancelTaskRequest(task_id=task.id), metadata=ALICE)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_details(caught.value)["ErrorInfo"].reason == "TASK_FINISHED"
+
+
+async def test_cancel_running_task_is_honoured_by_the_handler(stack) -> None:
+    nid = str(uuid.uuid4())
+    handler = ScriptedHandler(scripts={nid: Script(steps=200, step_seconds=0.05)})
+    task = await publish_email(stack, nid)
+    async with running_worker(stack, handler):
+        await asyncio.wait_for(handler.started_event(nid).wait(), 10)
+        requested = (
+            await stack.stub.CancelTask(pb.CancelTaskRequest(task_id=task.id), metadata=ALICE)
+        ).task
+        assert requested.status == pb.TASK_STATUS_RUNNING
+        assert requested.cancel_requested
+        done = await wait_status(stack, task.id, pb.TASK_STATUS_CANCELLED)
+    assert done.progress.steps_done < 199
+    assert task.id not in handler.effects
+
+
+async def test_watch_streams_every_transition_until_terminal(stack) -> None:
+    nid = str(uuid.uuid4())
+    handler = ScriptedHandler(scripts={nid: Script(transient_failures=1, steps=2)})
+    task = await publish_email(stack, nid)
+    seen: list[tuple[int, int]] = []
+
+    async def watch() -> None:
+        async for update in stack.stub.WatchTask(
+            pb.WatchTaskRequest(task_id=task.id), metadata=ALICE
+        ):
+            seen.append((update.task.status, update.task.version))
+
+    watcher = asyncio.ensure_future(watch())
+    await asyncio.sleep(0.2)  # let the watch start before the worker does
+    async with running_worker(stack, handler):
+        await asyncio.wait_for(watcher, 15)
+    statuses = [status for status, _ in seen]
+    assert statuses[0] == pb.TASK_STATUS_PENDING
+    assert statuses[-1] == pb.TASK_STATUS_SUCCEEDED
+    assert pb.TASK_STATUS_RETRYING in statuses
+    assert statuses.count(pb.TASK_STATUS_RUNNING) >= 2
+    versions = [version for _, version in seen]
+    assert versions == sorted(set(versions)), "each version once, in order"
+
+
+async def test_another_org_cannot_see_or_change_a_task(stack) -> None:
+    task = await publish_email(stack)
+    calls = [
+        stack.stub.GetTask(pb.GetTaskRequest(task_id=task.id), metadata=EVE),
+        stack.stub.CancelTask(pb.CancelTaskRequest(task_id=task.id), metadata=EVE),
+        stack.stub.RetryTask(pb.RetryTaskRequest(task_id=task.id), metadata=EVE),
+    ]
+    for call in calls:
+        with pytest.raises(aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(aio.AioRpcError) as caught:
+        async for _ in stack.stub.WatchTask(pb.WatchTaskRequest(task_id=task.id), metadata=EVE):
+            pass
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert (await stack.stub.ListTasks(pb.ListTasksRequest(), metadata=EVE)).tasks == []
+    still = (await stack.stub.GetTask(pb.GetTaskRequest(task_id=task.id), metadata=ALICE)).task
+    assert still.status == pb.TASK_STATUS_PENDING
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        (pb.WorkspaceTaskPayload(workspace="team-a"), "payload.action"),
+        (
+            pb.WorkspaceTaskPayload(action=pb.WORKSPACE_ACTION_PROVISION, workspace="Team_A"),
+            "payload.workspace",
+        ),
+        (
+            pb.WorkspaceTaskPayload(action=pb.WORKSPACE_ACTION_PROVISION, workspace="a" * 41),
+            "payload.workspace",
+        ),
+        (
+            pb.WorkspaceTaskPayload(
+                action=pb.WORKSPACE_ACTION_PROVISION,
+                workspace="team-a",
+                quota=pb.WorkspaceQuota(memory="lots"),
+            ),
+            "payload.quota.memory",
+        ),
+        (
+            pb.WorkspaceTaskPayload(
+                action=pb.WORKSPACE_ACTION_PROVISION,
+                workspace="team-a",
+                quota=pb.WorkspaceQuota(pods=-1),
+            ),
+            "payload.quota.pods",
+        ),
+        (
+            pb.WorkspaceTaskPayload(
+                action=pb.WORKSPACE_ACTION_PROVISION,
+                workspace="team-a",
+                notify_emails=["not-an-address\r\nBcc: x@y.z"],
+            ),
+            "payload.notify_emails",
+        ),
+    ],
+)
+async def test_bad_workspace_payloads_are_rejected_before_anything_is_queued(
+    stack, payload, field
+) -> None:
+    with pytest.raises(aio.AioRpcError) as caught:
+        await stack.stub.PublishWorkspaceTask(
+            pb.PublishWorkspaceTaskRequest(payload=payload), metadata=ALICE
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(caught.value)["BadRequest"].field_violations[0].field == field
+    assert (await stack.stub.ListTasks(pb.ListTasksRequest(), metadata=ALICE)).tasks == []
+
+
+async def test_other_bad_requests_are_invalid_argument(stack) -> None:
+    bad = [
+        stack.stub.PublishEmailTask(
+            pb.PublishEmailTaskRequest(payload=pb.EmailTaskPayload(notification_id="x")),
+            metadata=ALICE,
+        ),
+        stack.stub.PublishEmailTask(
+            pb.PublishEmailTaskRequest(
+                payload=pb.EmailTaskPayload(notification_id=str(uuid.uuid4())),
+                idempotency_key="k" * 129,
+            ),
+            metadata=ALICE,
+        ),
+        stack.stub.GetTask(pb.GetTaskRequest(task_id="nope"), metadata=ALICE),
+        stack.stub.ListTasks(pb.ListTasksRequest(page_token="garbage"), metadata=ALICE),
+        stack.stub.ListTasks(pb.ListTasksRequest(page_size=-5), metadata=ALICE),
+    ]
+    for call in bad:
+        with pytest.raises(aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(aio.AioRpcError) as caught:
+        await stack.stub.GetTask(pb.GetTaskRequest(task_id=str(uuid.uuid4())), metadata=ALICE)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(aio.AioRpcError) as caught:
+        await stack.stub.ListTasks(pb.ListTasksRequest())
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_listing_pages_newest_first_with_filters(stack) -> None:
+    who = identity("lister", "listorg")
+    ids = [(await publish_email(stack, who=who)).id for _ in range(5)]
+    workspace = (
+        await stack.stub.PublishWorkspaceTask(
+            pb.PublishWorkspaceTaskRequest(
+                payload=pb.WorkspaceTaskPayload(
+                    action=pb.WORKSPACE_ACTION_PROVISION, workspace="team-a"
+                )
+            ),
+            metadata=who,
+        )
+    ).task
+    seen, token = [], ""
+    while True:
+        page = await stack.stub.ListTasks(
+            pb.ListTasksRequest(page_size=2, page_token=token), metadata=who
+        )
+        seen += [t.id for t in page.tasks]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [workspace.id, *reversed(ids)]
+    emails = await stack.stub.ListTasks(
+        pb.ListTasksRequest(types=[pb.TASK_TYPE_EMAIL]), metadata=who
+    )
+    assert [t.id for t in emails.tasks] == list(reversed(ids))
+    assert workspace.payload["workspace"] == "team-a"
+    assert workspace.payload["action"] == "WORKSPACE_ACTION_PROVISION"
+
+
+async def test_workspace_task_without_a_cluster_fails_with_a_clear_error(stack) -> None:
+    task = (
+        await stack.stub.PublishWorkspaceTask(
+            pb.PublishWorkspaceTaskRequest(
+                payload=pb.WorkspaceTaskPayload(
+                    action=pb.WORKSPACE_ACTION_PROVISION, workspace="team-b"
+                )
+            ),
+            metadata=ALICE,
+        )
+    ).task
+    handlers = default_handlers()
+    async with running_worker(
+        stack, handlers[pb.TASK_TYPE_WORKSPACE], types=(pb.TASK_TYPE_WORKSPACE,)
+    ):
+        failed = await wait_status(stack, task.id, pb.TASK_STATUS_FAILED)
+    assert "no Kubernetes cluster is configured" in failed.error
+    assert len(failed.attempts) == 1
+
+
+async def test_two_workers_share_the_queue_and_run_each_task_once(stack) -> None:
+    handler = ScriptedHandler()
+    tasks = await asyncio.gather(*(publish_email(stack) for _ in range(40)))
+    async with (
+        running_worker(stack, handler, worker_id="w1"),
+        running_worker(stack, handler, worker_id="w2"),
+    ):
+        for task in tasks:
+            await wait_status(stack, task.id, pb.TASK_STATUS_SUCCEEDED)
+    assert sum(handler.calls.values()) == 40
+    assert set(handler.calls.values()) == {1}
+    workers = set()
+    for task in tasks:
+        done = (await stack.stub.GetTask(pb.GetTaskRequest(task_id=task.id), metadata=ALICE)).task
+        workers.add(done.attempts[0].worker)
+    assert workers == {"w1", "w2"}
+
+
+async def test_stopping_a_worker_hands_back_unfinished_tasks(stack) -> None:
+    nid = str(uuid.uuid4())
+    release = asyncio.Event()
+    handler = ScriptedHandler(scripts={nid: Script(release=release)})
+    task = await publish_email(stack, nid)
+    async with running_worker(stack, handler, worker_id="leaving", grace=0.2):
+        await asyncio.wait_for(handler.started_event(nid).wait(), 10)
+    handed_back = await wait_status(stack, task.id, pb.TASK_STATUS_RETRYING)
+    assert handed_back.error == "worker stopped before finishing"
+    release.set()
+    async with running_worker(stack, handler, worker_id="next"):
+        done = await wait_status(stack, task.id, pb.TASK_STATUS_SUCCEEDED)
+    assert [a.worker for a in done.attempts] == ["leaving", "next"]
+    assert handler.effects[task.id] == 1
