@@ -81,8 +81,19 @@ async def connect_nats(settings: NatsSettings, *, name: str) -> Client:
             disconnected_cb=disconnected,
             reconnected_cb=reconnected,
             error_cb=error,
+            # No buffering while disconnected: a write is refused at once (UNAVAILABLE) instead
+            # of being replayed later, when its caller has long been told it failed.
+            pending_size=0,
         )
     return client
+
+
+async def close_nats(client: Client) -> None:
+    """Drains a connected client (in-flight messages finish); closes one that is not."""
+    if client.is_connected:
+        await client.drain()
+    else:
+        await client.close()
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Mapping
@@ -9,7 +10,7 @@ from collections.abc import Mapping
 from mesh.auth import Authenticator, authenticator_from_mode
 from mesh.health import Probe
 from mesh.logs import configure_logging
-from mesh.natsconn import connect_nats
+from mesh.natsconn import close_nats, connect_nats
 from mesh.server import Registration, RunnerOptions, ServiceRunner, run
 from mesh.settings import SettingsError
 from opsmesh.task.v1 import task_pb2_grpc
@@ -51,7 +52,7 @@ async def build_runner(
         options=RunnerOptions(
             health_interval=base.health_interval,
             health_timeout=base.health_timeout,
-            on_stop=(*base.on_stop, client.drain),
+            on_stop=(*base.on_stop, functools.partial(close_nats, client)),
         ),
     )
 

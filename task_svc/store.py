@@ -66,25 +66,43 @@ class TaskStore:
         self._kv = kv
 
     async def create(self, task: task_pb2.Task) -> tuple[task_pb2.Task, bool]:
-        """Stores a new task; with an idempotency key already used, the task it made instead."""
+        """Stores a new task; with an idempotency key already used, the task it made instead.
+
+        The record is written before the idempotency marker, so a marker always points at a
+        record unless that record was removed after a failed publish (see :meth:`forget`):
+        such a stale marker is taken over.
+        """
         with nats_errors():
-            if task.idempotency_key:
-                marker = _idempotency_key(task.org_id, task.idempotency_key)
+            await self._kv.create(task_key(task.org_id, task.id), task.SerializeToString())
+            if not task.idempotency_key:
+                return task, True
+            marker = _idempotency_key(task.org_id, task.idempotency_key)
+            for _ in range(_CAS_ATTEMPTS):
                 try:
                     await self._kv.create(marker, task.id.encode())
+                    return task, True
                 except nats.js.errors.KeyWrongLastSequenceError:
+                    pass
+                try:
                     entry = await self._kv.get(marker)
-                    existing_id = (entry.value or b"").decode()
-                    return await self.get(task.org_id, existing_id), False
-            await self._kv.create(task_key(task.org_id, task.id), task.SerializeToString())
-        return task, True
+                except nats.js.errors.KeyNotFoundError:
+                    continue  # removed meanwhile: try to create it again
+                try:
+                    existing = await self.get(task.org_id, (entry.value or b"").decode())
+                except NotFound:
+                    try:
+                        await self._kv.update(marker, task.id.encode(), last=entry.revision)
+                    except nats.js.errors.KeyWrongLastSequenceError:
+                        continue
+                    return task, True
+                await self._kv.purge(task_key(task.org_id, task.id))
+                return existing, False
+        raise Aborted("the idempotency key is contended; try again", reason="CONTENTION")
 
     async def forget(self, task: task_pb2.Task) -> None:
-        """Removes a task that could not be queued, and its idempotency key."""
+        """Removes a task that could not be queued (its idempotency marker goes stale)."""
         with nats_errors():
             await self._kv.purge(task_key(task.org_id, task.id))
-            if task.idempotency_key:
-                await self._kv.purge(_idempotency_key(task.org_id, task.idempotency_key))
 
     async def _read(self, org_id: str, task_id: str) -> tuple[task_pb2.Task, int]:
         with nats_errors():

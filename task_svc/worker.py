@@ -13,6 +13,7 @@ attempt the task is failed and kept as a dead letter for RetryTask.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -32,7 +33,7 @@ from mesh.context import Principal
 from mesh.errors import DependencyUnavailable, NotFound
 from mesh.health import Probe
 from mesh.logs import configure_logging
-from mesh.natsconn import connect_nats
+from mesh.natsconn import close_nats, connect_nats
 from mesh.server import RunnerOptions, ServiceRunner, run
 from mesh.settings import ServerSettings, SettingsError
 from opsmesh.task.v1 import task_pb2
@@ -207,6 +208,11 @@ class Worker:
         if task.status in states.TERMINAL:
             await message.ack()  # already done: a redelivery, or cancelled while queued
             return
+        if task.status == states.RUNNING and message.metadata.num_delivered == 1:
+            # A second message for a task another worker is running (a publish repeated
+            # after the de-duplication window): that worker's message covers it.
+            await message.ack()
+            return
         policy = self._settings.retry[task.type]
         worker_id = self._settings.worker_id
 
@@ -371,7 +377,7 @@ async def serve(environ: Mapping[str, str], handlers: Mapping[int, Handler] | No
         registrations=[],
         authenticator=_NoCallers(),
         probes=[Probe(name="nats", check=nats_connected)],
-        options=RunnerOptions(on_stop=(worker.stop, client.drain)),
+        options=RunnerOptions(on_stop=(worker.stop, functools.partial(close_nats, client))),
         registry=registry,
     )
     await worker.start()

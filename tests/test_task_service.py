@@ -42,7 +42,11 @@ async def wait_status(
     stack: TaskStack, task_id: str, status: int, who=ALICE, within: float = 15.0
 ) -> pb.Task:
     async def reached() -> pb.Task:
-        task = (await stack.stub.GetTask(pb.GetTaskRequest(task_id=task_id), metadata=who)).task
+        try:
+            task = (await stack.stub.GetTask(pb.GetTaskRequest(task_id=task_id), metadata=who)).task
+        except aio.AioRpcError as error:  # NATS restarting in the fault tests: poll on
+            assert error.code() != grpc.StatusCode.UNAVAILABLE, error.details()
+            raise
         assert task.status == status, (pb.TaskStatus.Name(task.status), task.error)
         return task
 
