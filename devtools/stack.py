@@ -35,12 +35,30 @@ from devtools.servers import (
 
 
 @dataclass(frozen=True, kw_only=True)
+class ServiceSpec:
+    """A Python service of the stack: its module, its ports and its start-up line."""
+
+    name: str
+    module: str
+    grpc_port: int
+    metrics_port: int
+    ready: str
+
+
+# (name, module, gRPC port, metrics port, log line that says it serves), from DESIGN.md.
+SERVICES = (
+    ("session_svc", "session_svc", 50051, 9151, r"serving opsmesh\.session\.v1\.SessionService"),
+    ("task_svc", "task_svc", 50054, 9154, r"serving opsmesh\.task\.v1\.TaskService"),
+    ("task_worker", "task_svc.worker", 50056, 9156, r"worker \S+ consuming"),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
 class StackConfig:
     run_dir: Path
     redis_port: int = 16379
     nats_port: int = 14222
-    session_port: int = 50051
-    session_metrics_port: int = 9151
+    services: tuple[ServiceSpec, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], root: Path) -> StackConfig:
@@ -52,12 +70,23 @@ class StackConfig:
                 raise SystemExit(f"{name}={raw!r}: expected a port number")
             return int(raw)
 
+        def variable(service: str, what: str) -> str:
+            return f"OPSMESH_DEV_{service.removesuffix('_svc').upper()}_{what}PORT"
+
         return cls(
             run_dir=Path(environ.get("OPSMESH_RUN_DIR") or root / ".run"),
             redis_port=port("OPSMESH_DEV_REDIS_PORT", 16379),
             nats_port=port("OPSMESH_DEV_NATS_PORT", 14222),
-            session_port=port("OPSMESH_DEV_SESSION_PORT", 50051),
-            session_metrics_port=port("OPSMESH_DEV_SESSION_METRICS_PORT", 9151),
+            services=tuple(
+                ServiceSpec(
+                    name=name,
+                    module=module,
+                    grpc_port=port(variable(name, ""), grpc_port),
+                    metrics_port=port(variable(name, "METRICS_"), metrics_port),
+                    ready=ready,
+                )
+                for name, module, grpc_port, metrics_port, ready in SERVICES
+            ),
         )
 
     @property
@@ -137,11 +166,8 @@ def up(config: StackConfig) -> int:
         print("the dev stack is already up ('make down' stops it):")
         _print(running)
         return 0
-    wanted = {
-        "redis": config.redis_port,
-        "nats": config.nats_port,
-        "session_svc": config.session_port,
-    }
+    wanted = {"redis": config.redis_port, "nats": config.nats_port}
+    wanted.update({spec.name: spec.grpc_port for spec in config.services})
     taken = [f"{name} port {port}" for name, port in wanted.items() if _port_taken(port)]
     if taken:
         print(
@@ -168,27 +194,27 @@ def up(config: StackConfig) -> int:
         )
         _save(config, started)
 
-        log_dir = config.run_dir / "logs"
-        session = ManagedProcess(
-            "session_svc",
-            [sys.executable, "-m", "session_svc"],
-            log_path=log_dir / "session_svc.log",
-            ready=re.compile(r"serving opsmesh\.session\.v1\.SessionService"),
-            env=_service_env(config, config.session_port, config.session_metrics_port),
-            detach=True,
-        )
-        session.start()
-        component = Component(
-            "session_svc",
-            session.pid,
-            f"grpc 127.0.0.1:{config.session_port}  metrics "
-            f"http://127.0.0.1:{config.session_metrics_port}/metrics",
-            str(session.log_path),
-            grpc_port=config.session_port,
-        )
-        started.append(component)
-        _save(config, started)
-        _wait_serving(component, session, timeout=15)
+        for spec in config.services:
+            process = ManagedProcess(
+                spec.name,
+                [sys.executable, "-m", spec.module],
+                log_path=config.run_dir / "logs" / f"{spec.name}.log",
+                ready=re.compile(spec.ready),
+                env=_service_env(config, spec.grpc_port, spec.metrics_port),
+                detach=True,
+            )
+            process.start()
+            component = Component(
+                spec.name,
+                process.pid,
+                f"grpc 127.0.0.1:{spec.grpc_port}  metrics "
+                f"http://127.0.0.1:{spec.metrics_port}/metrics",
+                str(process.log_path),
+                grpc_port=spec.grpc_port,
+            )
+            started.append(component)
+            _save(config, started)
+            _wait_serving(component, process, timeout=15)
     except ServerStartError as error:
         print(f"make up failed: {error}", file=sys.stderr)
         _stop(started)
@@ -196,7 +222,8 @@ def up(config: StackConfig) -> int:
         return 1
     print(f"opsmesh dev stack is up (state and logs in {config.run_dir}):")
     _print(started)
-    print(f"\ntry:  grpcurl -plaintext localhost:{config.session_port} list\nstop: make down")
+    first = config.services[0].grpc_port
+    print(f"\ntry:  grpcurl -plaintext localhost:{first} list\nstop: make down")
     return 0
 
 

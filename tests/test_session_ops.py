@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -181,7 +182,19 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
     tmp_path: Path,
 ) -> None:
     """The issue's 'done when', end to end through the dev stack and real grpcurl."""
-    ports = {name: free_port() for name in ("REDIS", "NATS", "SESSION", "SESSION_METRICS")}
+    ports = {
+        name: free_port()
+        for name in (
+            "REDIS",
+            "NATS",
+            "SESSION",
+            "SESSION_METRICS",
+            "TASK",
+            "TASK_METRICS",
+            "TASK_WORKER",
+            "TASK_WORKER_METRICS",
+        )
+    }
     env = dict(os.environ, OPSMESH_RUN_DIR=str(tmp_path / "run"))
     env.update({f"OPSMESH_DEV_{name}_PORT": str(port) for name, port in ports.items()})
 
@@ -199,12 +212,12 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
     address = f"localhost:{ports['SESSION']}"
 
     def grpcurl(
-        *args: str, data: dict[str, object] | None = None
+        *args: str, data: dict[str, object] | None = None, at: str = address
     ) -> subprocess.CompletedProcess[str]:
         headers = ["-H", "x-opsmesh-user-id: dev", "-H", "x-opsmesh-org-id: devorg"]
         body = ["-d", json.dumps(data)] if data is not None else []
         return subprocess.run(
-            [GRPCURL, "-plaintext", *headers, *body, address, *args],
+            [GRPCURL, "-plaintext", *headers, *body, at, *args],
             capture_output=True,
             text=True,
             timeout=30,
@@ -261,10 +274,34 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
         )
         gone = grpcurl("opsmesh.session.v1.SessionService/GetSession", data={"sessionId": sid})
         assert "NotFound" in gone.stderr
+
+        # The task service and a worker run too: a published task's transitions stream live.
+        tasks = f"localhost:{ports['TASK']}"
+        published = grpcurl(
+            "opsmesh.task.v1.TaskService/PublishWorkspaceTask",
+            data={
+                "payload": {"action": "WORKSPACE_ACTION_PROVISION", "workspace": "team-a"},
+                "idempotencyKey": "make-up-test",
+            },
+            at=tasks,
+        )
+        assert published.returncode == 0, published.stderr
+        task_id = json.loads(published.stdout)["task"]["id"]
+        watched = grpcurl(
+            "opsmesh.task.v1.TaskService/WatchTask", data={"taskId": task_id}, at=tasks
+        )
+        assert watched.returncode == 0, watched.stderr
+        updates = [
+            json.loads(chunk) for chunk in re.split(r"(?<=\})\n(?=\{)", watched.stdout.strip())
+        ]
+        statuses = [u["task"]["status"] for u in updates]
+        assert statuses[-1] == "TASK_STATUS_FAILED", statuses
+        assert "no Kubernetes cluster is configured" in updates[-1]["task"]["error"]
     finally:
         down = stack("down")
     assert down.returncode == 0
     assert "stopped session_svc" in down.stdout
+    assert "stopped task_worker" in down.stdout
     assert stack("status").returncode == 1
     assert "not running" in stack("down").stdout
 
