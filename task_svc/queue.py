@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -23,28 +20,12 @@ from task_svc.config import Topology
 DUPLICATE_WINDOW_SECONDS = 120.0
 
 
-@dataclass(frozen=True, slots=True)
-class WorkItem:
-    """What a work message carries: where the record is. The record is the truth."""
+REVISION_HEADER = "Opsmesh-Revision"
 
-    org_id: str
-    task_id: str
-    generation: int
 
-    def encode(self) -> bytes:
-        return json.dumps(
-            {"org_id": self.org_id, "task_id": self.task_id, "generation": self.generation}
-        ).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> WorkItem:
-        raw = json.loads(data)
-        return cls(org_id=raw["org_id"], task_id=raw["task_id"], generation=int(raw["generation"]))
-
-    @property
-    def message_id(self) -> str:
-        # A resubmitted task (RetryTask) gets a new generation, so it is not taken as a duplicate.
-        return f"{self.task_id}:{self.generation}"
+def message_id(task: task_pb2.Task) -> str:
+    # A resubmitted task (RetryTask) has a new version, so it is not taken as a duplicate.
+    return f"{task.id}:{task.version}"
 
 
 async def ensure_topology(js: JetStreamContext, topology: Topology) -> KeyValue:
@@ -75,13 +56,17 @@ class Publisher:
         self._topology = topology
         self._timeout = timeout
 
-    async def publish(self, task: task_pb2.Task, generation: int) -> None:
-        item = WorkItem(org_id=task.org_id, task_id=task.id, generation=generation)
+    async def publish(self, task: task_pb2.Task, revision: int) -> None:
+        """Queues ``task``; the message carries the record as of ``revision``.
+
+        The worker starts from that copy and its compare-and-set tells it whether the
+        record moved on since (then it reads the record, the truth, again).
+        """
         with nats_errors():
             await self._js.publish(
                 self._topology.subject(task.type),
-                item.encode(),
+                task.SerializeToString(),
                 timeout=self._timeout,
                 stream=self._topology.stream,
-                headers={"Nats-Msg-Id": item.message_id},
+                headers={"Nats-Msg-Id": message_id(task), REVISION_HEADER: str(revision)},
             )

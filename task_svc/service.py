@@ -108,14 +108,12 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             updated_at=stamp,
             version=1,
         )
-        json_format.ParseDict(
-            json_format.MessageToDict(payload, preserving_proto_field_name=True), task.payload
-        )
-        stored, created = await self._store.create(task)
+        task.payload.update(json_format.MessageToDict(payload, preserving_proto_field_name=True))
+        stored, revision, created = await self._store.create(task)
         if not created:
             return stored
         try:
-            await self._publisher.publish(stored, generation=stored.version)
+            await self._publisher.publish(stored, revision)
         except DependencyUnavailable:
             # Nothing was queued: remove the record so no task waits forever, and let the
             # client retry with the same idempotency key.
@@ -207,7 +205,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                 task.status = states.CANCELLED
                 task.error = reason
 
-        task = await self._store.change(current_principal().org_id, task_id, cancel)
+        task, _ = await self._store.change(current_principal().org_id, task_id, cancel)
         return task_pb2.CancelTaskResponse(task=task)
 
     async def RetryTask(
@@ -228,6 +226,6 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             task.error = ""
             task.progress.Clear()
 
-        task = await self._store.change(current_principal().org_id, task_id, resubmit)
-        await self._publisher.publish(task, generation=task.version)
+        task, revision = await self._store.change(current_principal().org_id, task_id, resubmit)
+        await self._publisher.publish(task, revision)
         return task_pb2.RetryTaskResponse(task=task)

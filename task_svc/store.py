@@ -65,22 +65,25 @@ class TaskStore:
     def __init__(self, kv: KeyValue) -> None:
         self._kv = kv
 
-    async def create(self, task: task_pb2.Task) -> tuple[task_pb2.Task, bool]:
-        """Stores a new task; with an idempotency key already used, the task it made instead.
+    async def create(self, task: task_pb2.Task) -> tuple[task_pb2.Task, int, bool]:
+        """Stores a new task: ``(task, revision, True)``; with an idempotency key already used,
+        ``(the task that key made, its revision, False)`` instead.
 
         The record is written before the idempotency marker, so a marker always points at a
         record unless that record was removed after a failed publish (see :meth:`forget`):
         such a stale marker is taken over.
         """
         with nats_errors():
-            await self._kv.create(task_key(task.org_id, task.id), task.SerializeToString())
+            revision = await self._kv.create(
+                task_key(task.org_id, task.id), task.SerializeToString()
+            )
             if not task.idempotency_key:
-                return task, True
+                return task, revision, True
             marker = _idempotency_key(task.org_id, task.idempotency_key)
             for _ in range(_CAS_ATTEMPTS):
                 try:
                     await self._kv.create(marker, task.id.encode())
-                    return task, True
+                    return task, revision, True
                 except nats.js.errors.KeyWrongLastSequenceError:
                     pass
                 try:
@@ -88,15 +91,17 @@ class TaskStore:
                 except nats.js.errors.KeyNotFoundError:
                     continue  # removed meanwhile: try to create it again
                 try:
-                    existing = await self.get(task.org_id, (entry.value or b"").decode())
+                    existing, existing_revision = await self.read(
+                        task.org_id, (entry.value or b"").decode()
+                    )
                 except NotFound:
                     try:
                         await self._kv.update(marker, task.id.encode(), last=entry.revision)
                     except nats.js.errors.KeyWrongLastSequenceError:
                         continue
-                    return task, True
+                    return task, revision, True
                 await self._kv.purge(task_key(task.org_id, task.id))
-                return existing, False
+                return existing, existing_revision, False
         raise Aborted("the idempotency key is contended; try again", reason="CONTENTION")
 
     async def forget(self, task: task_pb2.Task) -> None:
@@ -104,7 +109,8 @@ class TaskStore:
         with nats_errors():
             await self._kv.purge(task_key(task.org_id, task.id))
 
-    async def _read(self, org_id: str, task_id: str) -> tuple[task_pb2.Task, int]:
+    async def read(self, org_id: str, task_id: str) -> tuple[task_pb2.Task, int]:
+        """The task and its revision, for a later :meth:`change` that skips the re-read."""
         with nats_errors():
             try:
                 entry = await self._kv.get(task_key(org_id, task_id))
@@ -115,30 +121,43 @@ class TaskStore:
         return task_pb2.Task.FromString(entry.value), entry.revision or 0
 
     async def get(self, org_id: str, task_id: str) -> task_pb2.Task:
-        task, _ = await self._read(org_id, task_id)
+        task, _ = await self.read(org_id, task_id)
         return task
 
     async def change(
-        self, org_id: str, task_id: str, mutate: Callable[[task_pb2.Task], None]
-    ) -> task_pb2.Task:
-        """Applies ``mutate`` to the current record and stores it if nobody changed it meanwhile.
+        self,
+        org_id: str,
+        task_id: str,
+        mutate: Callable[[task_pb2.Task], None],
+        *,
+        known: tuple[task_pb2.Task, int] | None = None,
+    ) -> tuple[task_pb2.Task, int]:
+        """Applies ``mutate`` and stores the result if nobody changed the record meanwhile.
 
-        On a lost race the record is read again and ``mutate`` applied again, so
-        ``mutate`` must decide from the record it is given (and may raise to refuse).
+        Starts from ``known`` (a record and its revision, e.g. from the last change) when
+        given, else reads. On a lost race the record is read again and ``mutate`` applied
+        again, so ``mutate`` must decide from the record it is given (and may raise to
+        refuse). Returns the stored record and its new revision.
         """
         for _ in range(_CAS_ATTEMPTS):
-            task, revision = await self._read(org_id, task_id)
+            if known is not None:
+                task = task_pb2.Task()
+                task.CopyFrom(known[0])
+                revision = known[1]
+                known = None
+            else:
+                task, revision = await self.read(org_id, task_id)
             mutate(task)
             task.version += 1
             task.updated_at.CopyFrom(now())
             with nats_errors():
                 try:
-                    await self._kv.update(
+                    revision = await self._kv.update(
                         task_key(org_id, task_id), task.SerializeToString(), last=revision
                     )
                 except nats.js.errors.KeyWrongLastSequenceError:
                     continue
-            return task
+            return task, revision
         raise Aborted(f"task {task_id} kept changing; try again", reason="CONTENTION")
 
     async def page(

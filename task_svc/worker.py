@@ -19,10 +19,11 @@ import os
 import random
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import nats.errors
+from google.protobuf.message import DecodeError
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -40,7 +41,7 @@ from opsmesh.task.v1 import task_pb2
 from task_svc import states
 from task_svc.config import TYPE_NAMES, RetryPolicy, WorkerSettings
 from task_svc.handlers import Handler, PermanentError, TaskCancelled, default_handlers
-from task_svc.queue import WorkItem, ensure_topology
+from task_svc.queue import REVISION_HEADER, ensure_topology
 from task_svc.store import TaskStore, now
 
 log = logging.getLogger("opsmesh.worker")
@@ -79,7 +80,14 @@ class _Context:
 
     worker: Worker
     task: task_pb2.Task
+    revision: int
     attempt: int
+
+    async def change(self, mutate: Callable[[task_pb2.Task], None]) -> None:
+        """Changes the record, starting from the revision this attempt last wrote."""
+        self.task, self.revision = await self.worker.store.change(
+            self.task.org_id, self.task.id, mutate, known=(self.task, self.revision)
+        )
 
     async def progress(self, step: str, done: int, total: int, message: str = "") -> None:
         def record(task: task_pb2.Task) -> None:
@@ -89,12 +97,12 @@ class _Context:
                 )
             )
 
-        self.task = await self.worker.store.change(self.task.org_id, self.task.id, record)
+        await self.change(record)
         if self.task.cancel_requested:
             raise TaskCancelled()
 
     async def check_cancelled(self) -> None:
-        self.task = await self.worker.store.get(self.task.org_id, self.task.id)
+        self.task, self.revision = await self.worker.store.read(self.task.org_id, self.task.id)
         if self.task.cancel_requested:
             raise TaskCancelled()
 
@@ -186,40 +194,35 @@ class Worker:
 
     async def _process(self, message: Msg) -> None:
         try:
-            item = WorkItem.decode(message.data)
-        except (ValueError, KeyError, TypeError):
+            queued = task_pb2.Task.FromString(message.data)
+            revision = int((message.headers or {})[REVISION_HEADER])
+            if not queued.id or not queued.org_id:
+                raise ValueError("no task id")
+        except (DecodeError, KeyError, ValueError):
             log.error("dropping an unreadable work message: %r", message.data[:200])
             await message.term()
             return
         try:
-            await self._run(item, message)
+            await self._run(queued, revision, message)
         except DependencyUnavailable as error:
             # The record could not be read or written: leave the message to be redelivered.
-            log.warning("task %s: %s; will be redelivered", item.task_id, error.message)
+            log.warning("task %s: %s; will be redelivered", queued.id, error.message)
             await _quietly(message.nak(delay=2.0))
 
-    async def _run(self, item: WorkItem, message: Msg) -> None:
-        try:
-            task = await self.store.get(item.org_id, item.task_id)
-        except NotFound:
-            log.warning("task %s has no record; dropping its message", item.task_id)
-            await message.ack()
-            return
-        if task.status in states.TERMINAL:
-            await message.ack()  # already done: a redelivery, or cancelled while queued
-            return
-        if task.status == states.RUNNING and message.metadata.num_delivered == 1:
-            # A second message for a task another worker is running (a publish repeated
-            # after the de-duplication window): that worker's message covers it.
-            await message.ack()
-            return
-        policy = self._settings.retry[task.type]
+    async def _run(self, queued: task_pb2.Task, revision: int, message: Msg) -> None:
+        policy = self._settings.retry[queued.type]
         worker_id = self._settings.worker_id
+        first_delivery = message.metadata.num_delivered == 1
 
         def start(record: task_pb2.Task) -> None:
             if record.status in states.TERMINAL:
-                raise states.TransitionError(record.status, states.RUNNING)
+                # Already done: a redelivery, or cancelled while queued.
+                raise _Skip()
             if record.status == states.RUNNING:
+                if first_delivery:
+                    # A second message for a task another worker is running (a publish
+                    # repeated after the de-duplication window): its message covers it.
+                    raise _Skip()
                 # Redelivered while marked running: its worker died or stalled mid-attempt.
                 if record.attempts and not record.attempts[-1].HasField("ended_at"):
                     record.attempts[-1].ended_at.CopyFrom(now())
@@ -237,53 +240,64 @@ class Worker:
             record.attempts.add(number=len(record.attempts) + 1, worker=worker_id, started_at=now())
 
         try:
-            task = await self.store.change(item.org_id, item.task_id, start)
-        except states.TransitionError:
+            # Starts from the copy in the message; the compare-and-set re-reads the record
+            # only if it changed since it was queued.
+            task, revision = await self.store.change(
+                queued.org_id, queued.id, start, known=(queued, revision)
+            )
+        except _Skip:
+            await message.ack()
+            return
+        except NotFound:
+            log.warning("task %s has no record; dropping its message", queued.id)
             await message.ack()
             return
         if task.status == states.FAILED:
             await message.ack()
             return
-        await self._attempt(task, message, policy)
+        context = _Context(worker=self, task=task, revision=revision, attempt=len(task.attempts))
+        await self._attempt(context, message, policy)
 
-    async def _attempt(self, task: task_pb2.Task, message: Msg, policy: RetryPolicy) -> None:
+    async def _attempt(self, context: _Context, message: Msg, policy: RetryPolicy) -> None:
+        task = context.task
         type_name = TYPE_NAMES[task.type]
-        context = _Context(worker=self, task=task, attempt=len(task.attempts))
-        heartbeat = asyncio.create_task(self._heartbeat(message))
+        heartbeat = _Heartbeat(message, self._settings.ack_wait / 3)
         started = time.perf_counter()
         outcome = "succeeded"
         try:
             await self._handlers[task.type](context)
         except TaskCancelled:
             outcome = "cancelled"
-            await self._finish(task, states.CANCELLED, "cancelled while running")
+            await self._finish(context, states.CANCELLED, "cancelled while running")
             await message.ack()
         except PermanentError as error:
             outcome = "failed"
-            await self._finish(task, states.FAILED, str(error))
+            await self._finish(context, states.FAILED, str(error))
             await message.ack()
         except asyncio.CancelledError:
             outcome = "handed_back"
-            await asyncio.shield(self._hand_back(task, message))
+            await asyncio.shield(self._hand_back(context, message))
             raise
         except DependencyUnavailable:
             raise
         except Exception as error:  # noqa: BLE001 - anything else is transient by contract
             detail = f"{type(error).__name__}: {error}"
-            retries = task.retry_count + 1
+            retries = context.task.retry_count + 1
             if retries >= policy.max_attempts:
                 outcome = "dead_letter"
                 await self._finish(
-                    task, states.FAILED, f"{detail} (gave up after {policy.max_attempts} attempts)"
+                    context,
+                    states.FAILED,
+                    f"{detail} (gave up after {policy.max_attempts} attempts)",
                 )
                 await message.ack()
             else:
                 outcome = "retrying"
                 delay = backoff(retries, policy)
-                await self._finish(task, states.RETRYING, detail, retry=True)
+                await self._finish(context, states.RETRYING, detail, retry=True)
                 await message.nak(delay=delay)
         else:
-            await self._finish(task, states.SUCCEEDED, "")
+            await self._finish(context, states.SUCCEEDED, "")
             await message.ack()
         finally:
             heartbeat.cancel()
@@ -291,7 +305,7 @@ class Worker:
             self.metrics.duration.labels(type=type_name).observe(time.perf_counter() - started)
 
     async def _finish(
-        self, task: task_pb2.Task, status: int, error: str, *, retry: bool = False
+        self, context: _Context, status: int, error: str, *, retry: bool = False
     ) -> None:
         def finish(record: task_pb2.Task) -> None:
             record.status = status  # type: ignore[assignment]
@@ -302,22 +316,16 @@ class Worker:
                 record.attempts[-1].ended_at.CopyFrom(now())
                 record.attempts[-1].error = error
 
-        await self.store.change(task.org_id, task.id, finish)
+        await context.change(finish)
 
-    async def _hand_back(self, task: task_pb2.Task, message: Msg) -> None:
+    async def _hand_back(self, context: _Context, message: Msg) -> None:
         """Returns a task the worker could not finish before stopping: queued again at once."""
         try:
-            await self._finish(task, states.RETRYING, "worker stopped before finishing")
+            await self._finish(context, states.RETRYING, "worker stopped before finishing")
             await message.nak()
         except Exception as error:  # noqa: BLE001 - best effort; redelivery covers it
             # Not acknowledged either way: JetStream redelivers it after ack_wait.
-            log.warning("could not hand back task %s: %s", task.id, error)
-
-    async def _heartbeat(self, message: Msg) -> None:
-        interval = self._settings.ack_wait / 3
-        while True:
-            await asyncio.sleep(interval)
-            await _quietly(message.in_progress())
+            log.warning("could not hand back task %s: %s", context.task.id, error)
 
     async def stop(self) -> None:
         """Stops fetching; running tasks get the grace period, the rest are handed back."""
@@ -338,6 +346,31 @@ class Worker:
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
+
+
+class _Skip(Exception):
+    """The message needs no work: acknowledge it and move on."""
+
+
+class _Heartbeat:
+    """Tells JetStream every ``interval`` that a long task is still being worked on.
+
+    A timer rather than a task per message: most tasks finish before the first beat.
+    """
+
+    def __init__(self, message: Msg, interval: float) -> None:
+        self._message = message
+        self._interval = interval
+        self._loop = asyncio.get_running_loop()
+        self._beat: asyncio.Task[None] | None = None
+        self._timer = self._loop.call_later(interval, self._fire)
+
+    def _fire(self) -> None:
+        self._beat = self._loop.create_task(_quietly(self._message.in_progress()))
+        self._timer = self._loop.call_later(self._interval, self._fire)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 async def _quietly(action: object) -> None:
