@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import re
 import sys
@@ -118,17 +119,25 @@ async def run(args: argparse.Namespace) -> int:
         context = struct_pb2.Struct()
         context.update(CONTEXT)
         raw = await store.create(OWNER, title="bench", context=context, ttl_ms=3_600_000)
+        # Updates rotate over one session per concurrent caller: the bench measures the
+        # update path, not writers fighting over a single session.
+        raw_ids = [
+            (await store.create(OWNER, title="bench", context=context, ttl_ms=3_600_000)).id
+            for _ in range(args.concurrency)
+        ]
+        raw_turn = itertools.cycle(raw_ids)
 
         async def raw_get() -> object:
             return await store.get(OWNER, raw.id)
 
         async def raw_update() -> object:
             # The service's merge loop: read, write if unchanged, else read again.
+            session_id = next(raw_turn)
             while True:
-                current = await store.get(OWNER, raw.id)
+                current = await store.get(OWNER, session_id)
                 try:
                     return await store.set_context(
-                        OWNER, raw.id, context, expected_version=current.version
+                        OWNER, session_id, context, expected_version=current.version
                     )
                 except VersionConflict:
                     continue
@@ -140,7 +149,19 @@ async def run(args: argparse.Namespace) -> int:
         )
         sid = created.session.id
         get_request = pb.GetSessionRequest(session_id=sid)
-        update_request = pb.UpdateContextRequest(session_id=sid, context=context)
+        update_requests = itertools.cycle(
+            [
+                pb.UpdateContextRequest(
+                    session_id=(
+                        await stub.CreateSession(
+                            pb.CreateSessionRequest(title="bench"), metadata=METADATA
+                        )
+                    ).session.id,
+                    context=context,
+                )
+                for _ in range(args.concurrency)
+            ]
+        )
 
         health_stub = health_pb2_grpc.HealthStub(channel)
         health_request = health_pb2.HealthCheckRequest()
@@ -152,7 +173,7 @@ async def run(args: argparse.Namespace) -> int:
             return await stub.GetSession(get_request, metadata=METADATA)
 
         async def grpc_update() -> object:
-            return await stub.UpdateContext(update_request, metadata=METADATA)
+            return await stub.UpdateContext(next(update_requests), metadata=METADATA)
 
         print(
             f"session bench: {args.samples} sequential calls for latency, "

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from mesh.natsconn import NatsSettings
 from mesh.settings import EnvReader, ServerSettings
 from opsmesh.task.v1 import task_pb2
+from task_svc.workspace import KubeSettings
 
 DEFAULT_GRPC_PORT = 50054
 DEFAULT_METRICS_PORT = 9154
@@ -83,6 +84,8 @@ class WorkerSettings:
     topology: Topology
     retry: Mapping[int, RetryPolicy]
     worker_id: str
+    kube: KubeSettings | None = None
+    """The cluster workspace tasks run against; None (or an empty API URL): no cluster."""
     concurrency: int = 8
     ack_wait: float = 30.0
     """Seconds before JetStream redelivers an unacknowledged task; heartbeats extend it."""
@@ -100,6 +103,7 @@ class WorkerSettings:
             topology=_topology(env),
             retry=_retry_policies(env),
             worker_id=env.string("OPSMESH_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
+            kube=KubeSettings.from_env(env),
             concurrency=env.integer("OPSMESH_WORKER_CONCURRENCY", 8, minimum=1, maximum=1024),
             ack_wait=env.seconds("OPSMESH_WORKER_ACK_WAIT", 30.0, minimum=1, maximum=3600),
             grace_period=env.seconds("OPSMESH_GRACE_PERIOD", 20.0, minimum=0, maximum=3600),

@@ -51,11 +51,3 @@ async def email_without_notifier(context: TaskContext) -> None:
         "email delivery is not configured on this worker (the notification service "
         "integration is not deployed); the task was not run"
     )
-
-
-def default_handlers() -> dict[int, Handler]:
-    """The handlers a worker started from the environment runs."""
-    return {
-        task_pb2.TASK_TYPE_WORKSPACE: workspace_without_cluster,
-        task_pb2.TASK_TYPE_EMAIL: email_without_notifier,
-    }

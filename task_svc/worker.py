@@ -19,7 +19,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import nats.errors
@@ -40,9 +40,16 @@ from mesh.settings import ServerSettings, SettingsError
 from opsmesh.task.v1 import task_pb2
 from task_svc import states
 from task_svc.config import TYPE_NAMES, RetryPolicy, WorkerSettings
-from task_svc.handlers import Handler, PermanentError, TaskCancelled, default_handlers
+from task_svc.handlers import (
+    Handler,
+    PermanentError,
+    TaskCancelled,
+    email_without_notifier,
+    workspace_without_cluster,
+)
 from task_svc.queue import REVISION_HEADER, ensure_topology
 from task_svc.store import TaskStore, now
+from task_svc.workspace import KubeClient, workspace_handler
 
 log = logging.getLogger("opsmesh.worker")
 
@@ -380,6 +387,22 @@ async def _quietly(action: object) -> None:
         log.debug("ignored: %s", error)
 
 
+def handlers_for(
+    settings: WorkerSettings,
+) -> tuple[dict[int, Handler], list[Callable[[], Awaitable[None]]]]:
+    """The handlers a worker runs by its settings, and what to close when it stops."""
+    handlers: dict[int, Handler] = {
+        task_pb2.TASK_TYPE_WORKSPACE: workspace_without_cluster,
+        task_pb2.TASK_TYPE_EMAIL: email_without_notifier,
+    }
+    closers: list[Callable[[], Awaitable[None]]] = []
+    if settings.kube is not None and settings.kube.api:
+        kube = KubeClient(settings.kube)
+        handlers[task_pb2.TASK_TYPE_WORKSPACE] = workspace_handler(kube)
+        closers.append(kube.close)
+    return handlers, closers
+
+
 async def serve(environ: Mapping[str, str], handlers: Mapping[int, Handler] | None = None) -> None:
     settings = WorkerSettings.from_env(environ)
     configure_logging(service="task_worker", level=settings.log_level, fmt=settings.log_format)
@@ -387,11 +410,12 @@ async def serve(environ: Mapping[str, str], handlers: Mapping[int, Handler] | No
     js = client.jetstream(timeout=settings.nats.request_timeout)
     store = TaskStore(await ensure_topology(js, settings.topology))
     registry = CollectorRegistry()
+    configured, closers = handlers_for(settings)
     worker = Worker(
         js=js,
         store=store,
         settings=settings,
-        handlers=handlers or default_handlers(),
+        handlers=handlers or configured,
         registry=registry,
     )
 
@@ -410,7 +434,9 @@ async def serve(environ: Mapping[str, str], handlers: Mapping[int, Handler] | No
         registrations=[],
         authenticator=_NoCallers(),
         probes=[Probe(name="nats", check=nats_connected)],
-        options=RunnerOptions(on_stop=(worker.stop, functools.partial(close_nats, client))),
+        options=RunnerOptions(
+            on_stop=(worker.stop, functools.partial(close_nats, client), *closers)
+        ),
         registry=registry,
     )
     await worker.start()

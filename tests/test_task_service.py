@@ -11,7 +11,7 @@ from grpc import aio
 
 from devtools.servers import NatsServer
 from opsmesh.task.v1 import task_pb2 as pb
-from task_svc.handlers import default_handlers
+from task_svc.handlers import workspace_without_cluster
 from tests.helpers import assert_eventually, error_details, identity
 from tests.taskkit import Script, ScriptedHandler, TaskStack, running_worker, task_stack
 
@@ -339,10 +339,7 @@ async def test_workspace_task_without_a_cluster_fails_with_a_clear_error(stack) 
             metadata=ALICE,
         )
     ).task
-    handlers = default_handlers()
-    async with running_worker(
-        stack, handlers[pb.TASK_TYPE_WORKSPACE], types=(pb.TASK_TYPE_WORKSPACE,)
-    ):
+    async with running_worker(stack, workspace_without_cluster, types=(pb.TASK_TYPE_WORKSPACE,)):
         failed = await wait_status(stack, task.id, pb.TASK_STATUS_FAILED)
     assert "no Kubernetes cluster is configured" in failed.error
     assert len(failed.attempts) == 1

@@ -1,0 +1,261 @@
+"""Workspace provisioning: an organization's Kubernetes namespace and its guard rails.
+
+A workspace is a namespace with a resource quota, a limit range, a default-deny
+network policy (traffic only inside the namespace, plus DNS), a service account
+and a role binding. The handler renders these manifests and applies them with
+server-side apply, which is idempotent: applying twice (a redelivered task)
+converges to the same objects. Deprovisioning deletes the namespace; a
+namespace already gone counts as done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from mesh.settings import EnvReader
+from opsmesh.task.v1 import task_pb2
+from task_svc.handlers import Handler, PermanentError, TaskContext
+
+log = logging.getLogger("opsmesh.workspace")
+
+FIELD_MANAGER = "opsmesh-task-worker"
+DEFAULT_QUOTA = {"cpu": "4", "memory": "8Gi", "storage": "50Gi", "pods": 50}
+_IN_CLUSTER = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KubeSettings:
+    api: str
+    """The API server URL, e.g. https://kubernetes.default.svc; empty: no cluster."""
+    token_file: str = ""
+    ca_file: str = ""
+    timeout: float = 10.0
+
+    @classmethod
+    def from_env(cls, env: EnvReader) -> KubeSettings:
+        in_cluster = _IN_CLUSTER.exists()
+        api = env.string("OPSMESH_KUBE_API", "https://kubernetes.default.svc" if in_cluster else "")
+        if api and not api.startswith(("https://", "http://")):
+            env.problem(f"OPSMESH_KUBE_API={api!r}: expected an https:// URL")
+        return cls(
+            api=api.rstrip("/"),
+            token_file=env.string(
+                "OPSMESH_KUBE_TOKEN_FILE", str(_IN_CLUSTER / "token") if in_cluster else ""
+            ),
+            ca_file=env.string(
+                "OPSMESH_KUBE_CA_FILE", str(_IN_CLUSTER / "ca.crt") if in_cluster else ""
+            ),
+            timeout=env.seconds("OPSMESH_KUBE_TIMEOUT", 10.0, minimum=0.1, maximum=300),
+        )
+
+
+def namespace_name(org_id: str, workspace: str) -> str:
+    """``ws-<workspace>-<org hash>``: a DNS label, unique per organization and workspace."""
+    return f"ws-{workspace}-{hashlib.sha256(org_id.encode()).hexdigest()[:8]}"
+
+
+def render(org_id: str, payload: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The manifests of a workspace, in the order they are applied."""
+    workspace = str(payload["workspace"])
+    namespace = namespace_name(org_id, workspace)
+    quota = {**DEFAULT_QUOTA, **{k: v for k, v in dict(payload.get("quota", {})).items() if v}}
+    labels = {
+        "app.kubernetes.io/managed-by": "opsmesh",
+        "opsmesh.dev/workspace": workspace,
+        "opsmesh.dev/org-hash": hashlib.sha256(org_id.encode()).hexdigest()[:16],
+    }
+    meta = {"namespace": namespace, "labels": labels}
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {
+                "name": namespace,
+                "labels": labels,
+                "annotations": {"opsmesh.dev/org-id": org_id},
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ResourceQuota",
+            "metadata": {"name": "workspace-quota", **meta},
+            "spec": {
+                "hard": {
+                    "limits.cpu": str(quota["cpu"]),
+                    "limits.memory": str(quota["memory"]),
+                    "requests.storage": str(quota["storage"]),
+                    "pods": str(int(quota["pods"])),
+                }
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "LimitRange",
+            "metadata": {"name": "workspace-limits", **meta},
+            "spec": {
+                "limits": [
+                    {
+                        "type": "Container",
+                        "default": {"cpu": "500m", "memory": "512Mi"},
+                        "defaultRequest": {"cpu": "100m", "memory": "128Mi"},
+                    }
+                ]
+            },
+        },
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "workspace-isolation", **meta},
+            "spec": {
+                "podSelector": {},
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": [{"from": [{"podSelector": {}}]}],
+                "egress": [
+                    {"to": [{"podSelector": {}}]},
+                    {
+                        "to": [
+                            {
+                                "namespaceSelector": {
+                                    "matchLabels": {"kubernetes.io/metadata.name": "kube-system"}
+                                }
+                            }
+                        ],
+                        "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+                    },
+                ],
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": "workspace", **meta},
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "workspace-edit", **meta},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "edit",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": "workspace", "namespace": namespace}],
+        },
+    ]
+
+
+_PLURALS = {
+    "Namespace": "namespaces",
+    "ResourceQuota": "resourcequotas",
+    "LimitRange": "limitranges",
+    "NetworkPolicy": "networkpolicies",
+    "ServiceAccount": "serviceaccounts",
+    "RoleBinding": "rolebindings",
+}
+
+
+def resource_path(manifest: Mapping[str, Any]) -> str:
+    """The API path of a manifest's object."""
+    api_version = str(manifest["apiVersion"])
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    metadata = manifest["metadata"]
+    plural = _PLURALS[str(manifest["kind"])]
+    if "namespace" in metadata:
+        return f"{base}/namespaces/{metadata['namespace']}/{plural}/{metadata['name']}"
+    return f"{base}/{plural}/{metadata['name']}"
+
+
+class KubeClient:
+    """The few Kubernetes API calls workspaces need, over HTTPS with a bearer token."""
+
+    def __init__(self, settings: KubeSettings) -> None:
+        headers = {}
+        if settings.token_file:
+            token = Path(settings.token_file).read_text().strip()
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.AsyncClient(
+            base_url=settings.api,
+            headers=headers,
+            verify=settings.ca_file or True,
+            timeout=settings.timeout,
+        )
+
+    async def apply(self, manifest: Mapping[str, Any]) -> None:
+        response = await self._send(
+            "PATCH",
+            resource_path(manifest),
+            params={"fieldManager": FIELD_MANAGER, "force": "true"},
+            json=manifest,
+            headers={"Content-Type": "application/apply-patch+yaml"},
+        )
+        _raise_for(response, f"apply {manifest['kind']} {manifest['metadata']['name']}")
+
+    async def delete_namespace(self, name: str) -> bool:
+        """Deletes a namespace; False when it did not exist."""
+        response = await self._send("DELETE", f"/api/v1/namespaces/{name}")
+        if response.status_code == 404:
+            return False
+        _raise_for(response, f"delete namespace {name}")
+        return True
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self._http.request(method, path, **kwargs)
+        except httpx.TransportError as error:
+            # Transient: the worker retries the task with backoff.
+            raise ConnectionError(f"Kubernetes API unreachable: {error}") from error
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+
+def _raise_for(response: httpx.Response, action: str) -> None:
+    if response.is_success:
+        return
+    try:
+        detail = str(response.json().get("message", ""))
+    except ValueError:
+        detail = response.text[:300]
+    message = f"{action}: HTTP {response.status_code} {detail}".strip()
+    if response.status_code in (409, 429) or response.status_code >= 500:
+        raise ConnectionError(message)  # transient: retried
+    raise PermanentError(message)
+
+
+def workspace_handler(kube: KubeClient) -> Handler:
+    async def provision_or_remove(context: TaskContext) -> None:
+        task = context.task
+        payload = dict(task.payload)
+        namespace = namespace_name(task.org_id, str(payload["workspace"]))
+        if payload.get("action") == task_pb2.WorkspaceAction.Name(
+            task_pb2.WORKSPACE_ACTION_DEPROVISION
+        ):
+            await context.progress(f"delete namespace {namespace}", 0, 1)
+            existed = await kube.delete_namespace(namespace)
+            await context.progress(
+                "deleted" if existed else "already gone", 1, 1, message=namespace
+            )
+            return
+        manifests = render(task.org_id, _plain(payload))
+        for done, manifest in enumerate(manifests):
+            await context.progress(f"apply {manifest['kind']}", done, len(manifests))
+            await kube.apply(manifest)
+        await context.progress("workspace ready", len(manifests), len(manifests), namespace)
+
+    return provision_or_remove
+
+
+def _plain(value: Any) -> Any:
+    """Struct values (MapComposite, RepeatedComposite) as plain dicts and lists."""
+    if hasattr(value, "items"):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(item) for item in value]
+    return value
