@@ -17,5 +17,6 @@ CANCELLED = task_pb2.TASK_STATUS_CANCELLED
 
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
+
 def name(status: int) -> str:
     return task_pb2.TaskStatus.Name(status).removeprefix("TASK_STATUS_").lower()
