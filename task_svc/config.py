@@ -22,6 +22,8 @@ class Topology:
     """Names of the JetStream objects; a namespace keeps deployments (and tests) apart."""
 
     namespace: str = "opsmesh"
+    retention: float = 30 * 86400.0
+    """Seconds a task record is kept after its last change (the bucket's max age)."""
 
     @property
     def stream(self) -> str:
@@ -124,7 +126,10 @@ def _topology(env: EnvReader) -> Topology:
     namespace = env.string("OPSMESH_TASK_NAMESPACE", "opsmesh")
     if not namespace.replace("_", "").isalnum():
         env.problem(f"OPSMESH_TASK_NAMESPACE={namespace!r}: expected letters, digits and _")
-    return Topology(namespace=namespace)
+    retention = env.seconds(
+        "OPSMESH_TASK_RETENTION", 30 * 86400.0, minimum=3600, maximum=3650 * 86400
+    )
+    return Topology(namespace=namespace, retention=retention)
 
 
 def _retry_policies(env: EnvReader) -> dict[int, RetryPolicy]:

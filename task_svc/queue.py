@@ -46,7 +46,12 @@ async def ensure_topology(js: JetStreamContext, topology: Topology) -> KeyValue:
             return await js.key_value(topology.bucket)
         except nats.js.errors.BucketNotFoundError:
             return await js.create_key_value(
-                KeyValueConfig(bucket=topology.bucket, history=1, storage=StorageType.FILE)
+                KeyValueConfig(
+                    bucket=topology.bucket,
+                    history=1,
+                    storage=StorageType.FILE,
+                    ttl=topology.retention,
+                )
             )
 
 

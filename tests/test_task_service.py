@@ -6,6 +6,7 @@ import asyncio
 import uuid
 
 import grpc
+import nats
 import pytest
 from grpc import aio
 
@@ -377,3 +378,14 @@ async def test_stopping_a_worker_hands_back_unfinished_tasks(stack) -> None:
         done = await wait_status(stack, task.id, pb.TASK_STATUS_SUCCEEDED)
     assert [a.worker for a in done.attempts] == ["leaving", "next"]
     assert handler.effects[task.id] == 1
+
+
+async def test_records_expire_after_the_retention_period(stack) -> None:
+    client = await nats.connect(stack.nats_url)
+    try:
+        bucket = await client.jetstream().key_value(stack.topology.bucket)
+        status = await bucket.status()
+        assert status.ttl == stack.topology.retention == 30 * 86400
+        assert status.history == 1
+    finally:
+        await client.close()
