@@ -88,6 +88,8 @@ class WorkerSettings:
     worker_id: str
     kube: KubeSettings | None = None
     """The cluster workspace tasks run against; None (or an empty API URL): no cluster."""
+    notify_address: str = ""
+    """The notification service, which delivers email tasks; empty: none."""
     concurrency: int = 8
     ack_wait: float = 30.0
     """Seconds before JetStream redelivers an unacknowledged task; heartbeats extend it."""
@@ -106,6 +108,7 @@ class WorkerSettings:
             retry=_retry_policies(env),
             worker_id=env.string("OPSMESH_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
             kube=KubeSettings.from_env(env),
+            notify_address=env.string("OPSMESH_NOTIFY_ADDR", ""),
             concurrency=env.integer("OPSMESH_WORKER_CONCURRENCY", 8, minimum=1, maximum=1024),
             ack_wait=env.seconds("OPSMESH_WORKER_ACK_WAIT", 30.0, minimum=1, maximum=3600),
             grace_period=env.seconds("OPSMESH_GRACE_PERIOD", 20.0, minimum=0, maximum=3600),

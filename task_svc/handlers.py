@@ -48,6 +48,6 @@ async def workspace_without_cluster(context: TaskContext) -> None:
 
 async def email_without_notifier(context: TaskContext) -> None:
     raise PermanentError(
-        "email delivery is not configured on this worker (the notification service "
-        "integration is not deployed); the task was not run"
+        "email delivery is not configured on this worker (set OPSMESH_NOTIFY_ADDR to the "
+        "notification service); the task was not run"
     )

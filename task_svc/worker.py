@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import nats.errors
 from google.protobuf.message import DecodeError
+from grpc import aio
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -40,6 +41,7 @@ from mesh.settings import ServerSettings, SettingsError
 from opsmesh.task.v1 import task_pb2
 from task_svc import states
 from task_svc.config import TYPE_NAMES, RetryPolicy, WorkerSettings
+from task_svc.delivery import email_handler
 from task_svc.handlers import (
     Handler,
     PermanentError,
@@ -396,6 +398,10 @@ def handlers_for(
         task_pb2.TASK_TYPE_EMAIL: email_without_notifier,
     }
     closers: list[Callable[[], Awaitable[None]]] = []
+    if settings.notify_address:
+        channel = aio.insecure_channel(settings.notify_address)
+        handlers[task_pb2.TASK_TYPE_EMAIL] = email_handler(channel)
+        closers.append(functools.partial(channel.close, None))
     if settings.kube is not None and settings.kube.api:
         kube = KubeClient(settings.kube)
         handlers[task_pb2.TASK_TYPE_WORKSPACE] = workspace_handler(kube)

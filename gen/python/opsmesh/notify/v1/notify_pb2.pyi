@@ -143,6 +143,18 @@ class Notification(_message.Message):
     sent_at: _timestamp_pb2.Timestamp
     def __init__(self, id: _Optional[str] = ..., org_id: _Optional[str] = ..., template: _Optional[str] = ..., locale: _Optional[str] = ..., recipients: _Optional[_Iterable[_Union[Recipient, _Mapping]]] = ..., status: _Optional[_Union[NotificationStatus, str]] = ..., attempts: _Optional[int] = ..., last_error: _Optional[str] = ..., provider: _Optional[str] = ..., message_id: _Optional[str] = ..., task_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
+class DeliverNotificationRequest(_message.Message):
+    __slots__ = ("notification_id",)
+    NOTIFICATION_ID_FIELD_NUMBER: _ClassVar[int]
+    notification_id: str
+    def __init__(self, notification_id: _Optional[str] = ...) -> None: ...
+
+class DeliverNotificationResponse(_message.Message):
+    __slots__ = ("notification",)
+    NOTIFICATION_FIELD_NUMBER: _ClassVar[int]
+    notification: Notification
+    def __init__(self, notification: _Optional[_Union[Notification, _Mapping]] = ...) -> None: ...
+
 class ListTemplatesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -58,6 +58,11 @@ class NotificationServiceStub:
                 request_serializer=opsmesh_dot_notify_dot_v1_dot_notify__pb2.ListTemplatesRequest.SerializeToString,
                 response_deserializer=opsmesh_dot_notify_dot_v1_dot_notify__pb2.ListTemplatesResponse.FromString,
                 _registered_method=True)
+        self.DeliverNotification = channel.unary_unary(
+                '/opsmesh.notify.v1.NotificationService/DeliverNotification',
+                request_serializer=opsmesh_dot_notify_dot_v1_dot_notify__pb2.DeliverNotificationRequest.SerializeToString,
+                response_deserializer=opsmesh_dot_notify_dot_v1_dot_notify__pb2.DeliverNotificationResponse.FromString,
+                _registered_method=True)
 
 
 class NotificationServiceServicer:
@@ -97,6 +102,17 @@ class NotificationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeliverNotification(self, request, context):
+        """DeliverNotification renders and sends a queued notification now. The task
+        worker calls it for email tasks; it is idempotent: a notification already
+        sent is returned as it is. A transient delivery failure answers
+        UNAVAILABLE (retry later); a permanent one marks the notification failed
+        and answers FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NotificationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -119,6 +135,11 @@ def add_NotificationServiceServicer_to_server(servicer, server):
                     servicer.ListTemplates,
                     request_deserializer=opsmesh_dot_notify_dot_v1_dot_notify__pb2.ListTemplatesRequest.FromString,
                     response_serializer=opsmesh_dot_notify_dot_v1_dot_notify__pb2.ListTemplatesResponse.SerializeToString,
+            ),
+            'DeliverNotification': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeliverNotification,
+                    request_deserializer=opsmesh_dot_notify_dot_v1_dot_notify__pb2.DeliverNotificationRequest.FromString,
+                    response_serializer=opsmesh_dot_notify_dot_v1_dot_notify__pb2.DeliverNotificationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -233,6 +254,33 @@ class NotificationService:
             '/opsmesh.notify.v1.NotificationService/ListTemplates',
             opsmesh_dot_notify_dot_v1_dot_notify__pb2.ListTemplatesRequest.SerializeToString,
             opsmesh_dot_notify_dot_v1_dot_notify__pb2.ListTemplatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeliverNotification(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opsmesh.notify.v1.NotificationService/DeliverNotification',
+            opsmesh_dot_notify_dot_v1_dot_notify__pb2.DeliverNotificationRequest.SerializeToString,
+            opsmesh_dot_notify_dot_v1_dot_notify__pb2.DeliverNotificationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,13 @@ class NotificationServiceStub:
     """GetNotification returns a notification with its delivery state."""
     ListTemplates: _grpc.UnaryUnaryMultiCallable[_notify_pb2.ListTemplatesRequest, _notify_pb2.ListTemplatesResponse]
     """ListTemplates lists the templates with their locales and variables."""
+    DeliverNotification: _grpc.UnaryUnaryMultiCallable[_notify_pb2.DeliverNotificationRequest, _notify_pb2.DeliverNotificationResponse]
+    """DeliverNotification renders and sends a queued notification now. The task
+    worker calls it for email tasks; it is idempotent: a notification already
+    sent is returned as it is. A transient delivery failure answers
+    UNAVAILABLE (retry later); a permanent one marks the notification failed
+    and answers FAILED_PRECONDITION.
+    """
 
 @_typing.type_check_only
 class NotificationServiceAsyncStub(NotificationServiceStub):
@@ -69,6 +76,13 @@ class NotificationServiceAsyncStub(NotificationServiceStub):
     """GetNotification returns a notification with its delivery state."""
     ListTemplates: _aio.UnaryUnaryMultiCallable[_notify_pb2.ListTemplatesRequest, _notify_pb2.ListTemplatesResponse]  # type: ignore[assignment]
     """ListTemplates lists the templates with their locales and variables."""
+    DeliverNotification: _aio.UnaryUnaryMultiCallable[_notify_pb2.DeliverNotificationRequest, _notify_pb2.DeliverNotificationResponse]  # type: ignore[assignment]
+    """DeliverNotification renders and sends a queued notification now. The task
+    worker calls it for email tasks; it is idempotent: a notification already
+    sent is returned as it is. A transient delivery failure answers
+    UNAVAILABLE (retry later); a permanent one marks the notification failed
+    and answers FAILED_PRECONDITION.
+    """
 
 class NotificationServiceServicer(metaclass=_abc_1.ABCMeta):
     """NotificationService renders email templates and delivers them. Sending is
@@ -111,5 +125,18 @@ class NotificationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_notify_pb2.ListTemplatesResponse, _abc.Awaitable[_notify_pb2.ListTemplatesResponse]]:
         """ListTemplates lists the templates with their locales and variables."""
+
+    @_abc_1.abstractmethod
+    def DeliverNotification(
+        self,
+        request: _notify_pb2.DeliverNotificationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notify_pb2.DeliverNotificationResponse, _abc.Awaitable[_notify_pb2.DeliverNotificationResponse]]:
+        """DeliverNotification renders and sends a queued notification now. The task
+        worker calls it for email tasks; it is idempotent: a notification already
+        sent is returned as it is. A transient delivery failure answers
+        UNAVAILABLE (retry later); a permanent one marks the notification failed
+        and answers FAILED_PRECONDITION.
+        """
 
 def add_NotificationServiceServicer_to_server(servicer: NotificationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file opsmesh/notify/v1/notify.proto.
  */
 export const file_opsmesh_notify_v1_notify: GenFile = /*@__PURE__*/
-  fileDesc("Ch5vcHNtZXNoL25vdGlmeS92MS9ub3RpZnkucHJvdG8SEW9wc21lc2gubm90aWZ5LnYxIioKCVJlY2lwaWVudBIPCgdhZGRyZXNzGAEgASgJEgwKBG5hbWUYAiABKAki8wEKEFNlbmRFbWFpbFJlcXVlc3QSEAoIdGVtcGxhdGUYASABKAkSDgoGbG9jYWxlGAIgASgJEiUKBGRhdGEYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EigKAnRvGAQgAygLMhwub3BzbWVzaC5ub3RpZnkudjEuUmVjaXBpZW50EigKAmNjGAUgAygLMhwub3BzbWVzaC5ub3RpZnkudjEuUmVjaXBpZW50EikKA2JjYxgGIAMoCzIcLm9wc21lc2gubm90aWZ5LnYxLlJlY2lwaWVudBIXCg9pZGVtcG90ZW5jeV9rZXkYByABKAkiSgoRU2VuZEVtYWlsUmVzcG9uc2USNQoMbm90aWZpY2F0aW9uGAEgASgLMh8ub3BzbWVzaC5ub3RpZnkudjEuTm90aWZpY2F0aW9uIl4KE1ByZXZpZXdFbWFpbFJlcXVlc3QSEAoIdGVtcGxhdGUYASABKAkSDgoGbG9jYWxlGAIgASgJEiUKBGRhdGEYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0Il0KFFByZXZpZXdFbWFpbFJlc3BvbnNlEg8KB3N1YmplY3QYASABKAkSEQoJaHRtbF9ib2R5GAIgASgJEhEKCXRleHRfYm9keRgDIAEoCRIOCgZsb2NhbGUYBCABKAkiMQoWR2V0Tm90aWZpY2F0aW9uUmVxdWVzdBIXCg9ub3RpZmljYXRpb25faWQYASABKAkiUAoXR2V0Tm90aWZpY2F0aW9uUmVzcG9uc2USNQoMbm90aWZpY2F0aW9uGAEgASgLMh8ub3BzbWVzaC5ub3RpZnkudjEuTm90aWZpY2F0aW9uIrgDCgxOb3RpZmljYXRpb24SCgoCaWQYASABKAkSDgoGb3JnX2lkGAIgASgJEhAKCHRlbXBsYXRlGAMgASgJEg4KBmxvY2FsZRgEIAEoCRIwCgpyZWNpcGllbnRzGAUgAygLMhwub3BzbWVzaC5ub3RpZnkudjEuUmVjaXBpZW50EjUKBnN0YXR1cxgGIAEoDjIlLm9wc21lc2gubm90aWZ5LnYxLk5vdGlmaWNhdGlvblN0YXR1cxIQCghhdHRlbXB0cxgHIAEoBRISCgpsYXN0X2Vycm9yGAggASgJEhAKCHByb3ZpZGVyGAkgASgJEhIKCm1lc3NhZ2VfaWQYCiABKAkSDwoHdGFza19pZBgLIAEoCRIXCg9pZGVtcG90ZW5jeV9rZXkYDCABKAkSLgoKY3JlYXRlZF9hdBgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKdXBkYXRlZF9hdBgOIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKwoHc2VudF9hdBgPIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiFgoUTGlzdFRlbXBsYXRlc1JlcXVlc3QidgoQVGVtcGxhdGVWYXJpYWJsZRIMCgRuYW1lGAEgASgJEi0KBHR5cGUYAiABKA4yHy5vcHNtZXNoLm5vdGlmeS52MS5WYXJpYWJsZVR5cGUSEAoIcmVxdWlyZWQYAyABKAgSEwoLZGVzY3JpcHRpb24YBCABKAkidAoIVGVtcGxhdGUSCgoCaWQYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSDwoHbG9jYWxlcxgDIAMoCRI2Cgl2YXJpYWJsZXMYBCADKAsyIy5vcHNtZXNoLm5vdGlmeS52MS5UZW1wbGF0ZVZhcmlhYmxlIkcKFUxpc3RUZW1wbGF0ZXNSZXNwb25zZRIuCgl0ZW1wbGF0ZXMYASADKAsyGy5vcHNtZXNoLm5vdGlmeS52MS5UZW1wbGF0ZSq4AQoSTm90aWZpY2F0aW9uU3RhdHVzEiMKH05PVElGSUNBVElPTl9TVEFUVVNfVU5TUEVDSUZJRUQQABIeChpOT1RJRklDQVRJT05fU1RBVFVTX1FVRVVFRBABEh8KG05PVElGSUNBVElPTl9TVEFUVVNfU0VORElORxACEhwKGE5PVElGSUNBVElPTl9TVEFUVVNfU0VOVBADEh4KGk5PVElGSUNBVElPTl9TVEFUVVNfRkFJTEVEEAQq4QEKDFZhcmlhYmxlVHlwZRIdChlWQVJJQUJMRV9UWVBFX1VOU1BFQ0lGSUVEEAASGAoUVkFSSUFCTEVfVFlQRV9TVFJJTkcQARIYChRWQVJJQUJMRV9UWVBFX05VTUJFUhACEhkKFVZBUklBQkxFX1RZUEVfQk9PTEVBThADEhUKEVZBUklBQkxFX1RZUEVfVVJMEAQSGwoXVkFSSUFCTEVfVFlQRV9USU1FU1RBTVAQBRIXChNWQVJJQUJMRV9UWVBFX0VNQUlMEAYSFgoSVkFSSUFCTEVfVFlQRV9MSVNUEAcynAMKE05vdGlmaWNhdGlvblNlcnZpY2USVgoJU2VuZEVtYWlsEiMub3BzbWVzaC5ub3RpZnkudjEuU2VuZEVtYWlsUmVxdWVzdBokLm9wc21lc2gubm90aWZ5LnYxLlNlbmRFbWFpbFJlc3BvbnNlEl8KDFByZXZpZXdFbWFpbBImLm9wc21lc2gubm90aWZ5LnYxLlByZXZpZXdFbWFpbFJlcXVlc3QaJy5vcHNtZXNoLm5vdGlmeS52MS5QcmV2aWV3RW1haWxSZXNwb25zZRJoCg9HZXROb3RpZmljYXRpb24SKS5vcHNtZXNoLm5vdGlmeS52MS5HZXROb3RpZmljYXRpb25SZXF1ZXN0Gioub3BzbWVzaC5ub3RpZnkudjEuR2V0Tm90aWZpY2F0aW9uUmVzcG9uc2USYgoNTGlzdFRlbXBsYXRlcxInLm9wc21lc2gubm90aWZ5LnYxLkxpc3RUZW1wbGF0ZXNSZXF1ZXN0Gigub3BzbWVzaC5ub3RpZnkudjEuTGlzdFRlbXBsYXRlc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("Ch5vcHNtZXNoL25vdGlmeS92MS9ub3RpZnkucHJvdG8SEW9wc21lc2gubm90aWZ5LnYxIioKCVJlY2lwaWVudBIPCgdhZGRyZXNzGAEgASgJEgwKBG5hbWUYAiABKAki8wEKEFNlbmRFbWFpbFJlcXVlc3QSEAoIdGVtcGxhdGUYASABKAkSDgoGbG9jYWxlGAIgASgJEiUKBGRhdGEYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EigKAnRvGAQgAygLMhwub3BzbWVzaC5ub3RpZnkudjEuUmVjaXBpZW50EigKAmNjGAUgAygLMhwub3BzbWVzaC5ub3RpZnkudjEuUmVjaXBpZW50EikKA2JjYxgGIAMoCzIcLm9wc21lc2gubm90aWZ5LnYxLlJlY2lwaWVudBIXCg9pZGVtcG90ZW5jeV9rZXkYByABKAkiSgoRU2VuZEVtYWlsUmVzcG9uc2USNQoMbm90aWZpY2F0aW9uGAEgASgLMh8ub3BzbWVzaC5ub3RpZnkudjEuTm90aWZpY2F0aW9uIl4KE1ByZXZpZXdFbWFpbFJlcXVlc3QSEAoIdGVtcGxhdGUYASABKAkSDgoGbG9jYWxlGAIgASgJEiUKBGRhdGEYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0Il0KFFByZXZpZXdFbWFpbFJlc3BvbnNlEg8KB3N1YmplY3QYASABKAkSEQoJaHRtbF9ib2R5GAIgASgJEhEKCXRleHRfYm9keRgDIAEoCRIOCgZsb2NhbGUYBCABKAkiMQoWR2V0Tm90aWZpY2F0aW9uUmVxdWVzdBIXCg9ub3RpZmljYXRpb25faWQYASABKAkiUAoXR2V0Tm90aWZpY2F0aW9uUmVzcG9uc2USNQoMbm90aWZpY2F0aW9uGAEgASgLMh8ub3BzbWVzaC5ub3RpZnkudjEuTm90aWZpY2F0aW9uIrgDCgxOb3RpZmljYXRpb24SCgoCaWQYASABKAkSDgoGb3JnX2lkGAIgASgJEhAKCHRlbXBsYXRlGAMgASgJEg4KBmxvY2FsZRgEIAEoCRIwCgpyZWNpcGllbnRzGAUgAygLMhwub3BzbWVzaC5ub3RpZnkudjEuUmVjaXBpZW50EjUKBnN0YXR1cxgGIAEoDjIlLm9wc21lc2gubm90aWZ5LnYxLk5vdGlmaWNhdGlvblN0YXR1cxIQCghhdHRlbXB0cxgHIAEoBRISCgpsYXN0X2Vycm9yGAggASgJEhAKCHByb3ZpZGVyGAkgASgJEhIKCm1lc3NhZ2VfaWQYCiABKAkSDwoHdGFza19pZBgLIAEoCRIXCg9pZGVtcG90ZW5jeV9rZXkYDCABKAkSLgoKY3JlYXRlZF9hdBgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKdXBkYXRlZF9hdBgOIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKwoHc2VudF9hdBgPIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiNQoaRGVsaXZlck5vdGlmaWNhdGlvblJlcXVlc3QSFwoPbm90aWZpY2F0aW9uX2lkGAEgASgJIlQKG0RlbGl2ZXJOb3RpZmljYXRpb25SZXNwb25zZRI1Cgxub3RpZmljYXRpb24YASABKAsyHy5vcHNtZXNoLm5vdGlmeS52MS5Ob3RpZmljYXRpb24iFgoUTGlzdFRlbXBsYXRlc1JlcXVlc3QidgoQVGVtcGxhdGVWYXJpYWJsZRIMCgRuYW1lGAEgASgJEi0KBHR5cGUYAiABKA4yHy5vcHNtZXNoLm5vdGlmeS52MS5WYXJpYWJsZVR5cGUSEAoIcmVxdWlyZWQYAyABKAgSEwoLZGVzY3JpcHRpb24YBCABKAkidAoIVGVtcGxhdGUSCgoCaWQYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSDwoHbG9jYWxlcxgDIAMoCRI2Cgl2YXJpYWJsZXMYBCADKAsyIy5vcHNtZXNoLm5vdGlmeS52MS5UZW1wbGF0ZVZhcmlhYmxlIkcKFUxpc3RUZW1wbGF0ZXNSZXNwb25zZRIuCgl0ZW1wbGF0ZXMYASADKAsyGy5vcHNtZXNoLm5vdGlmeS52MS5UZW1wbGF0ZSq4AQoSTm90aWZpY2F0aW9uU3RhdHVzEiMKH05PVElGSUNBVElPTl9TVEFUVVNfVU5TUEVDSUZJRUQQABIeChpOT1RJRklDQVRJT05fU1RBVFVTX1FVRVVFRBABEh8KG05PVElGSUNBVElPTl9TVEFUVVNfU0VORElORxACEhwKGE5PVElGSUNBVElPTl9TVEFUVVNfU0VOVBADEh4KGk5PVElGSUNBVElPTl9TVEFUVVNfRkFJTEVEEAQq4QEKDFZhcmlhYmxlVHlwZRIdChlWQVJJQUJMRV9UWVBFX1VOU1BFQ0lGSUVEEAASGAoUVkFSSUFCTEVfVFlQRV9TVFJJTkcQARIYChRWQVJJQUJMRV9UWVBFX05VTUJFUhACEhkKFVZBUklBQkxFX1RZUEVfQk9PTEVBThADEhUKEVZBUklBQkxFX1RZUEVfVVJMEAQSGwoXVkFSSUFCTEVfVFlQRV9USU1FU1RBTVAQBRIXChNWQVJJQUJMRV9UWVBFX0VNQUlMEAYSFgoSVkFSSUFCTEVfVFlQRV9MSVNUEAcykgQKE05vdGlmaWNhdGlvblNlcnZpY2USVgoJU2VuZEVtYWlsEiMub3BzbWVzaC5ub3RpZnkudjEuU2VuZEVtYWlsUmVxdWVzdBokLm9wc21lc2gubm90aWZ5LnYxLlNlbmRFbWFpbFJlc3BvbnNlEl8KDFByZXZpZXdFbWFpbBImLm9wc21lc2gubm90aWZ5LnYxLlByZXZpZXdFbWFpbFJlcXVlc3QaJy5vcHNtZXNoLm5vdGlmeS52MS5QcmV2aWV3RW1haWxSZXNwb25zZRJoCg9HZXROb3RpZmljYXRpb24SKS5vcHNtZXNoLm5vdGlmeS52MS5HZXROb3RpZmljYXRpb25SZXF1ZXN0Gioub3BzbWVzaC5ub3RpZnkudjEuR2V0Tm90aWZpY2F0aW9uUmVzcG9uc2USYgoNTGlzdFRlbXBsYXRlcxInLm9wc21lc2gubm90aWZ5LnYxLkxpc3RUZW1wbGF0ZXNSZXF1ZXN0Gigub3BzbWVzaC5ub3RpZnkudjEuTGlzdFRlbXBsYXRlc1Jlc3BvbnNlEnQKE0RlbGl2ZXJOb3RpZmljYXRpb24SLS5vcHNtZXNoLm5vdGlmeS52MS5EZWxpdmVyTm90aWZpY2F0aW9uUmVxdWVzdBouLm9wc21lc2gubm90aWZ5LnYxLkRlbGl2ZXJOb3RpZmljYXRpb25SZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * Recipient is one email address.
@@ -366,6 +366,48 @@ export const NotificationSchema: GenMessage<Notification> = /*@__PURE__*/
   messageDesc(file_opsmesh_notify_v1_notify, 7);
 
 /**
+ * DeliverNotificationRequest names the notification to deliver.
+ *
+ * @generated from message opsmesh.notify.v1.DeliverNotificationRequest
+ */
+export type DeliverNotificationRequest = Message<"opsmesh.notify.v1.DeliverNotificationRequest"> & {
+  /**
+   * The notification id.
+   *
+   * @generated from field: string notification_id = 1;
+   */
+  notificationId: string;
+};
+
+/**
+ * Describes the message opsmesh.notify.v1.DeliverNotificationRequest.
+ * Use `create(DeliverNotificationRequestSchema)` to create a new message.
+ */
+export const DeliverNotificationRequestSchema: GenMessage<DeliverNotificationRequest> = /*@__PURE__*/
+  messageDesc(file_opsmesh_notify_v1_notify, 8);
+
+/**
+ * DeliverNotificationResponse carries the notification after the attempt.
+ *
+ * @generated from message opsmesh.notify.v1.DeliverNotificationResponse
+ */
+export type DeliverNotificationResponse = Message<"opsmesh.notify.v1.DeliverNotificationResponse"> & {
+  /**
+   * The notification, sent.
+   *
+   * @generated from field: opsmesh.notify.v1.Notification notification = 1;
+   */
+  notification?: Notification | undefined;
+};
+
+/**
+ * Describes the message opsmesh.notify.v1.DeliverNotificationResponse.
+ * Use `create(DeliverNotificationResponseSchema)` to create a new message.
+ */
+export const DeliverNotificationResponseSchema: GenMessage<DeliverNotificationResponse> = /*@__PURE__*/
+  messageDesc(file_opsmesh_notify_v1_notify, 9);
+
+/**
  * ListTemplatesRequest has no parameters.
  *
  * @generated from message opsmesh.notify.v1.ListTemplatesRequest
@@ -378,7 +420,7 @@ export type ListTemplatesRequest = Message<"opsmesh.notify.v1.ListTemplatesReque
  * Use `create(ListTemplatesRequestSchema)` to create a new message.
  */
 export const ListTemplatesRequestSchema: GenMessage<ListTemplatesRequest> = /*@__PURE__*/
-  messageDesc(file_opsmesh_notify_v1_notify, 8);
+  messageDesc(file_opsmesh_notify_v1_notify, 10);
 
 /**
  * TemplateVariable is one variable a template takes.
@@ -420,7 +462,7 @@ export type TemplateVariable = Message<"opsmesh.notify.v1.TemplateVariable"> & {
  * Use `create(TemplateVariableSchema)` to create a new message.
  */
 export const TemplateVariableSchema: GenMessage<TemplateVariable> = /*@__PURE__*/
-  messageDesc(file_opsmesh_notify_v1_notify, 9);
+  messageDesc(file_opsmesh_notify_v1_notify, 11);
 
 /**
  * Template is an email template.
@@ -462,7 +504,7 @@ export type Template = Message<"opsmesh.notify.v1.Template"> & {
  * Use `create(TemplateSchema)` to create a new message.
  */
 export const TemplateSchema: GenMessage<Template> = /*@__PURE__*/
-  messageDesc(file_opsmesh_notify_v1_notify, 10);
+  messageDesc(file_opsmesh_notify_v1_notify, 12);
 
 /**
  * ListTemplatesResponse lists the templates.
@@ -483,7 +525,7 @@ export type ListTemplatesResponse = Message<"opsmesh.notify.v1.ListTemplatesResp
  * Use `create(ListTemplatesResponseSchema)` to create a new message.
  */
 export const ListTemplatesResponseSchema: GenMessage<ListTemplatesResponse> = /*@__PURE__*/
-  messageDesc(file_opsmesh_notify_v1_notify, 11);
+  messageDesc(file_opsmesh_notify_v1_notify, 13);
 
 /**
  * NotificationStatus is where a notification is in its delivery.
@@ -652,6 +694,20 @@ export const NotificationService: GenService<{
     methodKind: "unary";
     input: typeof ListTemplatesRequestSchema;
     output: typeof ListTemplatesResponseSchema;
+  },
+  /**
+   * DeliverNotification renders and sends a queued notification now. The task
+   * worker calls it for email tasks; it is idempotent: a notification already
+   * sent is returned as it is. A transient delivery failure answers
+   * UNAVAILABLE (retry later); a permanent one marks the notification failed
+   * and answers FAILED_PRECONDITION.
+   *
+   * @generated from rpc opsmesh.notify.v1.NotificationService.DeliverNotification
+   */
+  deliverNotification: {
+    methodKind: "unary";
+    input: typeof DeliverNotificationRequestSchema;
+    output: typeof DeliverNotificationResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_opsmesh_notify_v1_notify, 0);

@@ -1,0 +1,71 @@
+"""The development mail sink: a real SMTP server (aiosmtpd) that keeps every message.
+
+``python -m devtools.mailsink serve DIR --port 2525`` stores each received
+message in the Maildir ``DIR``; ``python -m devtools.mailsink list DIR`` shows
+them (date, recipients, subject); ``show DIR N`` prints one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mailbox
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from email import policy
+from email.parser import BytesParser
+from pathlib import Path
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.handlers import Mailbox
+
+
+def serve(directory: str, host: str, port: int) -> None:
+    controller = Controller(Mailbox(Path(directory)), hostname=host, port=port)
+    controller.start()
+    print(f"mail sink listening on {host}:{port}, storing into {directory}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    controller.stop()
+
+
+def messages(directory: str) -> list[mailbox.MaildirMessage]:
+    box = mailbox.Maildir(directory, create=True)
+    return sorted(box, key=lambda m: m.get_date())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devtools.mailsink", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serving = commands.add_parser("serve")
+    serving.add_argument("directory")
+    serving.add_argument("--host", default="127.0.0.1")
+    serving.add_argument("--port", type=int, default=2525)
+    listing = commands.add_parser("list")
+    listing.add_argument("directory")
+    showing = commands.add_parser("show")
+    showing.add_argument("directory")
+    showing.add_argument("number", type=int)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve(args.directory, args.host, args.port)
+        return 0
+    found = messages(args.directory)
+    if args.command == "list":
+        for number, message in enumerate(found, 1):
+            print(f"{number:>4}  {message['Date']}  {message['To']}  {message['Subject']}")
+        print(f"{len(found)} message(s) in {args.directory}")
+        return 0
+    if not 1 <= args.number <= len(found):
+        print(f"no message {args.number}; there are {len(found)}", file=sys.stderr)
+        return 1
+    parsed = BytesParser(policy=policy.default).parsebytes(found[args.number - 1].as_bytes())
+    print(parsed.as_string())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

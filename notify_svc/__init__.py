@@ -1,0 +1,1 @@
+"""opsmesh notification service: email templates and delivery (opsmesh.notify.v1)."""

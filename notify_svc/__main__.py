@@ -1,0 +1,4 @@
+from notify_svc.server import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Notification service settings, read from OPSMESH_* environment variables."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from mesh.redisconn import RedisSettings
+from mesh.settings import EnvReader, ServerSettings
+from notify_svc.smtp import SmtpSettings
+
+DEFAULT_GRPC_PORT = 50053
+DEFAULT_METRICS_PORT = 9153
+
+
+@dataclass(frozen=True, kw_only=True)
+class NotifySettings:
+    server: ServerSettings
+    redis: RedisSettings
+    smtp: SmtpSettings
+    task_address: str = "127.0.0.1:50054"
+    """The task service, which queues email deliveries."""
+    key_prefix: str = "opsmesh:notify:"
+    retention: float = 30 * 86400.0
+    auth_mode: str = "trusted-headers"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> NotifySettings:
+        env = EnvReader(environ)
+        settings = cls(
+            server=ServerSettings.from_env(
+                env, default_port=DEFAULT_GRPC_PORT, default_metrics_port=DEFAULT_METRICS_PORT
+            ),
+            redis=RedisSettings.from_env(env, default_url="redis://127.0.0.1:16379/0"),
+            smtp=SmtpSettings.from_env(env),
+            task_address=env.string("OPSMESH_TASK_ADDR", "127.0.0.1:50054"),
+            key_prefix=env.string("OPSMESH_NOTIFY_KEY_PREFIX", "opsmesh:notify:"),
+            retention=env.seconds(
+                "OPSMESH_NOTIFY_RETENTION", 30 * 86400.0, minimum=3600, maximum=3650 * 86400
+            ),
+            auth_mode=env.string(
+                "OPSMESH_AUTH_MODE", "trusted-headers", choices=("trusted-headers",)
+            ),
+        )
+        env.check()
+        return settings

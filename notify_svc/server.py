@@ -1,0 +1,88 @@
+"""Wires the notification service: settings → Redis, SMTP, task service → gRPC server."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+
+from grpc import aio
+
+from mesh.auth import Authenticator, authenticator_from_mode
+from mesh.health import Probe
+from mesh.logs import configure_logging
+from mesh.redisconn import connect_redis
+from mesh.server import Registration, RunnerOptions, ServiceRunner, run
+from mesh.settings import SettingsError
+from notify_svc.catalog import Catalog
+from notify_svc.config import NotifySettings
+from notify_svc.rendering import Renderer
+from notify_svc.service import SERVICE_NAME, NotificationService
+from notify_svc.smtp import SmtpProvider
+from notify_svc.store import NotificationStore
+from opsmesh.notify.v1 import notify_pb2_grpc
+from opsmesh.task.v1 import task_pb2_grpc
+
+
+def build_runner(
+    settings: NotifySettings,
+    *,
+    authenticator: Authenticator | None = None,
+    options: RunnerOptions | None = None,
+) -> ServiceRunner:
+    client = connect_redis(settings.redis)
+    store = NotificationStore(
+        client, key_prefix=settings.key_prefix, retention_ms=int(settings.retention * 1000)
+    )
+    provider = SmtpProvider(settings.smtp)
+    task_channel = aio.insecure_channel(settings.task_address)
+    service = NotificationService(
+        store=store,
+        catalog=Catalog(),
+        renderer=Renderer(),
+        provider=provider,
+        tasks=task_pb2_grpc.TaskServiceStub(task_channel),
+        sender=settings.smtp.sender,
+    )
+
+    async def redis_answers() -> None:
+        await client.ping()
+
+    async def close_task_channel() -> None:
+        await task_channel.close(None)
+
+    base = options or RunnerOptions()
+    return ServiceRunner(
+        settings=settings.server,
+        registrations=[
+            Registration(
+                service_name=SERVICE_NAME,
+                add_to_server=lambda server: (
+                    notify_pb2_grpc.add_NotificationServiceServicer_to_server(service, server)
+                ),
+            )
+        ],
+        authenticator=authenticator or authenticator_from_mode(settings.auth_mode),
+        probes=[Probe(name="redis", check=redis_answers)],
+        options=RunnerOptions(
+            health_interval=base.health_interval,
+            health_timeout=base.health_timeout,
+            on_stop=(*base.on_stop, provider.close, close_task_channel, client.aclose),
+        ),
+    )
+
+
+async def serve(environ: Mapping[str, str]) -> None:
+    settings = NotifySettings.from_env(environ)
+    configure_logging(
+        service="notify_svc", level=settings.server.log_level, fmt=settings.server.log_format
+    )
+    await build_runner(settings).serve_until_signalled()
+
+
+def main() -> None:
+    try:
+        run(serve(os.environ))
+    except SettingsError as error:
+        print(f"notify_svc: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,199 @@
+"""opsmesh.notify.v1.NotificationService: templates, previews, sending and delivery."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol, TypeAlias
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+from grpc import aio
+
+from mesh.clients import identity_metadata
+from mesh.context import Principal, current_principal
+from mesh.errors import DependencyUnavailable, FailedPrecondition, InvalidArgument
+from notify_svc.catalog import Catalog, resolve_locale
+from notify_svc.messages import build_message, check_all
+from notify_svc.rendering import RenderedEmail, Renderer
+from notify_svc.smtp import DeliveryError
+from notify_svc.store import NotificationStore, new_notification_id
+from opsmesh.notify.v1 import notify_pb2, notify_pb2_grpc
+from opsmesh.task.v1 import task_pb2, task_pb2_grpc
+
+log = logging.getLogger("opsmesh.notify")
+
+SERVICE_NAME = notify_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name
+
+Context: TypeAlias = "aio.ServicerContext[object, object]"
+
+_MAX_IDEMPOTENCY_KEY = 128
+QUEUED = notify_pb2.NOTIFICATION_STATUS_QUEUED
+SENDING = notify_pb2.NOTIFICATION_STATUS_SENDING
+SENT = notify_pb2.NOTIFICATION_STATUS_SENT
+FAILED = notify_pb2.NOTIFICATION_STATUS_FAILED
+
+
+class Provider(Protocol):
+    name: str
+
+    async def send(self, message: Any, recipients: list[str]) -> str: ...
+
+
+class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
+    def __init__(
+        self,
+        *,
+        store: NotificationStore,
+        catalog: Catalog,
+        renderer: Renderer,
+        provider: Provider,
+        tasks: task_pb2_grpc.TaskServiceAsyncStub,
+        sender: str,
+    ) -> None:
+        self._store = store
+        self._catalog = catalog
+        self._renderer = renderer
+        self._provider = provider
+        self._tasks = tasks
+        self._sender = sender
+
+    def _render(
+        self,
+        template: str,
+        locale: str,
+        data: struct_pb2.Struct,
+    ) -> RenderedEmail:
+        spec = self._catalog.get(template)
+        checked = spec.check(json_format.MessageToDict(data))
+        return self._renderer.render(spec, resolve_locale(spec, locale), checked)
+
+    async def ListTemplates(
+        self, request: notify_pb2.ListTemplatesRequest, context: Context
+    ) -> notify_pb2.ListTemplatesResponse:
+        return notify_pb2.ListTemplatesResponse(
+            templates=[spec.to_proto() for spec in self._catalog.templates.values()]
+        )
+
+    async def PreviewEmail(
+        self, request: notify_pb2.PreviewEmailRequest, context: Context
+    ) -> notify_pb2.PreviewEmailResponse:
+        rendered = self._render(request.template, request.locale, request.data)
+        return notify_pb2.PreviewEmailResponse(
+            subject=rendered.subject,
+            html_body=rendered.html,
+            text_body=rendered.text,
+            locale=rendered.locale,
+        )
+
+    async def SendEmail(
+        self, request: notify_pb2.SendEmailRequest, context: Context
+    ) -> notify_pb2.SendEmailResponse:
+        principal = current_principal()
+        key = request.idempotency_key
+        if len(key) > _MAX_IDEMPOTENCY_KEY or not key.isprintable():
+            raise InvalidArgument(
+                f"idempotency_key must be at most {_MAX_IDEMPOTENCY_KEY} printable characters",
+                field="idempotency_key",
+            )
+        recipients = check_all(request)
+        rendered = self._render(request.template, request.locale, request.data)
+        notification = notify_pb2.Notification(
+            id=new_notification_id(),
+            org_id=principal.org_id,
+            template=request.template,
+            locale=rendered.locale,
+            recipients=recipients,
+            status=QUEUED,
+            idempotency_key=key,
+        )
+        notification.created_at.GetCurrentTime()
+        notification.updated_at.CopyFrom(notification.created_at)
+        stored, _ = await self._store.create(notification, request)
+        if not stored.task_id:
+            # New, or an earlier call recorded it but could not queue it: queue it now.
+            stored = await self._enqueue(principal, stored)
+        return notify_pb2.SendEmailResponse(notification=stored)
+
+    async def _enqueue(
+        self, principal: Principal, notification: notify_pb2.Notification
+    ) -> notify_pb2.Notification:
+        try:
+            reply = await self._tasks.PublishEmailTask(
+                task_pb2.PublishEmailTaskRequest(
+                    payload=task_pb2.EmailTaskPayload(notification_id=notification.id),
+                    idempotency_key=f"notification:{notification.id}",
+                ),
+                metadata=identity_metadata(principal),
+                timeout=5,
+            )
+        except aio.AioRpcError as error:
+            if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise DependencyUnavailable("task service", error.details() or "") from error
+            raise
+        task_id = reply.task.id
+
+        def record(current: notify_pb2.Notification) -> None:
+            current.task_id = task_id
+
+        return await self._store.change(notification.org_id, notification.id, record)
+
+    async def GetNotification(
+        self, request: notify_pb2.GetNotificationRequest, context: Context
+    ) -> notify_pb2.GetNotificationResponse:
+        notification, _ = await self._store.get(
+            current_principal().org_id, request.notification_id[:64]
+        )
+        return notify_pb2.GetNotificationResponse(notification=notification)
+
+    async def DeliverNotification(
+        self, request: notify_pb2.DeliverNotificationRequest, context: Context
+    ) -> notify_pb2.DeliverNotificationResponse:
+        org = current_principal().org_id
+        notification, original = await self._store.get(org, request.notification_id[:64])
+        if notification.status == SENT:
+            return notify_pb2.DeliverNotificationResponse(notification=notification)
+        if notification.status == FAILED:
+            raise FailedPrecondition(
+                f"notification {notification.id} failed for good: {notification.last_error}",
+                reason="DELIVERY_FAILED",
+            )
+        rendered = self._render(original.template, original.locale, original.data)
+        message, envelope = build_message(
+            notification_id=notification.id,
+            sender=self._sender,
+            request=original,
+            rendered=rendered,
+        )
+
+        def attempt(current: notify_pb2.Notification) -> None:
+            current.status = SENDING
+            current.attempts += 1
+
+        await self._store.change(org, notification.id, attempt)
+        try:
+            await self._provider.send(message, envelope)
+        except DeliveryError as error:
+            failure, permanent = str(error), error.permanent
+
+            def failed(current: notify_pb2.Notification) -> None:
+                current.last_error = failure
+                if permanent:
+                    current.status = FAILED
+
+            await self._store.change(org, notification.id, failed)
+            if error.permanent:
+                raise FailedPrecondition(
+                    f"the mail server refused notification {notification.id}: {failure}",
+                    reason="DELIVERY_FAILED",
+                ) from error
+            raise DependencyUnavailable("mail server", failure) from error
+
+        def sent(current: notify_pb2.Notification) -> None:
+            current.status = SENT
+            current.provider = self._provider.name
+            current.message_id = str(message["Message-ID"])
+            current.last_error = ""
+            current.sent_at.GetCurrentTime()
+
+        done = await self._store.change(org, notification.id, sent)
+        return notify_pb2.DeliverNotificationResponse(notification=done)

@@ -1,0 +1,374 @@
+"""NotificationService: templates, previews, and delivery end to end over real SMTP."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+from grpc import aio
+
+from devtools.servers import NatsServer, RedisServer
+from mesh.redisconn import RedisSettings
+from mesh.server import ServiceRunner
+from mesh.settings import ServerSettings
+from notify_svc.catalog import TYPES, Catalog
+from notify_svc.config import NotifySettings
+from notify_svc.server import build_runner
+from notify_svc.smtp import SmtpSettings
+from opsmesh.notify.v1 import notify_pb2 as pb
+from opsmesh.notify.v1 import notify_pb2_grpc
+from task_svc.delivery import email_handler
+from tests.conftest import FAST_HEALTH
+from tests.helpers import assert_eventually, error_details, identity
+from tests.smtp_sink import Sink
+from tests.taskkit import running_worker, task_stack
+
+ALICE = identity("alice", "acme")
+EVE = identity("eve", "evilcorp")
+SAMPLE = {
+    "string": "Acme & Sons",
+    "number": 1234.5,
+    "boolean": True,
+    "url": "https://opsmesh.example/x?a=1&b=2",
+    "timestamp": "2026-12-01T10:00:00Z",
+    "email": "ops@example.com",
+    "list": ["env=prod", "team=core"],
+}
+
+
+def struct(**values: object) -> struct_pb2.Struct:
+    result = struct_pb2.Struct()
+    result.update(values)
+    return result
+
+
+INVITE = {"org_name": "Acme", "inviter_name": "Ada", "accept_url": "https://opsmesh.example/join/1"}
+
+
+@dataclass
+class NotifyStack:
+    stub: notify_pb2_grpc.NotificationServiceStub
+    runner: ServiceRunner
+    sink: Sink
+
+
+@asynccontextmanager
+async def notify_stack(
+    redis_url: str, nats_url: str, *, with_worker: bool = True
+) -> AsyncIterator[NotifyStack]:
+    sink = Sink().start()
+    async with task_stack(nats_url, max_attempts=4) as tasks:
+        settings = NotifySettings(
+            server=ServerSettings(port=0, grace_period=1.0),
+            redis=RedisSettings(url=redis_url),
+            smtp=SmtpSettings(port=sink.port, timeout=2.0, sender="opsmesh <noreply@opsmesh.test>"),
+            task_address=f"127.0.0.1:{tasks.runner.port}",
+            key_prefix=f"test:{uuid.uuid4().hex[:8]}:",
+        )
+        runner = build_runner(settings, options=FAST_HEALTH)
+        await runner.start()
+        channel = aio.insecure_channel(f"127.0.0.1:{runner.port}")
+        try:
+            stub = notify_pb2_grpc.NotificationServiceStub(channel)
+            if with_worker:
+                async with running_worker(tasks, email_handler(channel), max_attempts=4):
+                    yield NotifyStack(stub, runner, sink)
+            else:
+                yield NotifyStack(stub, runner, sink)
+        finally:
+            await channel.close()
+            await runner.stop()
+            sink.stop()
+
+
+@pytest.fixture
+async def notify(redis_server: RedisServer, nats_server: NatsServer) -> AsyncIterator[NotifyStack]:
+    async with notify_stack(redis_server.url, nats_server.url) as stack:
+        yield stack
+
+
+async def test_every_template_renders_html_and_text_in_every_locale(notify) -> None:
+    listed = (await notify.stub.ListTemplates(pb.ListTemplatesRequest(), metadata=ALICE)).templates
+    assert {t.id for t in listed} == {
+        "org_invitation",
+        "workspace_provisioning_started",
+        "workspace_provisioning_completed",
+        "workspace_provisioning_failed",
+        "billing_subscription_created",
+        "billing_subscription_changed",
+        "billing_payment_succeeded",
+        "billing_payment_failed",
+        "billing_invoice_available",
+        "password_reset",
+        "alert_notification",
+    }
+    names = {
+        v.name: v.type for v in next(t for t in listed if t.id == "alert_notification").variables
+    }
+    assert names["labels"] == pb.VARIABLE_TYPE_LIST
+    types = {v: k for k, v in TYPES.items()}
+    for template in listed:
+        full = {v.name: SAMPLE[types[v.type]] for v in template.variables}
+        minimal = {v.name: SAMPLE[types[v.type]] for v in template.variables if v.required}
+        for locale in template.locales:
+            for data in (full, minimal):
+                preview = await notify.stub.PreviewEmail(
+                    pb.PreviewEmailRequest(
+                        template=template.id, locale=locale, data=struct(**data)
+                    ),
+                    metadata=ALICE,
+                )
+                assert preview.subject
+                assert "\n" not in preview.subject
+                assert preview.html_body.startswith("<!DOCTYPE html>")
+                assert "Acme &amp; Sons" in preview.html_body or "Acme" not in str(data)
+                assert preview.text_body.strip()
+                assert preview.locale == locale
+
+
+async def test_locale_falls_back_to_the_language_then_english(notify) -> None:
+    async def locale_of(requested: str) -> str:
+        preview = await notify.stub.PreviewEmail(
+            pb.PreviewEmailRequest(
+                template="org_invitation", locale=requested, data=struct(**INVITE)
+            ),
+            metadata=ALICE,
+        )
+        return preview.locale
+
+    assert await locale_of("de-AT") == "de"
+    assert await locale_of("fr-FR") == "en"
+    assert await locale_of("") == "en"
+
+
+async def test_values_cannot_inject_html_or_headers(notify) -> None:
+    preview = await notify.stub.PreviewEmail(
+        pb.PreviewEmailRequest(
+            template="org_invitation",
+            data=struct(
+                org_name="<script>alert(1)</script>",
+                inviter_name="Ada\r\nBcc: victim@example.com",
+                accept_url="https://opsmesh.example/join",
+            ),
+        ),
+        metadata=ALICE,
+    )
+    assert "<script>" not in preview.html_body
+    assert "&lt;script&gt;" in preview.html_body
+    assert "\r" not in preview.subject
+    assert "\n" not in preview.subject
+
+
+@pytest.mark.parametrize(
+    ("template", "data", "code", "field"),
+    [
+        (
+            "org_invitation",
+            {"org_name": "Acme", "inviter_name": "Ada"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "data.accept_url",
+        ),
+        (
+            "org_invitation",
+            {**INVITE, "accept_url": "javascript:alert(1)"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "data.accept_url",
+        ),
+        (
+            "org_invitation",
+            {**INVITE, "expires_at": "next week"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "data.expires_at",
+        ),
+        (
+            "org_invitation",
+            {**INVITE, "orgname": "typo"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "data.orgname",
+        ),
+        (
+            "billing_payment_failed",
+            {
+                "org_name": "A",
+                "amount": "ten",
+                "currency": "EUR",
+                "update_payment_url": "https://x.example",
+            },
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "data.amount",
+        ),
+        ("no_such_template", {}, grpc.StatusCode.NOT_FOUND, None),
+    ],
+)
+async def test_bad_template_data_is_rejected_before_anything_is_queued(
+    notify, template, data, code, field
+) -> None:
+    for call in (
+        notify.stub.PreviewEmail(
+            pb.PreviewEmailRequest(template=template, data=struct(**data)), metadata=ALICE
+        ),
+        notify.stub.SendEmail(
+            pb.SendEmailRequest(
+                template=template, data=struct(**data), to=[pb.Recipient(address="a@example.com")]
+            ),
+            metadata=ALICE,
+        ),
+    ):
+        with pytest.raises(aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == code
+        if field:
+            assert error_details(caught.value)["BadRequest"].field_violations[0].field == field
+    assert notify.sink.messages == []
+
+
+@pytest.mark.parametrize(
+    ("recipients", "field"),
+    [
+        ({"to": []}, "to"),
+        ({"to": [pb.Recipient(address="a@example.com\r\nBcc: x@evil.example")]}, "to[0]"),
+        ({"to": [pb.Recipient(address="a@example.com", name="Ada\nBcc: x@evil.example")]}, "to[0]"),
+        ({"to": [pb.Recipient(address="not-an-address")]}, "to[0].address"),
+        ({"to": [pb.Recipient(address=f"u{i}@example.com") for i in range(51)]}, "to"),
+    ],
+)
+async def test_recipients_are_checked_like_an_attacker_would_try_them(
+    notify, recipients, field
+) -> None:
+    with pytest.raises(aio.AioRpcError) as caught:
+        await notify.stub.SendEmail(
+            pb.SendEmailRequest(template="org_invitation", data=struct(**INVITE), **recipients),
+            metadata=ALICE,
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(caught.value)["BadRequest"].field_violations[0].field == field
+
+
+async def wait_notification(
+    notify: NotifyStack, notification_id: str, status: int, who=ALICE
+) -> pb.Notification:
+    async def reached() -> pb.Notification:
+        current = (
+            await notify.stub.GetNotification(
+                pb.GetNotificationRequest(notification_id=notification_id), metadata=who
+            )
+        ).notification
+        assert current.status == status, (
+            pb.NotificationStatus.Name(current.status),
+            current.last_error,
+        )
+        return current
+
+    return await assert_eventually(reached, timeout=20)
+
+
+async def test_invitation_is_delivered_once_with_both_parts(notify) -> None:
+    request = pb.SendEmailRequest(
+        template="org_invitation",
+        data=struct(**INVITE),
+        to=[pb.Recipient(address="Bob@Example.com", name="Bob")],
+        bcc=[pb.Recipient(address="audit@example.com")],
+        idempotency_key="invite-bob",
+    )
+    first = (await notify.stub.SendEmail(request, metadata=ALICE)).notification
+    again = (await notify.stub.SendEmail(request, metadata=ALICE)).notification
+    assert again.id == first.id
+    assert first.status == pb.NOTIFICATION_STATUS_QUEUED
+    assert first.task_id
+    sent = await wait_notification(notify, first.id, pb.NOTIFICATION_STATUS_SENT)
+    assert sent.attempts == 1
+    assert sent.provider == "smtp"
+    assert sent.message_id == f"<{first.id}@opsmesh>"
+    await asyncio.sleep(0.3)  # a duplicate would arrive by now
+    assert len(notify.sink.messages) == 1
+    message, envelope = notify.sink.messages[0]
+    assert sorted(envelope) == ["Bob@example.com", "audit@example.com"]
+    assert message["Subject"] == "Ada invited you to Acme on opsmesh"
+    assert "audit@example.com" not in str(message), "bcc stays out of the headers"
+    parts = {part.get_content_type(): part.get_content() for part in message.iter_parts()}
+    assert "https://opsmesh.example/join/1" in parts["text/plain"]
+    assert 'href="https://opsmesh.example/join/1"' in parts["text/html"]
+    with pytest.raises(aio.AioRpcError) as caught:
+        await notify.stub.GetNotification(
+            pb.GetNotificationRequest(notification_id=first.id), metadata=EVE
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_smtp_outage_is_retried_and_delivered_once_it_is_back(notify) -> None:
+    notify.sink.defer_next = 2  # two 451 replies, then accept
+    sent_one = (
+        await notify.stub.SendEmail(
+            pb.SendEmailRequest(
+                template="password_reset",
+                locale="de",
+                data=struct(reset_url="https://opsmesh.example/reset/1", expires_in_minutes=30),
+                to=[pb.Recipient(address="carol@example.com")],
+            ),
+            metadata=ALICE,
+        )
+    ).notification
+    done = await wait_notification(notify, sent_one.id, pb.NOTIFICATION_STATUS_SENT)
+    assert done.attempts == 3
+    assert len(notify.sink.messages) == 1
+    assert notify.sink.messages[0][0]["Subject"] == "Setzen Sie Ihr opsmesh-Passwort zurück"
+
+    port = notify.sink.port
+    notify.sink.stop()
+    down = (
+        await notify.stub.SendEmail(
+            pb.SendEmailRequest(
+                template="org_invitation",
+                data=struct(**INVITE),
+                to=[pb.Recipient(address="dave@example.com")],
+            ),
+            metadata=ALICE,
+        )
+    ).notification
+
+    async def tried() -> None:
+        current = (
+            await notify.stub.GetNotification(
+                pb.GetNotificationRequest(notification_id=down.id), metadata=ALICE
+            )
+        ).notification
+        assert current.attempts >= 1
+        assert "unreachable" in current.last_error
+
+    await assert_eventually(tried, timeout=10)
+    notify.sink.port = port
+    notify.sink.start()
+    await wait_notification(notify, down.id, pb.NOTIFICATION_STATUS_SENT)
+    assert [m["To"] for m, _ in notify.sink.messages][-1] == "dave@example.com"
+    assert len(notify.sink.messages) == 2
+
+
+async def test_a_refused_recipient_fails_at_once_with_the_servers_reply(notify) -> None:
+    notify.sink.reject.add("ghost@example.com")
+    failing = (
+        await notify.stub.SendEmail(
+            pb.SendEmailRequest(
+                template="org_invitation",
+                data=struct(**INVITE),
+                to=[pb.Recipient(address="ghost@example.com")],
+            ),
+            metadata=ALICE,
+        )
+    ).notification
+    failed = await wait_notification(notify, failing.id, pb.NOTIFICATION_STATUS_FAILED)
+    assert failed.attempts == 1
+    assert "550 5.1.1" in failed.last_error
+    assert notify.sink.messages == []
+
+
+def test_catalog_refuses_a_template_without_english(tmp_path) -> None:
+    (tmp_path / "catalog.toml").write_text('[x]\ndescription = "x"\nvariables = []\n')
+    (tmp_path / "x" / "de").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no en variant"):
+        Catalog(tmp_path)
