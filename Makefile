@@ -86,6 +86,11 @@ up: $(STAMP) ## start Redis, NATS and every service in the background (logs in .
 down: ## stop what `make up` started
 	@if [ -x $(PY) ]; then $(PY) -m devtools.stack down; else echo "nothing to stop"; fi
 
+.PHONY: mail
+mail: $(STAMP) ## list the emails the dev mail sink received (make mail N=3 shows one)
+	@if [ -n "$(N)" ]; then $(PY) -m devtools.mailsink show .run/mail $(N); \
+	else $(PY) -m devtools.mailsink list .run/mail; fi
+
 .PHONY: status
 status: $(STAMP) ## show what runs where
 	$(PY) -m devtools.stack status

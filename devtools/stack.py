@@ -49,6 +49,7 @@ class ServiceSpec:
 SERVICES = (
     ("session_svc", "session_svc", 50051, 9151, r"serving opsmesh\.session\.v1\.SessionService"),
     ("task_svc", "task_svc", 50054, 9154, r"serving opsmesh\.task\.v1\.TaskService"),
+    ("notify_svc", "notify_svc", 50053, 9153, r"serving opsmesh\.notify\.v1\.NotificationService"),
     ("task_worker", "task_svc.worker", 50056, 9156, r"worker \S+ consuming"),
 )
 
@@ -58,7 +59,15 @@ class StackConfig:
     run_dir: Path
     redis_port: int = 16379
     nats_port: int = 14222
+    smtp_port: int = 2525
     services: tuple[ServiceSpec, ...] = ()
+
+    def port_of(self, name: str) -> int:
+        return next(spec.grpc_port for spec in self.services if spec.name == name)
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.run_dir / "mail"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], root: Path) -> StackConfig:
@@ -77,6 +86,7 @@ class StackConfig:
             run_dir=Path(environ.get("OPSMESH_RUN_DIR") or root / ".run"),
             redis_port=port("OPSMESH_DEV_REDIS_PORT", 16379),
             nats_port=port("OPSMESH_DEV_NATS_PORT", 14222),
+            smtp_port=port("OPSMESH_DEV_SMTP_PORT", 2525),
             services=tuple(
                 ServiceSpec(
                     name=name,
@@ -156,6 +166,10 @@ def _service_env(config: StackConfig, port: int, metrics_port: int) -> dict[str,
         OPSMESH_METRICS_PORT=str(metrics_port),
         OPSMESH_REDIS_URL=f"redis://127.0.0.1:{config.redis_port}/0",
         OPSMESH_NATS_URL=f"nats://127.0.0.1:{config.nats_port}",
+        OPSMESH_SMTP_HOST="127.0.0.1",
+        OPSMESH_SMTP_PORT=str(config.smtp_port),
+        OPSMESH_TASK_ADDR=f"127.0.0.1:{config.port_of('task_svc')}",
+        OPSMESH_NOTIFY_ADDR=f"127.0.0.1:{config.port_of('notify_svc')}",
     )
     return env
 
@@ -166,7 +180,7 @@ def up(config: StackConfig) -> int:
         print("the dev stack is already up ('make down' stops it):")
         _print(running)
         return 0
-    wanted = {"redis": config.redis_port, "nats": config.nats_port}
+    wanted = {"redis": config.redis_port, "nats": config.nats_port, "mail sink": config.smtp_port}
     wanted.update({spec.name: spec.grpc_port for spec in config.services})
     taken = [f"{name} port {port}" for name, port in wanted.items() if _port_taken(port)]
     if taken:
@@ -190,6 +204,32 @@ def up(config: StackConfig) -> int:
         started.append(
             Component(
                 "nats", nats.process.pid, nats.url + " (JetStream)", str(nats.process.log_path)
+            )
+        )
+        _save(config, started)
+
+        sink = ManagedProcess(
+            "mail_sink",
+            [
+                sys.executable,
+                "-m",
+                "devtools.mailsink",
+                "serve",
+                str(config.mail_dir),
+                "--port",
+                str(config.smtp_port),
+            ],
+            log_path=config.run_dir / "logs" / "mail_sink.log",
+            ready=re.compile(r"mail sink listening"),
+            detach=True,
+        )
+        sink.start()
+        started.append(
+            Component(
+                "mail_sink",
+                sink.pid,
+                f"smtp://127.0.0.1:{config.smtp_port} (make mail lists it)",
+                str(sink.log_path),
             )
         )
         _save(config, started)

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -193,6 +194,9 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
             "TASK_METRICS",
             "TASK_WORKER",
             "TASK_WORKER_METRICS",
+            "NOTIFY",
+            "NOTIFY_METRICS",
+            "SMTP",
         )
     }
     env = dict(os.environ, OPSMESH_RUN_DIR=str(tmp_path / "run"))
@@ -297,6 +301,55 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
         statuses = [u["task"]["status"] for u in updates]
         assert statuses[-1] == "TASK_STATUS_FAILED", statuses
         assert "no Kubernetes cluster is configured" in updates[-1]["task"]["error"]
+
+        # An invitation sent with grpcurl lands in the dev mail sink with both parts.
+        invited = grpcurl(
+            "opsmesh.notify.v1.NotificationService/SendEmail",
+            data={
+                "template": "org_invitation",
+                "data": {
+                    "org_name": "Acme",
+                    "inviter_name": "Ada",
+                    "accept_url": "https://opsmesh.example/join/1",
+                },
+                "to": [{"address": "bob@example.com", "name": "Bob"}],
+                "idempotencyKey": "make-up-invite",
+            },
+            at=f"localhost:{ports['NOTIFY']}",
+        )
+        assert invited.returncode == 0, invited.stderr
+
+        def mail(*args: str) -> str:
+            return subprocess.run(
+                [sys.executable, "-m", "devtools.mailsink", *args, str(tmp_path / "run" / "mail")],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+                cwd=ROOT,
+            ).stdout
+
+        deadline = time.monotonic() + 20
+        while "1 message(s)" not in mail("list") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "Ada invited you to Acme on opsmesh" in mail("list")
+        shown = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "devtools.mailsink",
+                "show",
+                str(tmp_path / "run" / "mail"),
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+            cwd=ROOT,
+        ).stdout
+        assert "Content-Type: text/plain" in shown
+        assert "Content-Type: text/html" in shown
     finally:
         down = stack("down")
     assert down.returncode == 0
