@@ -75,7 +75,8 @@ test: $(STAMP) lint gen-check ## lint, gen-check and every test with coverage (>
 bench: $(STAMP) ## run the benchmarks (bench/*.py; installs the Celery baseline)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/session_bench.py || true
-	$(PY) bench/task_bench.py
+	$(PY) bench/task_bench.py || true
+	$(PY) bench/notify_bench.py
 
 # --- dev stack ---------------------------------------------------------------------------
 .PHONY: up

@@ -1,8 +1,9 @@
 """The development mail sink: a real SMTP server (aiosmtpd) that keeps every message.
 
 ``python -m devtools.mailsink serve DIR --port 2525`` stores each received
-message in the Maildir ``DIR``; ``python -m devtools.mailsink list DIR`` shows
-them (date, recipients, subject); ``show DIR N`` prints one.
+message in the Maildir ``DIR`` (``--tls-cert``/``--tls-key`` offer STARTTLS);
+``python -m devtools.mailsink list DIR`` shows them (date, recipients,
+subject); ``show DIR N`` prints one.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import mailbox
 import signal
+import ssl
 import sys
 import threading
 from collections.abc import Sequence
@@ -21,8 +23,13 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.handlers import Mailbox
 
 
-def serve(directory: str, host: str, port: int) -> None:
-    controller = Controller(Mailbox(Path(directory)), hostname=host, port=port)
+def serve(directory: str, host: str, port: int, cert: str = "", key: str = "") -> None:
+    tls = None
+    if cert:
+        # STARTTLS offered, as real relays do; plain sessions stay allowed for local tools.
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(cert, key or None)
+    controller = Controller(Mailbox(Path(directory)), hostname=host, port=port, tls_context=tls)
     controller.start()
     print(f"mail sink listening on {host}:{port}, storing into {directory}", flush=True)
     stop = threading.Event()
@@ -44,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     serving.add_argument("directory")
     serving.add_argument("--host", default="127.0.0.1")
     serving.add_argument("--port", type=int, default=2525)
+    serving.add_argument("--tls-cert", default="", help="PEM certificate: offer STARTTLS")
+    serving.add_argument("--tls-key", default="", help="PEM key of --tls-cert")
     listing = commands.add_parser("list")
     listing.add_argument("directory")
     showing = commands.add_parser("show")
@@ -51,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     showing.add_argument("number", type=int)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        serve(args.directory, args.host, args.port)
+        serve(args.directory, args.host, args.port, args.tls_cert, args.tls_key)
         return 0
     found = messages(args.directory)
     if args.command == "list":

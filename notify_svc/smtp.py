@@ -30,6 +30,8 @@ class SmtpSettings:
     port: int = 2525
     security: str = "none"
     """none, starttls or tls (implicit TLS, usually port 465)."""
+    ca_file: str = ""
+    """CA bundle to verify the server with (an internal relay's own CA); empty: the system's."""
     username: str = ""
     password: str = ""
     timeout: float = 10.0
@@ -44,6 +46,7 @@ class SmtpSettings:
             security=env.string(
                 "OPSMESH_SMTP_SECURITY", "none", choices=("none", "starttls", "tls")
             ),
+            ca_file=env.string("OPSMESH_SMTP_CA_FILE", ""),
             username=env.string("OPSMESH_SMTP_USERNAME", ""),
             password=env.string("OPSMESH_SMTP_PASSWORD", ""),
             timeout=env.seconds("OPSMESH_SMTP_TIMEOUT", 10.0, minimum=0.1, maximum=300),
@@ -70,7 +73,11 @@ class SmtpProvider:
             timeout=settings.timeout,
             use_tls=settings.security == "tls",
             start_tls=settings.security == "starttls",
-            tls_context=ssl.create_default_context() if settings.security != "none" else None,
+            tls_context=(
+                ssl.create_default_context(cafile=settings.ca_file or None)
+                if settings.security != "none"
+                else None
+            ),
         )
         await client.connect()
         if settings.username:

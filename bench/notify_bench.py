@@ -1,0 +1,190 @@
+"""Emails per second to a local SMTP sink: pooled connections vs one connection per email.
+
+Both sides send the same rendered invitation (notify_svc's templates and MIME
+builder) to the dev mail sink (aiosmtpd, storing into a Maildir) in its own
+process, with the same concurrency, over plain SMTP and over STARTTLS (what a
+real relay requires; the target is judged there):
+* pooled: notify_svc's SmtpProvider (connections opened once, reused);
+* baseline: connect, EHLO, send, QUIT for every email (aiosmtplib.send).
+Target: >= 300 emails/s pooled and >= 5x the per-connection baseline.
+
+    .venv/bin/python bench/notify_bench.py [--emails 2000] [--concurrency 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiosmtplib
+import uvloop
+
+from devtools.servers import ManagedProcess, free_port
+from notify_svc.catalog import Catalog
+from notify_svc.messages import build_message
+from notify_svc.rendering import Renderer
+from notify_svc.smtp import SmtpProvider, SmtpSettings
+from opsmesh.notify.v1 import notify_pb2
+
+INVITE = {"org_name": "Acme", "inviter_name": "Ada", "accept_url": "https://opsmesh.example/j/1"}
+
+
+async def rate(send: Callable[[int], Awaitable[object]], count: int, concurrency: int) -> float:
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < count:
+            index = next_index
+            next_index += 1
+            await send(index)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return count / (time.perf_counter() - began)
+
+
+def self_signed(workdir: Path) -> tuple[str, str]:
+    cert, key = str(workdir / "cert.pem"), str(workdir / "key.pem")
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+async def measure(
+    args: argparse.Namespace, workdir: Path, *, starttls: bool
+) -> tuple[float, float]:
+    port = free_port()
+    cert, key = self_signed(workdir) if starttls else ("", "")
+    sink = ManagedProcess(
+        "mail_sink",
+        [
+            sys.executable,
+            "-m",
+            "devtools.mailsink",
+            "serve",
+            str(workdir / "mail"),
+            "--port",
+            str(port),
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+        ],
+        log_path=workdir / "sink.log",
+        ready=re.compile("mail sink listening"),
+    )
+    sink.start()
+    try:
+        catalog, renderer = Catalog(), Renderer()
+        spec = catalog.get("org_invitation")
+        rendered = renderer.render(spec, "en", spec.check(INVITE))
+        request = notify_pb2.SendEmailRequest(
+            template="org_invitation", to=[notify_pb2.Recipient(address="bob@example.com")]
+        )
+        settings = SmtpSettings(
+            port=port,
+            pool_size=args.concurrency,
+            ca_file=cert,
+            security="starttls" if starttls else "none",
+        )
+
+        def message(index: int) -> tuple[object, list[str]]:
+            return build_message(
+                notification_id=f"bench-{index}",
+                sender=settings.sender,
+                request=request,
+                rendered=rendered,
+            )
+
+        provider = SmtpProvider(settings)
+
+        async def pooled(index: int) -> object:
+            mail, recipients = message(index)
+            return await provider.send(mail, recipients)  # type: ignore[arg-type]
+
+        tls = ssl.create_default_context(cafile=cert) if starttls else None
+
+        async def one_connection_each(index: int) -> object:
+            mail, recipients = message(index)
+            return await aiosmtplib.send(
+                mail,
+                hostname="127.0.0.1",
+                port=port,
+                recipients=recipients,  # type: ignore[arg-type]
+                sender="noreply@opsmesh.localhost",
+                start_tls=starttls,
+                tls_context=tls,
+            )
+
+        await pooled(0)  # warm the pool
+        pooled_rate = await rate(pooled, args.emails, args.concurrency)
+        await provider.close()
+        baseline_rate = await rate(one_connection_each, args.emails // 4, args.concurrency)
+        return pooled_rate, baseline_rate
+    finally:
+        sink.stop()
+
+
+async def run(args: argparse.Namespace) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="notify-bench-"))
+    print(
+        f"notify bench: {args.emails} emails pooled, {args.emails // 4} one connection each, "
+        f"{args.concurrency} concurrent senders, sink: aiosmtpd -> Maildir\n"
+    )
+    print(f"{'':<22}{'pooled/s':>10}{'per-connection/s':>18}{'ratio':>8}")
+    results = {}
+    for label, starttls in (("plain SMTP", False), ("STARTTLS (as relays)", True)):
+        pooled_rate, baseline_rate = await measure(args, workdir, starttls=starttls)
+        results[label] = (pooled_rate, pooled_rate / baseline_rate)
+        ratio = pooled_rate / baseline_rate
+        print(f"{label:<22}{pooled_rate:>10.0f}{baseline_rate:>18.0f}{ratio:>7.2f}x")
+    pooled_rate, ratio = results["STARTTLS (as relays)"]
+    print(
+        f"\nwith STARTTLS: pooled {pooled_rate:.0f} emails/s (target >= 300/s), "
+        f"{ratio:.2f}x one connection per email (target >= 5x)"
+    )
+    ok = pooled_rate >= 300 and ratio >= 5
+    print("targets met" if ok else "targets NOT met")
+    return 0 if ok else 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--emails", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    raise SystemExit(uvloop.run(run(parser.parse_args())))
+
+
+if __name__ == "__main__":
+    main()
