@@ -18,6 +18,12 @@ class NotifySettings:
     server: ServerSettings
     redis: RedisSettings
     smtp: SmtpSettings
+    provider: str = "smtp"
+    """The primary provider: smtp or sendgrid."""
+    fallback: str = ""
+    """A provider to use when the primary fails transiently; empty: none."""
+    sendgrid_api_key: str = ""
+    sendgrid_url: str = "https://api.sendgrid.com"
     task_address: str = "127.0.0.1:50054"
     """The task service, which queues email deliveries."""
     key_prefix: str = "opsmesh:notify:"
@@ -33,6 +39,10 @@ class NotifySettings:
             ),
             redis=RedisSettings.from_env(env, default_url="redis://127.0.0.1:16379/0"),
             smtp=SmtpSettings.from_env(env),
+            provider=env.string("OPSMESH_MAIL_PROVIDER", "smtp", choices=("smtp", "sendgrid")),
+            fallback=env.string("OPSMESH_MAIL_FALLBACK", "", choices=("", "smtp", "sendgrid")),
+            sendgrid_api_key=env.string("OPSMESH_SENDGRID_API_KEY", ""),
+            sendgrid_url=env.string("OPSMESH_SENDGRID_URL", "https://api.sendgrid.com"),
             task_address=env.string("OPSMESH_TASK_ADDR", "127.0.0.1:50054"),
             key_prefix=env.string("OPSMESH_NOTIFY_KEY_PREFIX", "opsmesh:notify:"),
             retention=env.seconds(
@@ -42,5 +52,9 @@ class NotifySettings:
                 "OPSMESH_AUTH_MODE", "trusted-headers", choices=("trusted-headers",)
             ),
         )
+        if "sendgrid" in (settings.provider, settings.fallback) and not settings.sendgrid_api_key:
+            env.problem("OPSMESH_SENDGRID_API_KEY is required when SendGrid is a mail provider")
+        if settings.fallback and settings.fallback == settings.provider:
+            env.problem("OPSMESH_MAIL_FALLBACK must differ from OPSMESH_MAIL_PROVIDER")
         env.check()
         return settings

@@ -16,12 +16,27 @@ from mesh.server import Registration, RunnerOptions, ServiceRunner, run
 from mesh.settings import SettingsError
 from notify_svc.catalog import Catalog
 from notify_svc.config import NotifySettings
+from notify_svc.providers import Provider, SendGrid, Smtp, WithFallback
 from notify_svc.rendering import Renderer
 from notify_svc.service import SERVICE_NAME, NotificationService
 from notify_svc.smtp import SmtpProvider
 from notify_svc.store import NotificationStore
 from opsmesh.notify.v1 import notify_pb2_grpc
 from opsmesh.task.v1 import task_pb2_grpc
+
+
+def _provider(name: str, settings: NotifySettings) -> Provider:
+    if name == "sendgrid":
+        return SendGrid(api_key=settings.sendgrid_api_key, base_url=settings.sendgrid_url)
+    return Smtp(SmtpProvider(settings.smtp))
+
+
+def providers_for(settings: NotifySettings) -> Provider:
+    """The configured provider, wrapped with its fallback when there is one."""
+    primary = _provider(settings.provider, settings)
+    if not settings.fallback:
+        return primary
+    return WithFallback(primary, _provider(settings.fallback, settings))
 
 
 def build_runner(
@@ -34,7 +49,7 @@ def build_runner(
     store = NotificationStore(
         client, key_prefix=settings.key_prefix, retention_ms=int(settings.retention * 1000)
     )
-    provider = SmtpProvider(settings.smtp)
+    provider = providers_for(settings)
     task_channel = aio.insecure_channel(settings.task_address)
     service = NotificationService(
         store=store,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol, TypeAlias
+from typing import TypeAlias
 
 import grpc
 from google.protobuf import json_format, struct_pb2
@@ -14,6 +14,7 @@ from mesh.context import Principal, current_principal
 from mesh.errors import DependencyUnavailable, FailedPrecondition, InvalidArgument
 from notify_svc.catalog import Catalog, resolve_locale
 from notify_svc.messages import build_message, check_all
+from notify_svc.providers import Provider
 from notify_svc.rendering import RenderedEmail, Renderer
 from notify_svc.smtp import DeliveryError
 from notify_svc.store import NotificationStore, new_notification_id
@@ -31,12 +32,6 @@ QUEUED = notify_pb2.NOTIFICATION_STATUS_QUEUED
 SENDING = notify_pb2.NOTIFICATION_STATUS_SENDING
 SENT = notify_pb2.NOTIFICATION_STATUS_SENT
 FAILED = notify_pb2.NOTIFICATION_STATUS_FAILED
-
-
-class Provider(Protocol):
-    name: str
-
-    async def send(self, message: Any, recipients: list[str]) -> str: ...
 
 
 class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
@@ -171,7 +166,7 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
 
         await self._store.change(org, notification.id, attempt)
         try:
-            await self._provider.send(message, envelope)
+            delivery = await self._provider.deliver(message, envelope)
         except DeliveryError as error:
             failure, permanent = str(error), error.permanent
 
@@ -190,7 +185,7 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
 
         def sent(current: notify_pb2.Notification) -> None:
             current.status = SENT
-            current.provider = self._provider.name
+            current.provider = delivery.provider
             current.message_id = str(message["Message-ID"])
             current.last_error = ""
             current.sent_at.GetCurrentTime()

@@ -16,7 +16,7 @@ from grpc import aio
 from devtools.servers import NatsServer, RedisServer
 from mesh.redisconn import RedisSettings
 from mesh.server import ServiceRunner
-from mesh.settings import ServerSettings
+from mesh.settings import ServerSettings, SettingsError
 from notify_svc.catalog import TYPES, Catalog
 from notify_svc.config import NotifySettings
 from notify_svc.server import build_runner
@@ -26,6 +26,8 @@ from opsmesh.notify.v1 import notify_pb2_grpc
 from task_svc.delivery import email_handler
 from tests.conftest import FAST_HEALTH
 from tests.helpers import assert_eventually, error_details, identity
+from tests.sendgrid_standin import API_KEY as SENDGRID_KEY
+from tests.sendgrid_standin import SendGridStandIn
 from tests.smtp_sink import Sink
 from tests.taskkit import running_worker, task_stack
 
@@ -60,7 +62,7 @@ class NotifyStack:
 
 @asynccontextmanager
 async def notify_stack(
-    redis_url: str, nats_url: str, *, with_worker: bool = True
+    redis_url: str, nats_url: str, *, with_worker: bool = True, **overrides: str
 ) -> AsyncIterator[NotifyStack]:
     sink = Sink().start()
     async with task_stack(nats_url, max_attempts=4) as tasks:
@@ -70,6 +72,7 @@ async def notify_stack(
             smtp=SmtpSettings(port=sink.port, timeout=2.0, sender="opsmesh <noreply@opsmesh.test>"),
             task_address=f"127.0.0.1:{tasks.runner.port}",
             key_prefix=f"test:{uuid.uuid4().hex[:8]}:",
+            **overrides,  # type: ignore[arg-type]
         )
         runner = build_runner(settings, options=FAST_HEALTH)
         await runner.start()
@@ -372,3 +375,102 @@ def test_catalog_refuses_a_template_without_english(tmp_path) -> None:
     (tmp_path / "x" / "de").mkdir(parents=True)
     with pytest.raises(ValueError, match="no en variant"):
         Catalog(tmp_path)
+
+
+@pytest.fixture
+def sendgrid():
+    standin = SendGridStandIn().start()
+    yield standin
+    standin.stop()
+
+
+async def test_sendgrid_takes_over_when_smtp_fails_transiently(
+    redis_server: RedisServer, nats_server: NatsServer, sendgrid: SendGridStandIn
+) -> None:
+    async with notify_stack(
+        redis_server.url,
+        nats_server.url,
+        fallback="sendgrid",
+        sendgrid_api_key=SENDGRID_KEY,
+        sendgrid_url=sendgrid.url,
+    ) as notify:
+        notify.sink.stop()  # SMTP is down: the fallback delivers
+        queued = (
+            await notify.stub.SendEmail(
+                pb.SendEmailRequest(
+                    template="org_invitation",
+                    data=struct(**INVITE),
+                    to=[pb.Recipient(address="erin@example.com", name="Erin")],
+                    cc=[pb.Recipient(address="cc@example.com")],
+                    bcc=[pb.Recipient(address="audit@example.com")],
+                ),
+                metadata=ALICE,
+            )
+        ).notification
+        sent = await wait_notification(notify, queued.id, pb.NOTIFICATION_STATUS_SENT)
+    assert sent.provider == "sendgrid"
+    (mail,) = sendgrid.mails
+    personalization = mail["personalizations"][0]
+    assert personalization["to"] == [{"email": "erin@example.com", "name": "Erin"}]
+    assert personalization["cc"] == [{"email": "cc@example.com"}]
+    assert personalization["bcc"] == [{"email": "audit@example.com"}]
+    assert mail["subject"] == "Ada invited you to Acme on opsmesh"
+    assert [c["type"] for c in mail["content"]] == ["text/plain", "text/html"]
+
+
+async def test_sendgrid_rejection_is_permanent_and_5xx_is_retried(
+    redis_server: RedisServer, nats_server: NatsServer, sendgrid: SendGridStandIn
+) -> None:
+    async with notify_stack(
+        redis_server.url,
+        nats_server.url,
+        provider="sendgrid",
+        sendgrid_api_key=SENDGRID_KEY,
+        sendgrid_url=sendgrid.url,
+    ) as notify:
+        sendgrid.fail_next[:] = [(503, "try later")]
+        retried = (
+            await notify.stub.SendEmail(
+                pb.SendEmailRequest(
+                    template="org_invitation",
+                    data=struct(**INVITE),
+                    to=[pb.Recipient(address="f@example.com")],
+                ),
+                metadata=ALICE,
+            )
+        ).notification
+        assert (
+            await wait_notification(notify, retried.id, pb.NOTIFICATION_STATUS_SENT)
+        ).attempts == 2
+        sendgrid.fail_next[:] = [
+            (400, "The from address does not match a verified Sender Identity")
+        ]
+        refused = (
+            await notify.stub.SendEmail(
+                pb.SendEmailRequest(
+                    template="org_invitation",
+                    data=struct(**INVITE),
+                    to=[pb.Recipient(address="g@example.com")],
+                ),
+                metadata=ALICE,
+            )
+        ).notification
+        failed = await wait_notification(notify, refused.id, pb.NOTIFICATION_STATUS_FAILED)
+    assert failed.attempts == 1
+    assert "SendGrid 400" in failed.last_error
+    assert "verified Sender Identity" in failed.last_error
+
+
+def test_mail_provider_settings_are_checked() -> None:
+    with pytest.raises(SettingsError, match="OPSMESH_SENDGRID_API_KEY is required"):
+        NotifySettings.from_env({"OPSMESH_MAIL_PROVIDER": "sendgrid"})
+    with pytest.raises(SettingsError, match="must differ"):
+        NotifySettings.from_env({"OPSMESH_MAIL_FALLBACK": "smtp"})
+    settings = NotifySettings.from_env(
+        {
+            "OPSMESH_MAIL_FALLBACK": "sendgrid",
+            "OPSMESH_SENDGRID_API_KEY": "k",
+            "OPSMESH_SMTP_PORT": "25",
+        }
+    )
+    assert (settings.provider, settings.fallback, settings.smtp.port) == ("smtp", "sendgrid", 25)
