@@ -60,6 +60,7 @@ class StackConfig:
     redis_port: int = 16379
     nats_port: int = 14222
     smtp_port: int = 2525
+    webhook_port: int = 8093
     services: tuple[ServiceSpec, ...] = ()
 
     def port_of(self, name: str) -> int:
@@ -87,6 +88,7 @@ class StackConfig:
             redis_port=port("OPSMESH_DEV_REDIS_PORT", 16379),
             nats_port=port("OPSMESH_DEV_NATS_PORT", 14222),
             smtp_port=port("OPSMESH_DEV_SMTP_PORT", 2525),
+            webhook_port=port("OPSMESH_DEV_WEBHOOK_PORT", 8093),
             services=tuple(
                 ServiceSpec(
                     name=name,
@@ -168,6 +170,7 @@ def _service_env(config: StackConfig, port: int, metrics_port: int) -> dict[str,
         OPSMESH_NATS_URL=f"nats://127.0.0.1:{config.nats_port}",
         OPSMESH_SMTP_HOST="127.0.0.1",
         OPSMESH_SMTP_PORT=str(config.smtp_port),
+        OPSMESH_WEBHOOK_PORT=str(config.webhook_port),
         OPSMESH_TASK_ADDR=f"127.0.0.1:{config.port_of('task_svc')}",
         OPSMESH_NOTIFY_ADDR=f"127.0.0.1:{config.port_of('notify_svc')}",
     )
@@ -180,7 +183,12 @@ def up(config: StackConfig) -> int:
         print("the dev stack is already up ('make down' stops it):")
         _print(running)
         return 0
-    wanted = {"redis": config.redis_port, "nats": config.nats_port, "mail sink": config.smtp_port}
+    wanted = {
+        "redis": config.redis_port,
+        "nats": config.nats_port,
+        "mail sink": config.smtp_port,
+        "notify webhooks": config.webhook_port,
+    }
     wanted.update({spec.name: spec.grpc_port for spec in config.services})
     taken = [f"{name} port {port}" for name, port in wanted.items() if _port_taken(port)]
     if taken:

@@ -44,6 +44,8 @@ class Registration:
 class RunnerOptions:
     health_interval: float = 2.0
     health_timeout: float = 1.0
+    on_start: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=tuple)
+    """Called after the server started, in order (side servers such as webhooks)."""
     on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=tuple)
     """Called after the server stopped, in order (close clients, flush buffers)."""
 
@@ -116,6 +118,8 @@ class ServiceRunner:
         await self._server.start()
         await self._monitor.check_once()
         self._monitor_task = asyncio.create_task(self._monitor.run(), name="health-monitor")
+        for callback in self._options.on_start:
+            await callback()
         if self._settings.metrics_port > 0:
             self._metrics_server, _ = start_http_server(
                 self._settings.metrics_port, addr=self._settings.host, registry=self.registry

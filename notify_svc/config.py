@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mesh.redisconn import RedisSettings
 from mesh.settings import EnvReader, ServerSettings
 from notify_svc.smtp import SmtpSettings
+from notify_svc.webhooks import WebhookSettings
 
 DEFAULT_GRPC_PORT = 50053
 DEFAULT_METRICS_PORT = 9153
@@ -26,6 +27,7 @@ class NotifySettings:
     sendgrid_url: str = "https://api.sendgrid.com"
     task_address: str = "127.0.0.1:50054"
     """The task service, which queues email deliveries."""
+    webhooks: WebhookSettings = field(default_factory=lambda: WebhookSettings(port=0))
     key_prefix: str = "opsmesh:notify:"
     retention: float = 30 * 86400.0
     auth_mode: str = "trusted-headers"
@@ -44,6 +46,7 @@ class NotifySettings:
             sendgrid_api_key=env.string("OPSMESH_SENDGRID_API_KEY", ""),
             sendgrid_url=env.string("OPSMESH_SENDGRID_URL", "https://api.sendgrid.com"),
             task_address=env.string("OPSMESH_TASK_ADDR", "127.0.0.1:50054"),
+            webhooks=WebhookSettings.from_env(env),
             key_prefix=env.string("OPSMESH_NOTIFY_KEY_PREFIX", "opsmesh:notify:"),
             retention=env.seconds(
                 "OPSMESH_NOTIFY_RETENTION", 30 * 86400.0, minimum=3600, maximum=3650 * 86400

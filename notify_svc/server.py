@@ -21,6 +21,7 @@ from notify_svc.rendering import Renderer
 from notify_svc.service import SERVICE_NAME, NotificationService
 from notify_svc.smtp import SmtpProvider
 from notify_svc.store import NotificationStore
+from notify_svc.webhooks import Webhooks
 from opsmesh.notify.v1 import notify_pb2_grpc
 from opsmesh.task.v1 import task_pb2_grpc
 
@@ -44,7 +45,7 @@ def build_runner(
     *,
     authenticator: Authenticator | None = None,
     options: RunnerOptions | None = None,
-) -> ServiceRunner:
+) -> tuple[ServiceRunner, Webhooks]:
     client = connect_redis(settings.redis)
     store = NotificationStore(
         client, key_prefix=settings.key_prefix, retention_ms=int(settings.retention * 1000)
@@ -60,6 +61,8 @@ def build_runner(
         sender=settings.smtp.sender,
     )
 
+    webhooks = Webhooks(settings.webhooks, service.send)
+
     async def redis_answers() -> None:
         await client.ping()
 
@@ -67,7 +70,7 @@ def build_runner(
         await task_channel.close(None)
 
     base = options or RunnerOptions()
-    return ServiceRunner(
+    runner = ServiceRunner(
         settings=settings.server,
         registrations=[
             Registration(
@@ -82,9 +85,17 @@ def build_runner(
         options=RunnerOptions(
             health_interval=base.health_interval,
             health_timeout=base.health_timeout,
-            on_stop=(*base.on_stop, provider.close, close_task_channel, client.aclose),
+            on_start=(*base.on_start, webhooks.start),
+            on_stop=(
+                *base.on_stop,
+                webhooks.stop,
+                provider.close,
+                close_task_channel,
+                client.aclose,
+            ),
         ),
     )
+    return runner, webhooks
 
 
 async def serve(environ: Mapping[str, str]) -> None:
@@ -92,7 +103,8 @@ async def serve(environ: Mapping[str, str]) -> None:
     configure_logging(
         service="notify_svc", level=settings.server.log_level, fmt=settings.server.log_format
     )
-    await build_runner(settings).serve_until_signalled()
+    runner, _ = build_runner(settings)
+    await runner.serve_until_signalled()
 
 
 def main() -> None:

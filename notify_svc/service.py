@@ -83,7 +83,14 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
     async def SendEmail(
         self, request: notify_pb2.SendEmailRequest, context: Context
     ) -> notify_pb2.SendEmailResponse:
-        principal = current_principal()
+        return notify_pb2.SendEmailResponse(
+            notification=await self.send(current_principal(), request)
+        )
+
+    async def send(
+        self, principal: Principal, request: notify_pb2.SendEmailRequest
+    ) -> notify_pb2.Notification:
+        """Checks, records and queues one email for ``principal`` (RPCs and webhooks)."""
         key = request.idempotency_key
         if len(key) > _MAX_IDEMPOTENCY_KEY or not key.isprintable():
             raise InvalidArgument(
@@ -107,7 +114,7 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
         if not stored.task_id:
             # New, or an earlier call recorded it but could not queue it: queue it now.
             stored = await self._enqueue(principal, stored)
-        return notify_pb2.SendEmailResponse(notification=stored)
+        return stored
 
     async def _enqueue(
         self, principal: Principal, notification: notify_pb2.Notification

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import grpc
+import httpx
 import pytest
 from google.protobuf import struct_pb2
 from grpc import aio
 
-from devtools.servers import NatsServer, RedisServer
+from devtools.servers import NatsServer, RedisServer, free_port
 from mesh.redisconn import RedisSettings
 from mesh.server import ServiceRunner
 from mesh.settings import ServerSettings, SettingsError
@@ -21,6 +24,7 @@ from notify_svc.catalog import TYPES, Catalog
 from notify_svc.config import NotifySettings
 from notify_svc.server import build_runner
 from notify_svc.smtp import SmtpSettings
+from notify_svc.webhooks import SIGNATURE_HEADER, Webhooks, WebhookSettings, billing_signature
 from opsmesh.notify.v1 import notify_pb2 as pb
 from opsmesh.notify.v1 import notify_pb2_grpc
 from task_svc.delivery import email_handler
@@ -58,6 +62,7 @@ class NotifyStack:
     stub: notify_pb2_grpc.NotificationServiceStub
     runner: ServiceRunner
     sink: Sink
+    webhooks: Webhooks
 
 
 @asynccontextmanager
@@ -74,16 +79,16 @@ async def notify_stack(
             key_prefix=f"test:{uuid.uuid4().hex[:8]}:",
             **overrides,  # type: ignore[arg-type]
         )
-        runner = build_runner(settings, options=FAST_HEALTH)
+        runner, webhooks = build_runner(settings, options=FAST_HEALTH)
         await runner.start()
         channel = aio.insecure_channel(f"127.0.0.1:{runner.port}")
         try:
             stub = notify_pb2_grpc.NotificationServiceStub(channel)
             if with_worker:
                 async with running_worker(tasks, email_handler(channel), max_attempts=4):
-                    yield NotifyStack(stub, runner, sink)
+                    yield NotifyStack(stub, runner, sink, webhooks)
             else:
-                yield NotifyStack(stub, runner, sink)
+                yield NotifyStack(stub, runner, sink, webhooks)
         finally:
             await channel.close()
             await runner.stop()
@@ -474,3 +479,157 @@ def test_mail_provider_settings_are_checked() -> None:
         }
     )
     assert (settings.provider, settings.fallback, settings.smtp.port) == ("smtp", "sendgrid", 25)
+
+
+BILLING_SECRET = "whsec_test"
+
+
+@pytest.fixture
+async def hooked(redis_server: RedisServer, nats_server: NatsServer) -> AsyncIterator[NotifyStack]:
+    hooks = WebhookSettings(
+        port=free_port(),
+        billing_secret=BILLING_SECRET,
+        alert_token="am-token",
+        alert_org="acme",
+        alert_emails=("oncall@example.com",),
+    )
+    async with notify_stack(redis_server.url, nats_server.url, webhooks=hooks) as stack:  # type: ignore[arg-type]
+        yield stack
+
+
+def billing_event(event_id: str = "evt_1") -> bytes:
+    return json.dumps(
+        {
+            "id": event_id,
+            "type": "payment.failed",
+            "org_id": "acme",
+            "recipients": ["billing@acme.example"],
+            "data": {
+                "org_name": "Acme",
+                "amount": 49.0,
+                "currency": "eur",
+                "update_payment_url": "https://opsmesh.example/billing",
+            },
+        }
+    ).encode()
+
+
+async def post(
+    stack: NotifyStack, path: str, body: bytes, headers: dict[str, str]
+) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{stack.webhooks.port}") as client:
+        return await client.post(path, content=body, headers=headers)
+
+
+async def test_signed_billing_event_sends_one_email_even_when_replayed(hooked) -> None:
+    body = billing_event("evt_replay")
+    signed = {SIGNATURE_HEADER: billing_signature(BILLING_SECRET, int(time.time()), body)}
+    first = await post(hooked, "/webhooks/billing", body, signed)
+    assert first.status_code == 202, first.text
+    again = await post(hooked, "/webhooks/billing", body, signed)
+    assert again.json() == first.json(), "the same event is the same notification"
+    (notification_id,) = first.json()["notification_ids"]
+    await wait_notification(hooked, notification_id, pb.NOTIFICATION_STATUS_SENT)
+    await asyncio.sleep(0.3)
+    assert len(hooked.sink.messages) == 1
+    assert hooked.sink.messages[0][0]["Subject"] == "Payment of 49.00 EUR failed"
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        ({SIGNATURE_HEADER: "t=abc,v1=00"}, 401),
+        (
+            {
+                SIGNATURE_HEADER: billing_signature(
+                    "wrong-secret", int(time.time()), billing_event()
+                )
+            },
+            401,
+        ),
+        ({SIGNATURE_HEADER: billing_signature(BILLING_SECRET, int(time.time()), b"{}")}, 401),
+        (
+            {
+                SIGNATURE_HEADER: billing_signature(
+                    BILLING_SECRET, int(time.time()) - 3600, billing_event()
+                )
+            },
+            400,
+        ),
+    ],
+    ids=["unsigned", "malformed", "other-secret", "tampered-body", "old-timestamp"],
+)
+async def test_billing_webhook_refuses_what_it_cannot_trust(hooked, headers, status) -> None:
+    response = await post(hooked, "/webhooks/billing", billing_event(), headers)
+    assert response.status_code == status, response.text
+    assert hooked.sink.messages == []
+
+
+async def test_billing_webhook_rejects_bad_events_clearly(hooked) -> None:
+    def signed(body: bytes) -> dict[str, str]:
+        return {SIGNATURE_HEADER: billing_signature(BILLING_SECRET, int(time.time()), body)}
+
+    unknown = json.dumps(
+        {"id": "e", "type": "refund.created", "org_id": "acme", "recipients": []}
+    ).encode()
+    assert (await post(hooked, "/webhooks/billing", unknown, signed(unknown))).status_code == 400
+    bad_data = json.dumps(
+        {
+            "id": "e2",
+            "type": "payment.failed",
+            "org_id": "acme",
+            "recipients": ["b@acme.example"],
+            "data": {"org_name": "A"},
+        }
+    ).encode()
+    response = await post(hooked, "/webhooks/billing", bad_data, signed(bad_data))
+    assert response.status_code == 422
+    assert "needs amount" in response.json()["error"]
+
+
+async def test_alertmanager_firing_alerts_become_alert_emails(hooked) -> None:
+    payload = json.dumps(
+        {
+            "version": "4",
+            "status": "firing",
+            "receiver": "opsmesh",
+            "alerts": [
+                {
+                    "status": "firing",
+                    "fingerprint": "abc123",
+                    "startsAt": "2026-11-25T10:00:00Z",
+                    "generatorURL": "http://prometheus.local/graph?g0.expr=up",
+                    "labels": {
+                        "alertname": "HighErrorRate",
+                        "severity": "critical",
+                        "service": "api",
+                    },
+                    "annotations": {
+                        "summary": "5xx above 5% for 10m",
+                        "description": "api is failing",
+                    },
+                },
+                {
+                    "status": "resolved",
+                    "fingerprint": "old",
+                    "labels": {"alertname": "Old"},
+                    "annotations": {},
+                },
+            ],
+        }
+    ).encode()
+    refused = await post(
+        hooked, "/webhooks/alertmanager", payload, {"Authorization": "Bearer nope"}
+    )
+    assert refused.status_code == 401
+    accepted = await post(
+        hooked, "/webhooks/alertmanager", payload, {"Authorization": "Bearer am-token"}
+    )
+    assert accepted.status_code == 202, accepted.text
+    (notification_id,) = accepted.json()["notification_ids"]
+    await wait_notification(hooked, notification_id, pb.NOTIFICATION_STATUS_SENT)
+    message, recipients = hooked.sink.messages[0]
+    assert recipients == ["oncall@example.com"]
+    assert message["Subject"] == "[CRITICAL] HighErrorRate: 5xx above 5% for 10m"
+    assert "service=api" in message.get_body(("plain",)).get_content()

@@ -197,6 +197,7 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
             "NOTIFY",
             "NOTIFY_METRICS",
             "SMTP",
+            "WEBHOOK",
         )
     }
     env = dict(os.environ, OPSMESH_RUN_DIR=str(tmp_path / "run"))
