@@ -1,6 +1,8 @@
-"""Email tasks: the worker asks the notification service to deliver the notification."""
+"""The worker's side of email: delivering email tasks, sending provisioning emails."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -8,6 +10,7 @@ from grpc import aio
 from mesh.clients import identity_metadata
 from mesh.context import Principal
 from opsmesh.notify.v1 import notify_pb2, notify_pb2_grpc
+from opsmesh.task.v1 import task_pb2
 from task_svc.handlers import Handler, PermanentError, TaskContext
 
 # Codes after which the same call may succeed later.
@@ -42,3 +45,30 @@ def email_handler(channel: aio.Channel, *, timeout: float = 60.0) -> Handler:
             raise PermanentError(detail) from error
 
     return deliver
+
+
+def notify_emails(task: task_pb2.Task) -> list[str]:
+    """The addresses a workspace task's payload asks to keep informed."""
+    listed = task.payload.fields.get("notify_emails")
+    return [] if listed is None else [v.string_value for v in listed.list_value.values]
+
+
+class ProvisioningEmails:
+    """Sends a workspace task's provisioning emails through the notification service."""
+
+    def __init__(self, channel: aio.Channel, *, timeout: float = 10.0) -> None:
+        self._notifications = notify_pb2_grpc.NotificationServiceStub(channel)
+        self._timeout = timeout
+
+    async def __call__(self, task: task_pb2.Task, template: str, data: dict[str, Any]) -> None:
+        request = notify_pb2.SendEmailRequest(
+            template=template,
+            to=[notify_pb2.Recipient(address=address) for address in notify_emails(task)],
+            # One email per task and stage, however often the task is delivered.
+            idempotency_key=f"task:{task.id}:{template}",
+        )
+        request.data.update(data)
+        owner = Principal(user_id=task.created_by, org_id=task.org_id)
+        await self._notifications.SendEmail(
+            request, metadata=identity_metadata(owner), timeout=self._timeout
+        )

@@ -41,7 +41,7 @@ from mesh.settings import ServerSettings, SettingsError
 from opsmesh.task.v1 import task_pb2
 from task_svc import states
 from task_svc.config import TYPE_NAMES, RetryPolicy, WorkerSettings
-from task_svc.delivery import email_handler
+from task_svc.delivery import ProvisioningEmails, email_handler
 from task_svc.handlers import (
     Handler,
     PermanentError,
@@ -398,13 +398,15 @@ def handlers_for(
         task_pb2.TASK_TYPE_EMAIL: email_without_notifier,
     }
     closers: list[Callable[[], Awaitable[None]]] = []
+    emails: ProvisioningEmails | None = None
     if settings.notify_address:
         channel = aio.insecure_channel(settings.notify_address)
         handlers[task_pb2.TASK_TYPE_EMAIL] = email_handler(channel)
+        emails = ProvisioningEmails(channel)
         closers.append(functools.partial(channel.close, None))
     if settings.kube is not None and settings.kube.api:
         kube = KubeClient(settings.kube)
-        handlers[task_pb2.TASK_TYPE_WORKSPACE] = workspace_handler(kube)
+        handlers[task_pb2.TASK_TYPE_WORKSPACE] = workspace_handler(kube, emails)
         closers.append(kube.close)
     return handlers, closers
 

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
+from google.protobuf import json_format
 
 from mesh.settings import EnvReader
 from opsmesh.task.v1 import task_pb2
-from task_svc.handlers import Handler, PermanentError, TaskContext
+from task_svc.handlers import Handler, PermanentError, TaskCancelled, TaskContext
 
 log = logging.getLogger("opsmesh.workspace")
 
@@ -229,33 +230,55 @@ def _raise_for(response: httpx.Response, action: str) -> None:
     raise PermanentError(message)
 
 
-def workspace_handler(kube: KubeClient) -> Handler:
+class ProvisioningNotifier(Protocol):
+    """Sends the provisioning emails (started, completed, failed) of a workspace task."""
+
+    async def __call__(self, task: task_pb2.Task, template: str, data: dict[str, Any]) -> None: ...
+
+
+def workspace_handler(kube: KubeClient, notify: ProvisioningNotifier | None = None) -> Handler:
+    async def tell(task: task_pb2.Task, stage: str, **data: Any) -> None:
+        listed = task.payload.fields.get("notify_emails")
+        if notify is None or listed is None or not listed.list_value.values:
+            return
+        try:
+            await notify(task, f"workspace_provisioning_{stage}", data)
+        except Exception as error:  # noqa: BLE001 - an email never fails the workspace itself
+            log.warning("provisioning email %s for task %s not sent: %s", stage, task.id, error)
+
+    async def provision(context: TaskContext, payload: dict[str, Any]) -> None:
+        task = context.task
+        workspace = str(payload["workspace"])
+        base = {"org_name": task.org_id, "workspace": workspace}
+        if context.attempt == 1:
+            await tell(task, "started", **base)
+        manifests = render(task.org_id, payload)
+        try:
+            for done, manifest in enumerate(manifests):
+                await context.progress(f"apply {manifest['kind']}", done, len(manifests))
+                await kube.apply(manifest)
+        except TaskCancelled:
+            raise
+        except Exception as error:
+            last = isinstance(error, PermanentError) or task.retry_count + 1 >= task.max_attempts
+            if last:
+                await tell(task, "failed", **base, error=str(error)[:500])
+            raise
+        namespace = manifests[0]["metadata"]["name"]
+        await context.progress("workspace ready", len(manifests), len(manifests), namespace)
+        await tell(task, "completed", **base, namespace=namespace)
+
     async def provision_or_remove(context: TaskContext) -> None:
         task = context.task
-        payload = dict(task.payload)
-        namespace = namespace_name(task.org_id, str(payload["workspace"]))
-        if payload.get("action") == task_pb2.WorkspaceAction.Name(
+        payload = json_format.MessageToDict(task.payload)
+        if payload.get("action") != task_pb2.WorkspaceAction.Name(
             task_pb2.WORKSPACE_ACTION_DEPROVISION
         ):
-            await context.progress(f"delete namespace {namespace}", 0, 1)
-            existed = await kube.delete_namespace(namespace)
-            await context.progress(
-                "deleted" if existed else "already gone", 1, 1, message=namespace
-            )
+            await provision(context, payload)
             return
-        manifests = render(task.org_id, _plain(payload))
-        for done, manifest in enumerate(manifests):
-            await context.progress(f"apply {manifest['kind']}", done, len(manifests))
-            await kube.apply(manifest)
-        await context.progress("workspace ready", len(manifests), len(manifests), namespace)
+        namespace = namespace_name(task.org_id, str(payload["workspace"]))
+        await context.progress(f"delete namespace {namespace}", 0, 1)
+        existed = await kube.delete_namespace(namespace)
+        await context.progress("deleted" if existed else "already gone", 1, 1, message=namespace)
 
     return provision_or_remove
-
-
-def _plain(value: Any) -> Any:
-    """Struct values (MapComposite, RepeatedComposite) as plain dicts and lists."""
-    if hasattr(value, "items"):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return [_plain(item) for item in value]
-    return value

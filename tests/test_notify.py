@@ -27,13 +27,16 @@ from notify_svc.smtp import SmtpSettings
 from notify_svc.webhooks import SIGNATURE_HEADER, Webhooks, WebhookSettings, billing_signature
 from opsmesh.notify.v1 import notify_pb2 as pb
 from opsmesh.notify.v1 import notify_pb2_grpc
-from task_svc.delivery import email_handler
+from opsmesh.task.v1 import task_pb2 as task_pb
+from task_svc.delivery import ProvisioningEmails, email_handler
+from task_svc.workspace import KubeClient, KubeSettings, workspace_handler
 from tests.conftest import FAST_HEALTH
 from tests.helpers import assert_eventually, error_details, identity
+from tests.kube_standin import KubeStandIn
 from tests.sendgrid_standin import API_KEY as SENDGRID_KEY
 from tests.sendgrid_standin import SendGridStandIn
 from tests.smtp_sink import Sink
-from tests.taskkit import running_worker, task_stack
+from tests.taskkit import TaskStack, running_worker, task_stack
 
 ALICE = identity("alice", "acme")
 EVE = identity("eve", "evilcorp")
@@ -63,6 +66,8 @@ class NotifyStack:
     runner: ServiceRunner
     sink: Sink
     webhooks: Webhooks
+    tasks: TaskStack
+    channel: aio.Channel
 
 
 @asynccontextmanager
@@ -86,9 +91,9 @@ async def notify_stack(
             stub = notify_pb2_grpc.NotificationServiceStub(channel)
             if with_worker:
                 async with running_worker(tasks, email_handler(channel), max_attempts=4):
-                    yield NotifyStack(stub, runner, sink, webhooks)
+                    yield NotifyStack(stub, runner, sink, webhooks, tasks, channel)
             else:
-                yield NotifyStack(stub, runner, sink, webhooks)
+                yield NotifyStack(stub, runner, sink, webhooks, tasks, channel)
         finally:
             await channel.close()
             await runner.stop()
@@ -633,3 +638,56 @@ async def test_alertmanager_firing_alerts_become_alert_emails(hooked) -> None:
     assert recipients == ["oncall@example.com"]
     assert message["Subject"] == "[CRITICAL] HighErrorRate: 5xx above 5% for 10m"
     assert "service=api" in message.get_body(("plain",)).get_content()
+
+
+async def test_workspace_tasks_send_provisioning_emails(notify) -> None:
+    kube = KubeStandIn().start()
+    client = KubeClient(KubeSettings(api=kube.url))
+    handler = workspace_handler(client, ProvisioningEmails(notify.channel))
+    try:
+        async with running_worker(
+            notify.tasks, handler, types=(task_pb.TASK_TYPE_WORKSPACE,), worker_id="ws"
+        ):
+            task = (
+                await notify.tasks.stub.PublishWorkspaceTask(
+                    task_pb.PublishWorkspaceTaskRequest(
+                        payload=task_pb.WorkspaceTaskPayload(
+                            action=task_pb.WORKSPACE_ACTION_PROVISION,
+                            workspace="team-a",
+                            notify_emails=["owner@example.com"],
+                        )
+                    ),
+                    metadata=ALICE,
+                )
+            ).task
+
+            async def both_sent() -> None:
+                subjects = sorted(m["Subject"] for m, _ in notify.sink.messages)
+                assert subjects == ["Setting up workspace team-a", "Workspace team-a is ready"]
+
+            await assert_eventually(both_sent, timeout=20)
+            kube.fail_next[:] = [(403, "namespaces is forbidden")]
+            refused = (
+                await notify.tasks.stub.PublishWorkspaceTask(
+                    task_pb.PublishWorkspaceTaskRequest(
+                        payload=task_pb.WorkspaceTaskPayload(
+                            action=task_pb.WORKSPACE_ACTION_PROVISION,
+                            workspace="team-b",
+                            notify_emails=["owner@example.com"],
+                        )
+                    ),
+                    metadata=ALICE,
+                )
+            ).task
+
+            async def failure_sent() -> None:
+                subjects = [m["Subject"] for m, _ in notify.sink.messages]
+                assert "Workspace team-b could not be set up" in subjects
+
+            await assert_eventually(failure_sent, timeout=20)
+        assert task.id != refused.id
+        failed_mail = next(m for m, _ in notify.sink.messages if "team-b could not" in m["Subject"])
+        assert "namespaces is forbidden" in failed_mail.get_body(("plain",)).get_content()
+    finally:
+        await client.close()
+        kube.stop()
