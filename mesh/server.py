@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from grpc import aio
@@ -27,7 +29,7 @@ from mesh.auth import Authenticator
 from mesh.health import HealthMonitor, Probe
 from mesh.metrics import RpcMetrics
 from mesh.rpc import RpcInterceptor
-from mesh.settings import ServerSettings
+from mesh.settings import ServerSettings, SettingsError
 
 log = logging.getLogger("opsmesh.server")
 
@@ -48,6 +50,19 @@ class RunnerOptions:
     """Called after the server started, in order (side servers such as webhooks)."""
     on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=tuple)
     """Called after the server stopped, in order (close clients, flush buffers)."""
+
+    def extended(
+        self,
+        *,
+        on_start: Sequence[Callable[[], Awaitable[None]]] = (),
+        on_stop: Sequence[Callable[[], Awaitable[None]]] = (),
+    ) -> RunnerOptions:
+        """These options with a service's own start and stop steps added after the caller's."""
+        return replace(
+            self,
+            on_start=(*self.on_start, *on_start),
+            on_stop=(*self.on_stop, *on_stop),
+        )
 
 
 class ServiceRunner:
@@ -183,3 +198,12 @@ def run(main: Coroutine[Any, Any, None]) -> None:
         asyncio.run(main)
         return
     uvloop.run(main)
+
+
+def run_main(name: str, serve: Callable[[Mapping[str, str]], Coroutine[Any, Any, None]]) -> None:
+    """A service's ``main``: serve with the process environment; bad settings exit with 2."""
+    try:
+        run(serve(os.environ))
+    except SettingsError as error:
+        print(f"{name}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Mapping
 
 from grpc import aio
@@ -12,8 +10,7 @@ from mesh.auth import Authenticator, authenticator_from_mode
 from mesh.health import Probe
 from mesh.logs import configure_logging
 from mesh.redisconn import connect_redis
-from mesh.server import Registration, RunnerOptions, ServiceRunner, run
-from mesh.settings import SettingsError
+from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
 from notify_svc.catalog import Catalog
 from notify_svc.config import NotifySettings
 from notify_svc.providers import Provider, SendGrid, Smtp, WithFallback
@@ -82,17 +79,9 @@ def build_runner(
         ],
         authenticator=authenticator or authenticator_from_mode(settings.auth_mode),
         probes=[Probe(name="redis", check=redis_answers)],
-        options=RunnerOptions(
-            health_interval=base.health_interval,
-            health_timeout=base.health_timeout,
-            on_start=(*base.on_start, webhooks.start),
-            on_stop=(
-                *base.on_stop,
-                webhooks.stop,
-                provider.close,
-                close_task_channel,
-                client.aclose,
-            ),
+        options=base.extended(
+            on_start=(webhooks.start,),
+            on_stop=(webhooks.stop, provider.close, close_task_channel, client.aclose),
         ),
     )
     return runner, webhooks
@@ -108,8 +97,4 @@ async def serve(environ: Mapping[str, str]) -> None:
 
 
 def main() -> None:
-    try:
-        run(serve(os.environ))
-    except SettingsError as error:
-        print(f"notify_svc: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_main("notify_svc", serve)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Mapping
 
 from mesh.auth import Authenticator, authenticator_from_mode
 from mesh.health import Probe
 from mesh.logs import configure_logging
 from mesh.redisconn import connect_redis
-from mesh.server import Registration, RunnerOptions, ServiceRunner, run
-from mesh.settings import SettingsError
+from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
 from opsmesh.session.v1 import session_pb2_grpc
 from session_svc.config import SessionSettings
 from session_svc.service import SERVICE_NAME, SessionService
@@ -46,10 +43,8 @@ def build_runner(
         ],
         authenticator=authenticator or authenticator_from_mode(settings.auth_mode),
         probes=[Probe(name="redis", check=store.ping)],
-        options=RunnerOptions(
-            health_interval=base.health_interval,
-            health_timeout=base.health_timeout,
-            on_stop=(*base.on_stop, client.aclose),
+        options=base.extended(
+            on_stop=(client.aclose,),
         ),
     )
 
@@ -63,8 +58,4 @@ async def serve(environ: Mapping[str, str]) -> None:
 
 
 def main() -> None:
-    try:
-        run(serve(os.environ))
-    except SettingsError as error:
-        print(f"session_svc: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_main("session_svc", serve)

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import functools
-import os
-import sys
 from collections.abc import Mapping
 
 from mesh.auth import Authenticator, authenticator_from_mode
 from mesh.health import Probe
 from mesh.logs import configure_logging
 from mesh.natsconn import close_nats, connect_nats
-from mesh.server import Registration, RunnerOptions, ServiceRunner, run
-from mesh.settings import SettingsError
+from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
 from opsmesh.task.v1 import task_pb2_grpc
 from task_svc.config import TaskSettings
 from task_svc.queue import Publisher, ensure_topology
@@ -49,10 +46,8 @@ async def build_runner(
         ],
         authenticator=authenticator or authenticator_from_mode(settings.auth_mode),
         probes=[Probe(name="nats", check=jetstream_answers)],
-        options=RunnerOptions(
-            health_interval=base.health_interval,
-            health_timeout=base.health_timeout,
-            on_stop=(*base.on_stop, functools.partial(close_nats, client)),
+        options=base.extended(
+            on_stop=(functools.partial(close_nats, client),),
         ),
     )
 
@@ -67,8 +62,4 @@ async def serve(environ: Mapping[str, str]) -> None:
 
 
 def main() -> None:
-    try:
-        run(serve(os.environ))
-    except SettingsError as error:
-        print(f"task_svc: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_main("task_svc", serve)

@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import random
-import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -36,8 +34,8 @@ from mesh.errors import DependencyUnavailable, NotFound
 from mesh.health import Probe
 from mesh.logs import configure_logging
 from mesh.natsconn import close_nats, connect_nats
-from mesh.server import RunnerOptions, ServiceRunner, run
-from mesh.settings import ServerSettings, SettingsError
+from mesh.server import RunnerOptions, ServiceRunner, run_main
+from mesh.settings import ServerSettings
 from opsmesh.task.v1 import task_pb2
 from task_svc import states
 from task_svc.config import TYPE_NAMES, RetryPolicy, WorkerSettings
@@ -459,11 +457,7 @@ class _NoCallers:
 
 
 def main() -> None:
-    try:
-        run(serve(os.environ))
-    except SettingsError as error:
-        print(f"task worker: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_main("task worker", serve)
 
 
 if __name__ == "__main__":
