@@ -83,6 +83,13 @@ class Aborted(OpsmeshError):
     default_reason = "ABORTED"
 
 
+class DeadlineExceeded(OpsmeshError):
+    """A dependency took longer than allowed (a stalled stream, a slow first answer)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+
+
 class Unavailable(OpsmeshError):
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = "UNAVAILABLE"

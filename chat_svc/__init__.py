@@ -1,0 +1,1 @@
+"""opsmesh chat service: streams model answers into sessions (opsmesh.chat.v1.ChatService)."""

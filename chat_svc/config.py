@@ -1,0 +1,51 @@
+"""Chat service settings, read from OLLAMA_HOST and OPSMESH_* environment variables."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from chat_svc.model import ModelSettings
+from mesh.redisconn import RedisSettings
+from mesh.settings import EnvReader, ServerSettings
+
+DEFAULT_GRPC_PORT = 50052
+DEFAULT_METRICS_PORT = 9152
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatSettings:
+    server: ServerSettings
+    model: ModelSettings
+    redis: RedisSettings
+    history_dsn: str = "chdb://.run/chat-history"
+    """clickhouse-connect DSN: chdb://PATH (embedded) or http(s)://host:8123/db."""
+    session_address: str = "127.0.0.1:50051"
+    history_turns: int = 20
+    """Earlier messages of the session given to the model with each new one."""
+    max_message_chars: int = 32_000
+    auth_mode: str = "trusted-headers"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ChatSettings:
+        env = EnvReader(environ)
+        dsn = env.string("OPSMESH_HISTORY_DSN", "chdb://.run/chat-history")
+        if not dsn.startswith(
+            ("chdb://", "http://", "https://", "clickhouse://", "clickhouses://")
+        ):
+            env.problem(f"OPSMESH_HISTORY_DSN={dsn!r}: expected chdb://PATH or a ClickHouse URL")
+        settings = cls(
+            server=ServerSettings.from_env(
+                env, default_port=DEFAULT_GRPC_PORT, default_metrics_port=DEFAULT_METRICS_PORT
+            ),
+            model=ModelSettings.from_env(env),
+            redis=RedisSettings.from_env(env, default_url="redis://127.0.0.1:16379/0"),
+            history_dsn=dsn,
+            session_address=env.string("OPSMESH_SESSION_ADDR", "127.0.0.1:50051"),
+            history_turns=env.integer("OPSMESH_CHAT_HISTORY_TURNS", 20, minimum=0, maximum=500),
+            auth_mode=env.string(
+                "OPSMESH_AUTH_MODE", "trusted-headers", choices=("trusted-headers",)
+            ),
+        )
+        env.check()
+        return settings

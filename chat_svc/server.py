@@ -1,0 +1,92 @@
+"""Wires the chat service: settings → Ollama, ClickHouse history, Redis, sessions → gRPC."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from grpc import aio
+
+from chat_svc.config import ChatSettings
+from chat_svc.history import HistoryStore, HistoryWriter
+from chat_svc.model import ModelServer
+from chat_svc.service import SERVICE_NAME, ChatService
+from chat_svc.stops import StopSignals
+from mesh.auth import Authenticator, authenticator_from_mode
+from mesh.health import Probe
+from mesh.logs import configure_logging
+from mesh.redisconn import connect_redis
+from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
+from opsmesh.chat.v1 import chat_pb2_grpc
+from opsmesh.session.v1 import session_pb2_grpc
+
+
+async def build_runner(
+    settings: ChatSettings,
+    *,
+    authenticator: Authenticator | None = None,
+    options: RunnerOptions | None = None,
+) -> ServiceRunner:
+    """A ready-to-start server; migrates the history schema first."""
+    history = HistoryStore(settings.history_dsn)
+    await history.migrate()
+    writer = HistoryWriter(history)
+    models = ModelServer(settings.model)
+    redis = connect_redis(settings.redis)
+    stops = StopSignals(redis)
+    session_channel = aio.insecure_channel(settings.session_address)
+    service = ChatService(
+        settings=settings,
+        models=models,
+        history=history,
+        writer=writer,
+        stops=stops,
+        sessions=session_pb2_grpc.SessionServiceStub(session_channel),
+    )
+
+    async def started() -> None:
+        writer.start()
+        stops.start()
+
+    async def close_session_channel() -> None:
+        await session_channel.close(None)
+
+    base = options or RunnerOptions()
+    return ServiceRunner(
+        settings=settings.server,
+        registrations=[
+            Registration(
+                service_name=SERVICE_NAME,
+                add_to_server=lambda server: chat_pb2_grpc.add_ChatServiceServicer_to_server(
+                    service, server
+                ),
+            )
+        ],
+        authenticator=authenticator or authenticator_from_mode(settings.auth_mode),
+        # Ollama being away is reported per request (UNAVAILABLE with what is missing), not as
+        # NOT_SERVING: history, models listing errors and stop still work without it.
+        probes=[Probe(name="redis", check=redis.ping), Probe(name="history", check=history.ping)],
+        options=base.extended(
+            on_start=(started,),
+            on_stop=(
+                stops.close,
+                writer.close,
+                models.close,
+                close_session_channel,
+                redis.aclose,
+                history.close,
+            ),
+        ),
+    )
+
+
+async def serve(environ: Mapping[str, str]) -> None:
+    settings = ChatSettings.from_env(environ)
+    configure_logging(
+        service="chat_svc", level=settings.server.log_level, fmt=settings.server.log_format
+    )
+    runner = await build_runner(settings)
+    await runner.serve_until_signalled()
+
+
+def main() -> None:
+    run_main("chat_svc", serve)

@@ -1,0 +1,99 @@
+"""StopGeneration across replicas: a stop request is published on Redis to whichever runs it.
+
+Each running generation is registered (owner, with a TTL) so only its owner can
+stop it; every replica listens on one pattern subscription and sets the local
+event of the generation named in a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import redis.asyncio as aioredis
+
+from mesh.context import Principal
+from mesh.redisconn import redis_errors
+
+log = logging.getLogger("opsmesh.stops")
+
+
+class StopSignals:
+    def __init__(self, client: aioredis.Redis, *, prefix: str = "opsmesh:chat:") -> None:
+        self._redis = client
+        self._prefix = prefix
+        self._events: dict[str, asyncio.Event] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+
+    def _owner_key(self, generation_id: str) -> str:
+        return f"{self._prefix}gen:{generation_id}"
+
+    def _channel(self, generation_id: str) -> str:
+        return f"{self._prefix}stop:{generation_id}"
+
+    async def register(self, generation_id: str, owner: Principal, ttl: float) -> asyncio.Event:
+        """Marks a generation as running; the event is set when someone stops it."""
+        event = self._events.setdefault(generation_id, asyncio.Event())
+        with redis_errors():
+            await self._redis.set(
+                self._owner_key(generation_id),
+                json.dumps([owner.org_id, owner.user_id]),
+                px=int(ttl * 1000),
+            )
+        return event
+
+    async def finished(self, generation_id: str) -> None:
+        self._events.pop(generation_id, None)
+        try:
+            with redis_errors():
+                await self._redis.delete(self._owner_key(generation_id))
+        except Exception as error:  # noqa: BLE001 - the key expires by itself
+            log.debug("could not unregister generation %s: %s", generation_id, error)
+
+    async def request_stop(self, generation_id: str, caller: Principal) -> bool | None:
+        """True if a running generation of ``caller`` was told to stop; None if it is not theirs."""
+        with redis_errors():
+            owner = await self._redis.get(self._owner_key(generation_id))
+            if owner is None:
+                return False
+            if json.loads(owner) != [caller.org_id, caller.user_id]:
+                return None
+            receivers = await self._redis.publish(self._channel(generation_id), b"stop")
+        return bool(receivers)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._listen(), name="stop-listener")
+
+    async def wait_listening(self) -> None:
+        await self._subscribed.wait()
+
+    async def _listen(self) -> None:
+        failures = 0
+        while True:
+            try:
+                pubsub = self._redis.pubsub()
+                await pubsub.psubscribe(self._channel("*"))
+                self._subscribed.set()
+                failures = 0
+                async for message in pubsub.listen():
+                    if message.get("type") != "pmessage":
+                        continue
+                    channel = message["channel"]
+                    channel = channel.decode() if isinstance(channel, bytes) else channel
+                    event = self._events.get(channel.rsplit(":", 1)[1])
+                    if event is not None:
+                        event.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - resubscribe after any Redis failure
+                failures += 1
+                if failures == 1:
+                    log.warning("stop listener lost Redis (%s); resubscribing", error)
+                await asyncio.sleep(min(5.0, 0.2 * failures))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

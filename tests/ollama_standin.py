@@ -1,0 +1,161 @@
+"""An Ollama stand-in that speaks the real /api/chat NDJSON protocol over real HTTP.
+
+Tests script it: the tokens and their rate, a model load delay before the first
+token, 503s (queue full) before a stream starts, an ``{"error": ...}`` line
+after N tokens (with HTTP 200, as Ollama does), a stall, a truncated stream,
+unknown models. It records every request and when each client hung up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Scenario:
+    tokens: list[str] = field(default_factory=lambda: ["Hello", ",", " world", "!"])
+    seconds_per_token: float = 0.0
+    load_seconds: float = 0.0
+    refuse_next: list[int] = field(default_factory=list)
+    """HTTP statuses for the next requests (e.g. 503 queue full) before any streaming."""
+    error_after: int | None = None
+    stall_after: int | None = None
+    truncate_after: int | None = None
+
+
+@dataclass
+class Seen:
+    body: dict[str, Any]
+    started: float
+    hung_up: float | None = None
+    finished: bool = False
+
+
+class OllamaStandIn:
+    def __init__(self, models: tuple[str, ...] = ("llama3.2:3b", "qwen2.5:7b")) -> None:
+        self.models = list(models)
+        self.scenario = Scenario()
+        self.requests: list[Seen] = []
+        app = web.Application()
+        app.router.add_get("/api/tags", self._tags)
+        app.router.add_post("/api/chat", self._chat)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> OllamaStandIn:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        return self
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    async def _tags(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "models": [
+                    {
+                        "name": name,
+                        "model": name,
+                        "modified_at": "2026-11-01T10:00:00Z",
+                        "size": 2_019_393_189,
+                        "digest": "a80c4f17acd5",
+                        "details": {
+                            "family": name.split(":")[0].rstrip("0123456789."),
+                            "parameter_size": "3.2B",
+                            "quantization_level": "Q4_K_M",
+                            "format": "gguf",
+                        },
+                    }
+                    for name in self.models
+                ]
+            }
+        )
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        seen = Seen(body=body, started=time.monotonic())
+        self.requests.append(seen)
+        scenario = self.scenario
+        if scenario.refuse_next:
+            status = scenario.refuse_next.pop(0)
+            return web.json_response({"error": "server busy, please try again"}, status=status)
+        if body.get("model") not in self.models:
+            return web.json_response(
+                {"error": f'model "{body.get("model")}" not found, try pulling it first'},
+                status=404,
+            )
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        try:
+            await asyncio.sleep(scenario.load_seconds)
+            began = time.monotonic_ns()
+            for index, token in enumerate(scenario.tokens):
+                if index == scenario.error_after:
+                    await self._line(
+                        response,
+                        {
+                            "error": "an error was encountered while running the model: "
+                            "CUDA out of memory"
+                        },
+                    )
+                    return response
+                if index == scenario.stall_after:
+                    await asyncio.sleep(3600)
+                if index == scenario.truncate_after:
+                    request.transport.close()  # type: ignore[union-attr]
+                    return response
+                await self._line(
+                    response,
+                    {
+                        "model": body["model"],
+                        "created_at": _now(),
+                        "message": {"role": "assistant", "content": token},
+                        "done": False,
+                    },
+                )
+                await asyncio.sleep(scenario.seconds_per_token)
+            elapsed = time.monotonic_ns() - began
+            await self._line(
+                response,
+                {
+                    "model": body["model"],
+                    "created_at": _now(),
+                    "message": {"role": "assistant", "content": ""},
+                    "done": True,
+                    "done_reason": "stop",
+                    "total_duration": elapsed + 1_000_000,
+                    "load_duration": int(scenario.load_seconds * 1e9),
+                    "prompt_eval_count": 12,
+                    "prompt_eval_duration": 1_000_000,
+                    "eval_count": len(scenario.tokens),
+                    "eval_duration": max(elapsed, 1),
+                },
+            )
+            seen.finished = True
+            await response.write_eof()
+        except (asyncio.CancelledError, ConnectionResetError):
+            seen.hung_up = time.monotonic()
+            raise
+        return response
+
+    @staticmethod
+    async def _line(response: web.StreamResponse, payload: dict[str, Any]) -> None:
+        await response.write(json.dumps(payload).encode() + b"\n")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
