@@ -48,6 +48,7 @@ class ServiceSpec:
 # (name, module, gRPC port, metrics port, log line that says it serves), from DESIGN.md.
 SERVICES = (
     ("session_svc", "session_svc", 50051, 9151, r"serving opsmesh\.session\.v1\.SessionService"),
+    ("chat_svc", "chat_svc", 50052, 9152, r"serving opsmesh\.chat\.v1\.ChatService"),
     ("task_svc", "task_svc", 50054, 9154, r"serving opsmesh\.task\.v1\.TaskService"),
     ("notify_svc", "notify_svc", 50053, 9153, r"serving opsmesh\.notify\.v1\.NotificationService"),
     ("task_worker", "task_svc.worker", 50056, 9156, r"worker \S+ consuming"),
@@ -173,6 +174,10 @@ def _service_env(config: StackConfig, port: int, metrics_port: int) -> dict[str,
         OPSMESH_WEBHOOK_PORT=str(config.webhook_port),
         OPSMESH_TASK_ADDR=f"127.0.0.1:{config.port_of('task_svc')}",
         OPSMESH_NOTIFY_ADDR=f"127.0.0.1:{config.port_of('notify_svc')}",
+        OPSMESH_SESSION_ADDR=f"127.0.0.1:{config.port_of('session_svc')}",
+        OPSMESH_HISTORY_DSN=os.environ.get(
+            "OPSMESH_HISTORY_DSN", f"chdb://{config.run_dir / 'chat-history'}"
+        ),
     )
     return env
 
@@ -271,7 +276,11 @@ def up(config: StackConfig) -> int:
     print(f"opsmesh dev stack is up (state and logs in {config.run_dir}):")
     _print(started)
     first = config.services[0].grpc_port
-    print(f"\ntry:  grpcurl -plaintext localhost:{first} list\nstop: make down")
+    ollama = os.environ.get("OLLAMA_HOST", "http://127.0.0.1:11434")
+    print(
+        f"\nchat uses the Ollama server at {ollama} (set OLLAMA_HOST to change it)"
+        f"\ntry:  grpcurl -plaintext localhost:{first} list\nstop: make down"
+    )
     return 0
 
 

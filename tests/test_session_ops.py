@@ -190,6 +190,8 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
             "NATS",
             "SESSION",
             "SESSION_METRICS",
+            "CHAT",
+            "CHAT_METRICS",
             "TASK",
             "TASK_METRICS",
             "TASK_WORKER",
@@ -200,7 +202,13 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
             "WEBHOOK",
         )
     }
-    env = dict(os.environ, OPSMESH_RUN_DIR=str(tmp_path / "run"))
+    # Port 9 (discard): nothing answers there, as on a laptop without Ollama.
+    env = dict(
+        os.environ,
+        OPSMESH_RUN_DIR=str(tmp_path / "run"),
+        OLLAMA_HOST="http://127.0.0.1:9",
+        OPSMESH_OLLAMA_RETRIES="0",
+    )
     env.update({f"OPSMESH_DEV_{name}_PORT": str(port) for name, port in ports.items()})
 
     def stack(command: str) -> subprocess.CompletedProcess[str]:
@@ -279,6 +287,25 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
         )
         gone = grpcurl("opsmesh.session.v1.SessionService/GetSession", data={"sessionId": sid})
         assert "NotFound" in gone.stderr
+
+        # Chat runs; with no Ollama reachable it says exactly what is missing.
+        chat = f"localhost:{ports['CHAT']}"
+        answer = grpcurl(
+            "opsmesh.chat.v1.ChatService/StreamChat",
+            data={"sessionId": sid, "message": "hello"},
+            at=chat,
+        )
+        assert "NotFound" in answer.stderr, answer.stderr  # the session was expired above
+        live = json.loads(
+            grpcurl("opsmesh.session.v1.SessionService/CreateSession", data={}).stdout
+        )
+        answer = grpcurl(
+            "opsmesh.chat.v1.ChatService/StreamChat",
+            data={"sessionId": live["session"]["id"], "message": "hello"},
+            at=chat,
+        )
+        assert "Unavailable" in answer.stderr, answer.stderr
+        assert "the model server at http://127.0.0.1:9 is unreachable" in answer.stderr
 
         # The task service and a worker run too: a published task's transitions stream live.
         tasks = f"localhost:{ports['TASK']}"
