@@ -104,23 +104,30 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             raise DependencyUnavailable("session service", error.details() or "") from error
         return reply.session
 
+    async def _earlier(self, principal: Principal, session_id: str) -> list[Message]:
+        if not self._settings.history_turns:
+            return []
+        return await self._history.page(
+            org_id=principal.org_id,
+            user_id=principal.user_id,
+            session_id=session_id,
+            limit=self._settings.history_turns,
+            newest_first=True,
+            after=None,
+        )
+
     async def _prompt(
-        self, principal: Principal, session: session_pb2.Session, text: str
+        self, principal: Principal, session_id: str, text: str
     ) -> list[dict[str, str]]:
+        # The session (ownership, context) and the earlier turns are fetched together.
+        session, earlier = await asyncio.gather(
+            self._session(principal, session_id), self._earlier(principal, session_id)
+        )
         messages: list[dict[str, str]] = []
         if session.context.fields:
             context = json_format.MessageToJson(session.context, indent=None)
             messages.append({"role": "system", "content": f"Session context: {context}"})
-        if self._settings.history_turns:
-            earlier = await self._history.page(
-                org_id=principal.org_id,
-                user_id=principal.user_id,
-                session_id=session.id,
-                limit=self._settings.history_turns,
-                newest_first=True,
-                after=None,
-            )
-            messages += [{"role": m.role, "content": m.content} for m in reversed(earlier)]
+        messages += [{"role": m.role, "content": m.content} for m in reversed(earlier)]
         messages.append({"role": "user", "content": text})
         return messages
 
@@ -149,8 +156,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             options["num_predict"] = request.options.max_tokens
         if request.options.HasField("seed"):
             options["seed"] = request.options.seed
-        session = await self._session(principal, session_id)
-        prompt = await self._prompt(principal, session, text)
+        prompt = await self._prompt(principal, session_id, text)
 
         generation_id = str(uuid.uuid4())
         user_message_id = str(uuid.uuid4())

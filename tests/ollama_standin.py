@@ -159,3 +159,30 @@ class OllamaStandIn:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
+
+
+def main() -> None:
+    """``python -m tests.ollama_standin --port P --tokens N --seconds-per-token S``: for benches."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--tokens", type=int, default=50)
+    parser.add_argument("--seconds-per-token", type=float, default=0.02)
+    args = parser.parse_args()
+
+    async def serve() -> None:
+        standin = OllamaStandIn()
+        standin.scenario = Scenario(
+            tokens=[f" t{i}" for i in range(args.tokens)], seconds_per_token=args.seconds_per_token
+        )
+        await standin._runner.setup()
+        await web.TCPSite(standin._runner, "127.0.0.1", args.port).start()
+        print(f"ollama stand-in listening on 127.0.0.1:{args.port}", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
