@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import uuid
@@ -59,18 +60,43 @@ def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
     return stamp
 
 
+# A coalesced delta stays far below gRPC's message size limit, however far behind the client is.
+_MAX_DELTA_CHARS = 256 * 1024
+
+
 class _Answer:
     """What the model said so far; deltas are coalesced while the client is slow."""
 
     def __init__(self) -> None:
         self.text: list[str] = []
         self.thinking: list[str] = []
-        self.unsent: list[str] = []
-        self.unsent_thinking: list[str] = []
-        self.unsent_tokens = 0
+        self.unsent: collections.deque[tuple[str, str]] = collections.deque()
         self.final: Any = None
         self.first_token_at: float | None = None
         self.ready = asyncio.Event()
+
+    def add(self, content: str, thinking: str) -> None:
+        self.text.append(content)
+        self.thinking.append(thinking)
+        self.unsent.append((content, thinking))
+        self.ready.set()
+
+    def take(self) -> chat_pb2.TokenDelta:
+        """Everything not sent yet (up to a size bound) as one delta."""
+        content: list[str] = []
+        thinking: list[str] = []
+        size = tokens = 0
+        while self.unsent and (tokens == 0 or size < _MAX_DELTA_CHARS):
+            text, thought = self.unsent.popleft()
+            content.append(text)
+            thinking.append(thought)
+            size += len(text) + len(thought)
+            tokens += 1
+        if not self.unsent:
+            self.ready.clear()
+        return chat_pb2.TokenDelta(
+            content="".join(content), thinking="".join(thinking), token_count=tokens
+        )
 
 
 class ChatService(chat_pb2_grpc.ChatServiceServicer):
@@ -204,17 +230,8 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                         {ready, producer, stop_wait}, return_when=asyncio.FIRST_COMPLETED
                     )
                     ready.cancel()
-                    if answer.unsent or answer.unsent_thinking:
-                        delta = chat_pb2.TokenDelta(
-                            content="".join(answer.unsent),
-                            thinking="".join(answer.unsent_thinking),
-                            token_count=answer.unsent_tokens,
-                        )
-                        answer.unsent.clear()
-                        answer.unsent_thinking.clear()
-                        answer.unsent_tokens = 0
-                        answer.ready.clear()
-                        yield event(delta=delta)
+                    if answer.unsent:
+                        yield event(delta=answer.take())
                         continue
                     if stop_wait.done():
                         done_reason = chat_pb2.DONE_REASON_CANCELLED
@@ -253,15 +270,8 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             thinking = getattr(part.message, "thinking", None) or ""
             if (content or thinking) and answer.first_token_at is None:
                 answer.first_token_at = time.perf_counter()
-            if content:
-                answer.text.append(content)
-                answer.unsent.append(content)
-            if thinking:
-                answer.thinking.append(thinking)
-                answer.unsent_thinking.append(thinking)
             if content or thinking:
-                answer.unsent_tokens += 1
-                answer.ready.set()
+                answer.add(content, thinking)
             if part.done:
                 answer.final = part
 
@@ -311,10 +321,9 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             metadata["error"] = "cancelled by the client"
         elif done_reason == chat_pb2.DONE_REASON_CANCELLED:
             metadata["error"] = "stopped by the user"
-        if answer.thinking:
-            metadata["thinking"] = "".join(answer.thinking)
-        if not answer.text and incomplete and failure is not None and not answer.thinking:
-            metadata["empty"] = True
+        thinking = "".join(answer.thinking)
+        if thinking:
+            metadata["thinking"] = thinking
         self._writer.add(
             Message(
                 message_id=message_id,

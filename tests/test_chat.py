@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -508,3 +509,24 @@ async def test_history_writer_retries_while_clickhouse_is_away_and_never_drops_s
     assert any(
         "shutting down with 1 history messages NOT stored" in r.getMessage() for r in caplog.records
     )
+
+
+async def test_a_slow_reader_gets_coalesced_deltas_and_the_whole_answer(chat) -> None:
+    session_id = await new_session(chat)
+    # 300 tokens of 8 KiB: far more than the reader's HTTP/2 window (fixed at 64 KiB without
+    # BDP probing), so the reader pushes back and the service coalesces what piles up.
+    tokens = [f"{i:04d}" + "x" * 8188 for i in range(300)]
+    chat.ollama.scenario = Scenario(tokens=tokens, seconds_per_token=0.001)
+    deltas = []
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.max_receive_message_length", 8 * 1024 * 1024)]
+    async with aio.insecure_channel(f"127.0.0.1:{chat.runner.port}", options=options) as channel:
+        slow = chat_pb2_grpc.ChatServiceStub(channel)
+        async for event in slow.StreamChat(
+            pb.StreamChatRequest(session_id=session_id, message="x"), metadata=chat.who
+        ):
+            if event.HasField("delta"):
+                deltas.append(event.delta)
+                await asyncio.sleep(0.02)
+    assert "".join(d.content for d in deltas) == "".join(tokens)
+    assert sum(d.token_count for d in deltas) == 300
+    assert len(deltas) < 150, f"{len(deltas)} deltas: the slow reader should get coalesced ones"
