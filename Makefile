@@ -76,7 +76,8 @@ bench: $(STAMP) ## run the benchmarks (bench/*.py; installs the Celery baseline)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/session_bench.py || true
 	$(PY) bench/task_bench.py || true
-	$(PY) bench/notify_bench.py
+	$(PY) bench/notify_bench.py || true
+	$(PY) bench/chat_bench.py
 
 # --- dev stack ---------------------------------------------------------------------------
 .PHONY: up
