@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import TypeAlias
 
 import grpc
@@ -32,6 +33,15 @@ QUEUED = notify_pb2.NOTIFICATION_STATUS_QUEUED
 SENDING = notify_pb2.NOTIFICATION_STATUS_SENDING
 SENT = notify_pb2.NOTIFICATION_STATUS_SENT
 FAILED = notify_pb2.NOTIFICATION_STATUS_FAILED
+
+
+def _notification_id(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise InvalidArgument(
+            f"notification_id {value[:64]!r} is not a notification id", field="notification_id"
+        ) from None
 
 
 class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
@@ -143,7 +153,7 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
         self, request: notify_pb2.GetNotificationRequest, context: Context
     ) -> notify_pb2.GetNotificationResponse:
         notification, _ = await self._store.get(
-            current_principal().org_id, request.notification_id[:64]
+            current_principal().org_id, _notification_id(request.notification_id)
         )
         return notify_pb2.GetNotificationResponse(notification=notification)
 
@@ -151,7 +161,9 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
         self, request: notify_pb2.DeliverNotificationRequest, context: Context
     ) -> notify_pb2.DeliverNotificationResponse:
         org = current_principal().org_id
-        notification, original = await self._store.get(org, request.notification_id[:64])
+        notification, original = await self._store.get(
+            org, _notification_id(request.notification_id)
+        )
         if notification.status == SENT:
             return notify_pb2.DeliverNotificationResponse(notification=notification)
         if notification.status == FAILED:

@@ -312,6 +312,11 @@ async def test_invitation_is_delivered_once_with_both_parts(notify) -> None:
             pb.GetNotificationRequest(notification_id=first.id), metadata=EVE
         )
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(aio.AioRpcError) as caught:
+        await notify.stub.GetNotification(
+            pb.GetNotificationRequest(notification_id="../../etc"), metadata=ALICE
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_smtp_outage_is_retried_and_delivered_once_it_is_back(notify) -> None:
