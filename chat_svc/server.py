@@ -54,12 +54,7 @@ async def build_runner(
     return ServiceRunner(
         settings=settings.server,
         registrations=[
-            Registration(
-                service_name=SERVICE_NAME,
-                add_to_server=lambda server: chat_pb2_grpc.add_ChatServiceServicer_to_server(
-                    service, server
-                ),
-            )
+            Registration.of(SERVICE_NAME, service, chat_pb2_grpc.add_ChatServiceServicer_to_server)
         ],
         authenticator=authenticator or authenticator_from_mode(settings.auth_mode),
         # Ollama being away is reported per request (UNAVAILABLE with what is missing), not as

@@ -41,6 +41,13 @@ class Registration:
     service_name: str
     add_to_server: Callable[[aio.Server], None]
 
+    @classmethod
+    def of(
+        cls, service_name: str, servicer: Any, add: Callable[[Any, aio.Server], None]
+    ) -> Registration:
+        """A generated ``add_XServicer_to_server`` applied to ``servicer``."""
+        return cls(service_name=service_name, add_to_server=lambda server: add(servicer, server))
+
 
 @dataclass(frozen=True, kw_only=True)
 class RunnerOptions:

@@ -70,11 +70,8 @@ def build_runner(
     runner = ServiceRunner(
         settings=settings.server,
         registrations=[
-            Registration(
-                service_name=SERVICE_NAME,
-                add_to_server=lambda server: (
-                    notify_pb2_grpc.add_NotificationServiceServicer_to_server(service, server)
-                ),
+            Registration.of(
+                SERVICE_NAME, service, notify_pb2_grpc.add_NotificationServiceServicer_to_server
             )
         ],
         authenticator=authenticator or authenticator_from_mode(settings.auth_mode),

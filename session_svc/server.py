@@ -34,11 +34,8 @@ def build_runner(
     return ServiceRunner(
         settings=settings.server,
         registrations=[
-            Registration(
-                service_name=SERVICE_NAME,
-                add_to_server=lambda server: session_pb2_grpc.add_SessionServiceServicer_to_server(
-                    service, server
-                ),
+            Registration.of(
+                SERVICE_NAME, service, session_pb2_grpc.add_SessionServiceServicer_to_server
             )
         ],
         authenticator=authenticator or authenticator_from_mode(settings.auth_mode),

@@ -37,12 +37,7 @@ async def build_runner(
     return ServiceRunner(
         settings=settings.server,
         registrations=[
-            Registration(
-                service_name=SERVICE_NAME,
-                add_to_server=lambda server: task_pb2_grpc.add_TaskServiceServicer_to_server(
-                    service, server
-                ),
-            )
+            Registration.of(SERVICE_NAME, service, task_pb2_grpc.add_TaskServiceServicer_to_server)
         ],
         authenticator=authenticator or authenticator_from_mode(settings.auth_mode),
         probes=[Probe(name="nats", check=jetstream_answers)],
