@@ -98,6 +98,8 @@ async def run(args: argparse.Namespace) -> int:
         os.environ,
         OPSMESH_REDIS_URL=redis.url,
         OPSMESH_METRICS_PORT="0",
+        OPSMESH_SESSION_HTTP_PORT="0",
+        OPSMESH_JWT_KEYS_DIR=str(workdir / "keys"),
         OPSMESH_LOG_LEVEL="INFO",
         OPSMESH_SESSION_MAX_PER_USER="10000",
     )

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from chat_svc.model import ModelSettings
+from mesh.auth import AuthSettings
 from mesh.redisconn import RedisSettings
 from mesh.settings import EnvReader, ServerSettings
 
@@ -24,7 +25,7 @@ class ChatSettings:
     history_turns: int = 20
     """Earlier messages of the session given to the model with each new one."""
     max_message_chars: int = 32_000
-    auth_mode: str = "trusted-headers"
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ChatSettings:
@@ -43,9 +44,7 @@ class ChatSettings:
             history_dsn=dsn,
             session_address=env.string("OPSMESH_SESSION_ADDR", "127.0.0.1:50051"),
             history_turns=env.integer("OPSMESH_CHAT_HISTORY_TURNS", 20, minimum=0, maximum=500),
-            auth_mode=env.string(
-                "OPSMESH_AUTH_MODE", "trusted-headers", choices=("trusted-headers",)
-            ),
+            auth=AuthSettings.from_env(env),
         )
         env.check()
         return settings

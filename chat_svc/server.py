@@ -11,7 +11,7 @@ from chat_svc.history import HistoryStore, HistoryWriter
 from chat_svc.model import ModelServer
 from chat_svc.service import SERVICE_NAME, ChatService
 from chat_svc.stops import StopSignals
-from mesh.auth import Authenticator, authenticator_from_mode
+from mesh.auth import Authenticator, authenticator_for
 from mesh.health import Probe
 from mesh.logs import configure_logging
 from mesh.redisconn import connect_redis
@@ -56,7 +56,7 @@ async def build_runner(
         registrations=[
             Registration.of(SERVICE_NAME, service, chat_pb2_grpc.add_ChatServiceServicer_to_server)
         ],
-        authenticator=authenticator or authenticator_from_mode(settings.auth_mode),
+        authenticator=authenticator or authenticator_for(settings.auth),
         # Ollama being away is reported per request (UNAVAILABLE with what is missing), not as
         # NOT_SERVING: history, models listing errors and stop still work without it.
         probes=[Probe(name="redis", check=redis.ping), Probe(name="history", check=history.ping)],

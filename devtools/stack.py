@@ -62,6 +62,7 @@ class StackConfig:
     nats_port: int = 14222
     smtp_port: int = 2525
     webhook_port: int = 8093
+    session_http_port: int = 8090
     services: tuple[ServiceSpec, ...] = ()
 
     def port_of(self, name: str) -> int:
@@ -90,6 +91,7 @@ class StackConfig:
             nats_port=port("OPSMESH_DEV_NATS_PORT", 14222),
             smtp_port=port("OPSMESH_DEV_SMTP_PORT", 2525),
             webhook_port=port("OPSMESH_DEV_WEBHOOK_PORT", 8093),
+            session_http_port=port("OPSMESH_DEV_SESSION_HTTP_PORT", 8090),
             services=tuple(
                 ServiceSpec(
                     name=name,
@@ -172,6 +174,9 @@ def _service_env(config: StackConfig, port: int, metrics_port: int) -> dict[str,
         OPSMESH_SMTP_HOST="127.0.0.1",
         OPSMESH_SMTP_PORT=str(config.smtp_port),
         OPSMESH_WEBHOOK_PORT=str(config.webhook_port),
+        OPSMESH_SESSION_HTTP_PORT=str(config.session_http_port),
+        OPSMESH_JWT_KEYS_DIR=str(config.run_dir / "keys"),
+        OPSMESH_JWT_ISSUER=f"http://127.0.0.1:{config.session_http_port}",
         OPSMESH_TASK_ADDR=f"127.0.0.1:{config.port_of('task_svc')}",
         OPSMESH_NOTIFY_ADDR=f"127.0.0.1:{config.port_of('notify_svc')}",
         OPSMESH_SESSION_ADDR=f"127.0.0.1:{config.port_of('session_svc')}",
@@ -193,6 +198,7 @@ def up(config: StackConfig) -> int:
         "nats": config.nats_port,
         "mail sink": config.smtp_port,
         "notify webhooks": config.webhook_port,
+        "session identity (JWKS)": config.session_http_port,
     }
     wanted.update({spec.name: spec.grpc_port for spec in config.services})
     taken = [f"{name} port {port}" for name, port in wanted.items() if _port_taken(port)]

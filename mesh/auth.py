@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from mesh.context import Principal
 from mesh.errors import Unauthenticated
+from mesh.settings import EnvReader
+from mesh.tokens import JwtAuthenticator, RemoteJwks
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +83,42 @@ class TrustedHeaderAuthenticator:
         )
 
 
+@dataclass(frozen=True, kw_only=True)
+class AuthSettings:
+    """How a service learns who calls: ``jwt`` (verify access tokens) or ``trusted-headers``."""
+
+    mode: str = "trusted-headers"
+    issuer: str = "http://127.0.0.1:8090"
+    audience: str = "opsmesh"
+    jwks_url: str = ""
+    """Where the issuer publishes its keys; empty: ``<issuer>/.well-known/jwks.json``."""
+
+    @classmethod
+    def from_env(cls, env: EnvReader) -> AuthSettings:
+        issuer = env.string("OPSMESH_JWT_ISSUER", "http://127.0.0.1:8090").rstrip("/")
+        return cls(
+            mode=env.string(
+                "OPSMESH_AUTH_MODE", "trusted-headers", choices=("trusted-headers", "jwt")
+            ),
+            issuer=issuer,
+            audience=env.string("OPSMESH_JWT_AUDIENCE", "opsmesh"),
+            jwks_url=env.string("OPSMESH_JWKS_URL", f"{issuer}/.well-known/jwks.json"),
+        )
+
+
+def authenticator_for(settings: AuthSettings) -> Authenticator:
+    """The authenticator the settings select (JWT verification against the issuer's JWKS)."""
+    if settings.mode == "jwt":
+        return JwtAuthenticator(
+            keys=RemoteJwks(settings.jwks_url or f"{settings.issuer}/.well-known/jwks.json"),
+            issuer=settings.issuer,
+            audience=settings.audience,
+        )
+    return authenticator_from_mode(settings.mode)
+
+
 def authenticator_from_mode(mode: str) -> Authenticator:
-    """The authenticator a service's ``OPSMESH_AUTH_MODE`` selects."""
+    """The trusted-headers authenticator (the only mode that needs no key material)."""
     if mode == "trusted-headers":
         log.warning(
             "auth mode trusted-headers: callers' identity headers are believed as sent; "

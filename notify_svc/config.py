@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from mesh.auth import AuthSettings
 from mesh.redisconn import RedisSettings
 from mesh.settings import EnvReader, ServerSettings
 from notify_svc.smtp import SmtpSettings
@@ -30,7 +31,7 @@ class NotifySettings:
     webhooks: WebhookSettings = field(default_factory=lambda: WebhookSettings(port=0))
     key_prefix: str = "opsmesh:notify:"
     retention: float = 30 * 86400.0
-    auth_mode: str = "trusted-headers"
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> NotifySettings:
@@ -51,9 +52,7 @@ class NotifySettings:
             retention=env.seconds(
                 "OPSMESH_NOTIFY_RETENTION", 30 * 86400.0, minimum=3600, maximum=3650 * 86400
             ),
-            auth_mode=env.string(
-                "OPSMESH_AUTH_MODE", "trusted-headers", choices=("trusted-headers",)
-            ),
+            auth=AuthSettings.from_env(env),
         )
         if "sendgrid" in (settings.provider, settings.fallback) and not settings.sendgrid_api_key:
             env.problem("OPSMESH_SENDGRID_API_KEY is required when SendGrid is a mail provider")

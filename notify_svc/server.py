@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from grpc import aio
 
-from mesh.auth import Authenticator, authenticator_from_mode
+from mesh.auth import Authenticator, authenticator_for
 from mesh.health import Probe
 from mesh.logs import configure_logging
 from mesh.redisconn import connect_redis
@@ -74,7 +74,7 @@ def build_runner(
                 SERVICE_NAME, service, notify_pb2_grpc.add_NotificationServiceServicer_to_server
             )
         ],
-        authenticator=authenticator or authenticator_from_mode(settings.auth_mode),
+        authenticator=authenticator or authenticator_for(settings.auth),
         probes=[Probe(name="redis", check=redis_answers)],
         options=base.extended(
             on_start=(webhooks.start,),

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from mesh.auth import AuthSettings
 from mesh.redisconn import RedisSettings
 from mesh.settings import EnvReader, ServerSettings
+from session_svc.identity import IssuerSettings
 
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_METRICS_PORT = 9151
@@ -30,7 +32,8 @@ class SessionSettings:
     redis: RedisSettings
     limits: SessionLimits
     key_prefix: str = "opsmesh:session:"
-    auth_mode: str = "trusted-headers"
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    issuer: IssuerSettings = field(default_factory=IssuerSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> SessionSettings:
@@ -64,9 +67,8 @@ class SessionSettings:
             redis=redis,
             limits=limits,
             key_prefix=env.string("OPSMESH_SESSION_KEY_PREFIX", "opsmesh:session:"),
-            auth_mode=env.string(
-                "OPSMESH_AUTH_MODE", "trusted-headers", choices=("trusted-headers",)
-            ),
+            auth=AuthSettings.from_env(env),
+            issuer=IssuerSettings.from_env(env),
         )
         env.check()
         return settings

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from mesh.auth import Authenticator, authenticator_from_mode
+from mesh.auth import Authenticator, authenticator_for
 from mesh.health import Probe
 from mesh.logs import configure_logging
 from mesh.redisconn import connect_redis
 from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
+from mesh.tokens import JwtAuthenticator, KeyRing, LocalKeys
 from opsmesh.session.v1 import session_pb2_grpc
 from session_svc.config import SessionSettings
+from session_svc.identity import IdentityHttp
 from session_svc.service import SERVICE_NAME, SessionService
 from session_svc.store import SessionStore
 
@@ -30,6 +32,13 @@ def build_runner(
         max_sessions_per_user=settings.limits.max_sessions_per_user,
     )
     service = SessionService(store, settings.limits)
+    ring = KeyRing.load_or_create(settings.issuer.keys_dir)
+    identity = IdentityHttp(settings.issuer, ring, settings.auth.issuer)
+    if authenticator is None and settings.auth.mode == "jwt":
+        # The issuer verifies with its own keys, not through its own HTTP endpoint.
+        authenticator = JwtAuthenticator(
+            keys=LocalKeys(ring), issuer=settings.auth.issuer, audience=settings.auth.audience
+        )
     base = options or RunnerOptions()
     return ServiceRunner(
         settings=settings.server,
@@ -38,11 +47,9 @@ def build_runner(
                 SERVICE_NAME, service, session_pb2_grpc.add_SessionServiceServicer_to_server
             )
         ],
-        authenticator=authenticator or authenticator_from_mode(settings.auth_mode),
+        authenticator=authenticator or authenticator_for(settings.auth),
         probes=[Probe(name="redis", check=store.ping)],
-        options=base.extended(
-            on_stop=(client.aclose,),
-        ),
+        options=base.extended(on_start=(identity.start,), on_stop=(identity.stop, client.aclose)),
     )
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from mesh.auth import AuthSettings
 from mesh.natsconn import NatsSettings
 from mesh.settings import EnvReader, ServerSettings
 from opsmesh.task.v1 import task_pb2
@@ -60,7 +61,7 @@ class TaskSettings:
     nats: NatsSettings
     topology: Topology
     retry: Mapping[int, RetryPolicy]
-    auth_mode: str = "trusted-headers"
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> TaskSettings:
@@ -72,9 +73,7 @@ class TaskSettings:
             nats=NatsSettings.from_env(env, default_url="nats://127.0.0.1:14222"),
             topology=_topology(env),
             retry=_retry_policies(env),
-            auth_mode=env.string(
-                "OPSMESH_AUTH_MODE", "trusted-headers", choices=("trusted-headers",)
-            ),
+            auth=AuthSettings.from_env(env),
         )
         env.check()
         return settings

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 
-from mesh.auth import Authenticator, authenticator_from_mode
+from mesh.auth import Authenticator, authenticator_for
 from mesh.health import Probe
 from mesh.logs import configure_logging
 from mesh.natsconn import close_nats, connect_nats
@@ -39,7 +39,7 @@ async def build_runner(
         registrations=[
             Registration.of(SERVICE_NAME, service, task_pb2_grpc.add_TaskServiceServicer_to_server)
         ],
-        authenticator=authenticator or authenticator_from_mode(settings.auth_mode),
+        authenticator=authenticator or authenticator_for(settings.auth),
         probes=[Probe(name="nats", check=jetstream_answers)],
         options=base.extended(
             on_stop=(functools.partial(close_nats, client),),

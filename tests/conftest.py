@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -17,6 +18,7 @@ from mesh.server import RunnerOptions, ServiceRunner
 from mesh.settings import ServerSettings
 from opsmesh.session.v1 import session_pb2_grpc
 from session_svc.config import SessionLimits, SessionSettings
+from session_svc.identity import IssuerSettings
 from session_svc.server import build_runner
 
 
@@ -55,6 +57,7 @@ def session_settings(redis_url: str, **limits: float) -> SessionSettings:
         redis=RedisSettings(url=redis_url, socket_timeout=0.5, connect_timeout=0.5),
         limits=replace(TEST_LIMITS, **limits),  # type: ignore[arg-type]
         key_prefix=f"test:{uuid.uuid4().hex[:8]}:",
+        issuer=IssuerSettings(keys_dir=Path(tempfile.mkdtemp(prefix="keys-")), http_port=0),
     )
 
 

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -112,6 +113,8 @@ def _service_env(redis_url: str, port: int, **extra: str) -> dict[str, str]:
         OPSMESH_METRICS_PORT="0",
         OPSMESH_REDIS_URL=redis_url,
         OPSMESH_SESSION_KEY_PREFIX=f"proc:{uuid.uuid4().hex[:8]}:",
+        OPSMESH_SESSION_HTTP_PORT="0",
+        OPSMESH_JWT_KEYS_DIR=tempfile.mkdtemp(prefix="keys-"),
         **extra,
     )
     return env
@@ -200,6 +203,7 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
             "NOTIFY_METRICS",
             "SMTP",
             "WEBHOOK",
+            "SESSION_HTTP",
         )
     }
     # Port 9 (discard): nothing answers there, as on a laptop without Ollama.

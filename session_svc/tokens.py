@@ -1,0 +1,86 @@
+"""Operator commands for access tokens; they need the signing keys, so only an operator can.
+
+    python -m session_svc.tokens issue --user ada --org acme [--roles admin,ops] [--ttl 15m]
+    python -m session_svc.tokens rotate        # a new signing key; old ones stay published
+    python -m session_svc.tokens prune --older-than 1d
+
+The keys directory and the issuer come from OPSMESH_JWT_KEYS_DIR and OPSMESH_JWT_ISSUER /
+OPSMESH_JWT_AUDIENCE, as for the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from mesh.auth import AuthSettings, parse_identifier, parse_roles
+from mesh.context import Principal
+from mesh.errors import Unauthenticated
+from mesh.settings import EnvReader, SettingsError
+from mesh.tokens import KeyRing, issue_access_token
+from session_svc.identity import IssuerSettings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m session_svc.tokens",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    issue = commands.add_parser("issue", help="print an access token for a user of an org")
+    issue.add_argument("--user", required=True)
+    issue.add_argument("--org", required=True)
+    issue.add_argument("--roles", default="")
+    issue.add_argument("--ttl", default="", help="lifetime, e.g. 15m (default: the service's)")
+    commands.add_parser("rotate", help="add a signing key that signs from now on")
+    prune = commands.add_parser("prune", help="remove keys older than a duration")
+    prune.add_argument("--older-than", required=True)
+    args = parser.parse_args(argv)
+    overrides = {"OPSMESH_ACCESS_TOKEN_TTL": args.ttl} if getattr(args, "ttl", "") else {}
+    env = EnvReader({**os.environ, **overrides})
+    issuer = IssuerSettings.from_env(env)
+    auth = AuthSettings.from_env(env)
+    try:
+        env.check()
+    except SettingsError as error:
+        print(error, file=sys.stderr)
+        return 2
+    ring = KeyRing.load_or_create(issuer.keys_dir)
+    if args.command == "rotate":
+        key = ring.rotate()
+        print(f"new signing key {key.kid} in {issuer.keys_dir}")
+        return 0
+    if args.command == "prune":
+        reader = EnvReader({"age": args.older_than})
+        age = reader.seconds("age", 0, minimum=0, maximum=10 * 365 * 86400)
+        try:
+            reader.check()
+        except SettingsError as error:
+            print(f"--older-than: {error}", file=sys.stderr)
+            return 2
+        removed = ring.prune(time.time() - age)
+        print(f"removed {len(removed)} key(s): {', '.join(removed) or '-'}")
+        return 0
+    try:
+        principal = Principal(
+            user_id=parse_identifier(args.user, "--user"),
+            org_id=parse_identifier(args.org, "--org"),
+            roles=parse_roles(args.roles),
+        )
+    except Unauthenticated as error:
+        print(error.message, file=sys.stderr)
+        return 2
+    print(
+        issue_access_token(
+            ring, principal, issuer=auth.issuer, audience=auth.audience, ttl=issuer.access_token_ttl
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
