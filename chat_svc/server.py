@@ -56,7 +56,7 @@ async def build_runner(
         registrations=[
             Registration.of(SERVICE_NAME, service, chat_pb2_grpc.add_ChatServiceServicer_to_server)
         ],
-        authenticator=authenticator or authenticator_for(settings.auth),
+        authenticator=authenticator or authenticator_for(settings.auth, redis=redis),
         # Ollama being away is reported per request (UNAVAILABLE with what is missing), not as
         # NOT_SERVING: history, models listing errors and stop still work without it.
         probes=[Probe(name="redis", check=redis.ping), Probe(name="history", check=history.ping)],

@@ -12,12 +12,12 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from mesh.context import Principal
 from mesh.errors import Unauthenticated
 from mesh.settings import EnvReader
-from mesh.tokens import JwtAuthenticator, RemoteJwks
+from mesh.tokens import JwtAuthenticator, RedisRevocations, RemoteJwks
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +106,17 @@ class AuthSettings:
         )
 
 
-def authenticator_for(settings: AuthSettings) -> Authenticator:
-    """The authenticator the settings select (JWT verification against the issuer's JWKS)."""
+def authenticator_for(settings: AuthSettings, *, redis: Any = None) -> Authenticator:
+    """The authenticator the settings select (JWT verification against the issuer's JWKS).
+
+    With ``redis`` (the issuer's), tokens of revoked sessions are refused before they expire.
+    """
     if settings.mode == "jwt":
         return JwtAuthenticator(
             keys=RemoteJwks(settings.jwks_url or f"{settings.issuer}/.well-known/jwks.json"),
             issuer=settings.issuer,
             audience=settings.audience,
+            revoked=RedisRevocations(redis) if redis is not None else None,
         )
     return authenticator_from_mode(settings.mode)
 

@@ -47,9 +47,14 @@ class SigningKey:
     def jwk(self) -> dict[str, str]:
         numbers = self.private_key.public_key().public_numbers()
         return {
-            "kty": "EC", "crv": "P-256", "x": _b64(numbers.x), "y": _b64(numbers.y),
-            "kid": self.kid, "use": "sig", "alg": ALGORITHM,
-        }  # fmt: skip
+            "kty": "EC",
+            "crv": "P-256",
+            "x": _b64(numbers.x),
+            "y": _b64(numbers.y),
+            "kid": self.kid,
+            "use": "sig",
+            "alg": ALGORITHM,
+        }
 
 
 class KeyRing:
@@ -126,10 +131,16 @@ def issue_access_token(
 ) -> str:
     now = int(time.time())
     claims: dict[str, Any] = {
-        "iss": issuer, "aud": audience, "sub": principal.user_id, "org_id": principal.org_id,
-        "roles": sorted(principal.roles), "jti": str(uuid.uuid4()), "iat": now, "nbf": now,
+        "iss": issuer,
+        "aud": audience,
+        "sub": principal.user_id,
+        "org_id": principal.org_id,
+        "roles": sorted(principal.roles),
+        "jti": str(uuid.uuid4()),
+        "iat": now,
+        "nbf": now,
         "exp": now + int(ttl),
-    }  # fmt: skip
+    }
     claims.update(extra or {})
     key = ring.current
     return jwt.encode(claims, key.private_key, algorithm=ALGORITHM, headers={"kid": key.kid})
@@ -265,3 +276,24 @@ class JwtAuthenticator:
         return Principal(
             user_id=str(claims["sub"]), org_id=org, roles=frozenset(str(r) for r in roles)
         )
+
+
+class RedisRevocations:
+    """Is the session (``sid`` claim) of a token revoked? Read from the issuer's Redis keys."""
+
+    def __init__(self, client: Any, *, prefix: str = "opsmesh:id:") -> None:
+        self._redis = client
+        self._prefix = prefix
+
+    async def __call__(self, claims: Mapping[str, Any]) -> bool:
+        family = claims.get("sid")
+        if not isinstance(family, str):
+            return False
+        try:
+            flag = await self._redis.hget(f"{self._prefix}fam:{family}", "revoked")
+        except Exception as error:
+            # Fail closed: without the revocation list a token cannot be trusted.
+            raise Unauthenticated(
+                "cannot check whether the token was revoked; try again", reason="REVOCATION_UNKNOWN"
+            ) from error
+        return bool(flag in (b"1", "1"))

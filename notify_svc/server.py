@@ -74,7 +74,7 @@ def build_runner(
                 SERVICE_NAME, service, notify_pb2_grpc.add_NotificationServiceServicer_to_server
             )
         ],
-        authenticator=authenticator or authenticator_for(settings.auth),
+        authenticator=authenticator or authenticator_for(settings.auth, redis=client),
         probes=[Probe(name="redis", check=redis_answers)],
         options=base.extended(
             on_start=(webhooks.start,),

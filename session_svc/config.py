@@ -9,6 +9,7 @@ from mesh.auth import AuthSettings
 from mesh.redisconn import RedisSettings
 from mesh.settings import EnvReader, ServerSettings
 from session_svc.identity import IssuerSettings
+from session_svc.oauth import OAuthSettings
 
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_METRICS_PORT = 9151
@@ -34,6 +35,7 @@ class SessionSettings:
     key_prefix: str = "opsmesh:session:"
     auth: AuthSettings = field(default_factory=AuthSettings)
     issuer: IssuerSettings = field(default_factory=IssuerSettings)
+    oauth: OAuthSettings = field(default_factory=OAuthSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> SessionSettings:
@@ -69,6 +71,7 @@ class SessionSettings:
             key_prefix=env.string("OPSMESH_SESSION_KEY_PREFIX", "opsmesh:session:"),
             auth=AuthSettings.from_env(env),
             issuer=IssuerSettings.from_env(env),
+            oauth=OAuthSettings.from_env(env),
         )
         env.check()
         return settings

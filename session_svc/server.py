@@ -9,10 +9,12 @@ from mesh.health import Probe
 from mesh.logs import configure_logging
 from mesh.redisconn import connect_redis
 from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
-from mesh.tokens import JwtAuthenticator, KeyRing, LocalKeys
+from mesh.tokens import JwtAuthenticator, KeyRing, LocalKeys, RedisRevocations
 from opsmesh.session.v1 import session_pb2_grpc
+from session_svc.accounts import Accounts
 from session_svc.config import SessionSettings
 from session_svc.identity import IdentityHttp
+from session_svc.oauth import OAuthServer
 from session_svc.service import SERVICE_NAME, SessionService
 from session_svc.store import SessionStore
 
@@ -33,11 +35,24 @@ def build_runner(
     )
     service = SessionService(store, settings.limits)
     ring = KeyRing.load_or_create(settings.issuer.keys_dir)
-    identity = IdentityHttp(settings.issuer, ring, settings.auth.issuer)
+    accounts = Accounts(client)
+    oauth = OAuthServer(
+        client,
+        ring=ring,
+        auth=settings.auth,
+        access_ttl=settings.issuer.access_token_ttl,
+        settings=settings.oauth,
+    )
+    identity = IdentityHttp(
+        settings.issuer, ring, settings.auth.issuer, oauth=oauth, accounts=accounts
+    )
     if authenticator is None and settings.auth.mode == "jwt":
         # The issuer verifies with its own keys, not through its own HTTP endpoint.
         authenticator = JwtAuthenticator(
-            keys=LocalKeys(ring), issuer=settings.auth.issuer, audience=settings.auth.audience
+            keys=LocalKeys(ring),
+            issuer=settings.auth.issuer,
+            audience=settings.auth.audience,
+            revoked=RedisRevocations(client),
         )
     base = options or RunnerOptions()
     return ServiceRunner(

@@ -1,0 +1,291 @@
+"""OAuth 2.1 for public clients: authorization codes with PKCE (S256 only) and rotating
+refresh tokens whose reuse revokes the whole family (RFC 9700 §4.14.2).
+
+Codes and refresh tokens are opaque random strings stored only as SHA-256 hashes.
+A code is single use; presenting it again revokes the family it started. Each
+refresh returns a new pair; the spent token may be presented once more only
+within ``reuse_grace`` right after its rotation (a client's own race), anything
+else revokes the family. A family (the ``sid`` claim of its access tokens) lives
+at most ``refresh_absolute``; each refresh token at most ``refresh_idle``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from mesh.auth import AuthSettings
+from mesh.context import Principal
+from mesh.redisconn import redis_errors
+from mesh.settings import EnvReader
+from mesh.tokens import KeyRing, issue_access_token
+from session_svc.accounts import Account
+
+_REFRESH = """
+local token = redis.call('HGETALL', KEYS[1])
+if #token == 0 then return {'invalid'} end
+local t = {}
+for i = 1, #token, 2 do t[token[i]] = token[i + 1] end
+local family = ARGV[1] .. 'fam:' .. t.family
+if redis.call('EXISTS', family) == 0 then return {'invalid'} end
+if redis.call('HGET', family, 'client') ~= ARGV[6] then return {'invalid'} end
+if redis.call('HGET', family, 'revoked') == '1' then return {'revoked'} end
+local now = tonumber(ARGV[2])
+local used = tonumber(t.used_at or '0')
+if used > 0 then
+  local current = redis.call('HGET', family, 'current')
+  if t.successor == current and now - used <= tonumber(ARGV[3]) then
+    redis.call('DEL', ARGV[1] .. 'rt:' .. current)
+  else
+    redis.call('HSET', family, 'revoked', '1')
+    return {'reused', t.family}
+  end
+end
+redis.call('HSET', KEYS[1], 'used_at', now, 'successor', ARGV[4])
+local fresh = ARGV[1] .. 'rt:' .. ARGV[4]
+redis.call('HSET', fresh, 'family', t.family, 'used_at', 0, 'successor', '')
+local ttl = math.min(tonumber(ARGV[5]), redis.call('PTTL', family))
+redis.call('PEXPIRE', fresh, ttl)
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('HSET', family, 'current', ARGV[4])
+return {'ok', t.family, redis.call('HGET', family, 'user'), redis.call('HGET', family, 'org'),
+        redis.call('HGET', family, 'roles')}
+"""
+
+# Takes a code once; a second presentation finds the tombstone and revokes what it issued.
+_TAKE_CODE = """
+local code = redis.call('GETDEL', KEYS[1])
+if code then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  return {'ok', code}
+end
+local family = redis.call('GET', KEYS[2])
+if family then
+  redis.call('HSET', ARGV[3] .. 'fam:' .. family, 'revoked', '1')
+  return {'replayed', family}
+end
+return {'invalid'}
+"""
+
+
+class OAuthError(Exception):
+    """An OAuth error response: ``error`` code, description, HTTP status."""
+
+    def __init__(self, error: str, description: str, status: int = 400) -> None:
+        super().__init__(description)
+        self.error = error
+        self.description = description
+        self.status = status
+
+
+@dataclass(frozen=True, kw_only=True)
+class OAuthSettings:
+    clients: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: {
+            "opsmesh-web": (
+                "http://localhost:8080/oauth/callback",
+                "http://localhost:5173/oauth/callback",
+            )
+        }
+    )
+    """Public clients and their exact redirect URIs."""
+    code_ttl: float = 60.0
+    refresh_idle: float = 7 * 86400.0
+    refresh_absolute: float = 30 * 86400.0
+    reuse_grace: float = 2.0
+
+    @classmethod
+    def from_env(cls, env: EnvReader) -> OAuthSettings:
+        raw = env.string("OPSMESH_OAUTH_CLIENTS", "")
+        clients: dict[str, tuple[str, ...]] | None = None
+        if raw:
+            clients = {}
+            for entry in raw.split(";"):
+                client_id, _, uris = entry.partition("=")
+                listed = tuple(u.strip() for u in uris.split(",") if u.strip())
+                if not client_id.strip() or not listed:
+                    env.problem(
+                        f"OPSMESH_OAUTH_CLIENTS={raw!r}: expected client=uri[,uri][;client=uri]"
+                    )
+                    break
+                clients[client_id.strip()] = listed
+        defaults = cls()
+        return cls(
+            clients=clients or defaults.clients,
+            code_ttl=env.seconds("OPSMESH_OAUTH_CODE_TTL", 60, minimum=5, maximum=600),
+            refresh_idle=env.seconds(
+                "OPSMESH_REFRESH_IDLE", 7 * 86400, minimum=60, maximum=365 * 86400
+            ),
+            refresh_absolute=env.seconds(
+                "OPSMESH_REFRESH_ABSOLUTE", 30 * 86400, minimum=60, maximum=365 * 86400
+            ),
+            reuse_grace=env.seconds("OPSMESH_REFRESH_REUSE_GRACE", 2, minimum=0, maximum=60),
+        )
+
+
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def s256(verifier: str) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
+
+
+class OAuthServer:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        ring: KeyRing,
+        auth: AuthSettings,
+        access_ttl: float,
+        settings: OAuthSettings,
+        prefix: str = "opsmesh:id:",
+    ) -> None:
+        self._redis = client
+        self._ring = ring
+        self._auth = auth
+        self._access_ttl = access_ttl
+        self.settings = settings
+        self._prefix = prefix
+        self._refresh = client.register_script(_REFRESH)
+        self._take_code = client.register_script(_TAKE_CODE)
+
+    def check_client(self, client_id: str, redirect_uri: str) -> None:
+        allowed = self.settings.clients.get(client_id)
+        if allowed is None:
+            raise OAuthError("invalid_client", f"unknown client {client_id[:60]!r}", 401)
+        if redirect_uri not in allowed:  # exact match, no prefixes or patterns
+            raise OAuthError("invalid_request", "redirect_uri is not registered for this client")
+
+    async def issue_code(
+        self, account: Account, *, client_id: str, redirect_uri: str, challenge: str, scope: str
+    ) -> str:
+        code = secrets.token_urlsafe(32)
+        record = json.dumps(
+            {
+                "user": account.user_id,
+                "org": account.org_id,
+                "roles": sorted(account.roles),
+                "client": client_id,
+                "redirect": redirect_uri,
+                "challenge": challenge,
+                "scope": scope,
+            }
+        )
+        with redis_errors():
+            await self._redis.set(
+                f"{self._prefix}code:{_digest(code)}", record, px=int(self.settings.code_ttl * 1000)
+            )
+        return code
+
+    def _access(self, principal: Principal, family: str) -> dict[str, Any]:
+        token = issue_access_token(
+            self._ring,
+            principal,
+            issuer=self._auth.issuer,
+            audience=self._auth.audience,
+            ttl=self._access_ttl,
+            extra={"sid": family},
+        )
+        return {"access_token": token, "token_type": "Bearer", "expires_in": int(self._access_ttl)}
+
+    async def exchange_code(
+        self, *, code: str, client_id: str, redirect_uri: str, verifier: str
+    ) -> dict[str, Any]:
+        family = str(uuid.uuid4())
+        digest = _digest(code)
+        with redis_errors():
+            outcome = await self._take_code(
+                keys=[f"{self._prefix}code:{digest}", f"{self._prefix}codeused:{digest}"],
+                args=[family, int(self.settings.refresh_absolute * 1000), self._prefix],
+            )
+        if outcome[0] == b"replayed":
+            raise OAuthError(
+                "invalid_grant", "authorization code already used; its tokens are revoked"
+            )
+        if outcome[0] != b"ok":
+            raise OAuthError("invalid_grant", "unknown or expired authorization code")
+        record = json.loads(outcome[1])
+        if record["client"] != client_id or record["redirect"] != redirect_uri:
+            await self.revoke_family(family)
+            raise OAuthError(
+                "invalid_grant", "the code was issued to another client or redirect_uri"
+            )
+        if not verifier or not 43 <= len(verifier) <= 128:
+            raise OAuthError("invalid_grant", "code_verifier is missing or not 43-128 characters")
+        if not secrets.compare_digest(s256(verifier), record["challenge"]):
+            raise OAuthError("invalid_grant", "code_verifier does not match the code_challenge")
+        principal = Principal(record["user"], record["org"], frozenset(record["roles"]))
+        refresh = secrets.token_urlsafe(32)
+        now_ms = int(time.time() * 1000)
+        with redis_errors():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                family_key = f"{self._prefix}fam:{family}"
+                pipe.hset(
+                    family_key,
+                    mapping={
+                        "user": principal.user_id,
+                        "org": principal.org_id,
+                        "roles": ",".join(sorted(principal.roles)),
+                        "client": client_id,
+                        "current": _digest(refresh),
+                        "created": now_ms,
+                        "revoked": "0",
+                    },
+                )
+                pipe.pexpire(family_key, int(self.settings.refresh_absolute * 1000))
+                token_key = f"{self._prefix}rt:{_digest(refresh)}"
+                pipe.hset(token_key, mapping={"family": family, "used_at": 0, "successor": ""})
+                pipe.pexpire(token_key, int(self.settings.refresh_idle * 1000))
+                await pipe.execute()
+        return {
+            **self._access(principal, family),
+            "refresh_token": refresh,
+            "scope": record["scope"],
+        }
+
+    async def refresh(self, *, refresh_token: str, client_id: str) -> dict[str, Any]:
+        fresh = secrets.token_urlsafe(32)
+        with redis_errors():
+            outcome = await self._refresh(
+                keys=[f"{self._prefix}rt:{_digest(refresh_token)}"],
+                args=[
+                    self._prefix,
+                    int(time.time() * 1000),
+                    int(self.settings.reuse_grace * 1000),
+                    _digest(fresh),
+                    int(self.settings.refresh_idle * 1000),
+                    client_id,
+                ],
+            )
+        verdict = outcome[0].decode() if isinstance(outcome[0], bytes) else outcome[0]
+        if verdict == "reused":
+            raise OAuthError("invalid_grant", "refresh token reused: the session is revoked")
+        if verdict == "revoked":
+            raise OAuthError("invalid_grant", "the session was revoked")
+        if verdict != "ok":
+            raise OAuthError("invalid_grant", "unknown or expired refresh token")
+        family, user, org, roles = (part.decode() for part in outcome[1:5])
+        principal = Principal(user, org, frozenset(r for r in roles.split(",") if r))
+        return {**self._access(principal, family), "refresh_token": fresh}
+
+    async def revoke_family(self, family: str) -> None:
+        with redis_errors():
+            await self._redis.hset(f"{self._prefix}fam:{family}", "revoked", "1")
+
+    async def revoke(self, token: str) -> None:
+        """Revokes the family of a refresh token (RFC 7009: unknown tokens are no error)."""
+        with redis_errors():
+            family = await self._redis.hget(f"{self._prefix}rt:{_digest(token)}", "family")
+        if family is not None:
+            await self.revoke_family(family.decode() if isinstance(family, bytes) else family)

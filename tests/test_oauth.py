@@ -1,0 +1,315 @@
+"""The OAuth 2.1 authorization server, driven like a browser and attacked like an attacker."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import re
+import secrets
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import grpc
+import httpx
+import pytest
+from grpc import aio
+
+from devtools.servers import RedisServer, free_port
+from mesh.auth import AuthSettings
+from mesh.redisconn import RedisSettings, connect_redis
+from opsmesh.session.v1 import session_pb2 as pb
+from opsmesh.session.v1 import session_pb2_grpc
+from session_svc.accounts import Accounts
+from session_svc.identity import IssuerSettings
+from session_svc.oauth import OAuthSettings
+from session_svc.server import build_runner
+from tests.conftest import FAST_HEALTH, session_settings
+
+CLIENT = "opsmesh-web"
+REDIRECT = "http://localhost:5173/oauth/callback"
+PASSWORD = "correct horse battery"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Issuer:
+    http: httpx.AsyncClient
+    sessions: session_pb2_grpc.SessionServiceStub
+    url: str
+    user: str
+
+
+@pytest.fixture
+async def issuer(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Issuer]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    base = session_settings(redis_server.url)
+    settings = type(base)(
+        server=base.server,
+        redis=base.redis,
+        limits=base.limits,
+        key_prefix=base.key_prefix,
+        auth=AuthSettings(mode="jwt", issuer=url, audience="opsmesh"),
+        issuer=IssuerSettings(keys_dir=tmp_path / "keys", http_port=port, access_token_ttl=300),
+        oauth=OAuthSettings(clients={CLIENT: (REDIRECT,)}, reuse_grace=1.0),
+    )
+    user = f"ada{secrets.token_hex(3)}"
+    client = connect_redis(RedisSettings(url=redis_server.url))
+    await Accounts(client).create(org_id="acme", user_id=user, password=PASSWORD, roles="admin")
+    await client.aclose()
+    runner = build_runner(settings, options=FAST_HEALTH)
+    await runner.start()
+    try:
+        async with (
+            httpx.AsyncClient(base_url=url) as http,
+            aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel,
+        ):
+            yield Issuer(http, session_pb2_grpc.SessionServiceStub(channel), url, user)
+    finally:
+        await runner.stop()
+
+
+def pkce() -> tuple[str, str]:
+    verifier = secrets.token_urlsafe(48)
+    challenge = (
+        base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
+    )
+    return verifier, challenge
+
+
+def authorize_params(challenge: str, **overrides: str) -> dict[str, str]:
+    return {
+        "response_type": "code",
+        "client_id": CLIENT,
+        "redirect_uri": REDIRECT,
+        "state": "xyz",
+        "scope": "openid",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        **overrides,
+    }
+
+
+async def log_in(
+    issuer: Issuer, challenge: str, password: str = PASSWORD, **overrides: str
+) -> httpx.Response:
+    page = await issuer.http.get(
+        "/oauth/authorize", params=authorize_params(challenge, **overrides)
+    )
+    assert page.status_code == 200, page.text
+    assert '<input id="password"' in page.text
+    form = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', page.text))
+    return await issuer.http.post(
+        "/oauth/authorize", data={**form, "username": issuer.user, "password": password}
+    )
+
+
+async def code_for(issuer: Issuer, challenge: str) -> str:
+    response = await log_in(issuer, challenge)
+    assert response.status_code == 302, response.text
+    location = urlsplit(response.headers["location"])
+    assert f"{location.scheme}://{location.netloc}{location.path}" == REDIRECT
+    query = parse_qs(location.query)
+    assert query["state"] == ["xyz"]
+    assert query["iss"] == [issuer.url]
+    return query["code"][0]
+
+
+async def exchange(issuer: Issuer, code: str, verifier: str, **overrides: str) -> httpx.Response:
+    return await issuer.http.post(
+        "/oauth/token",
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "client_id": CLIENT,
+            "redirect_uri": REDIRECT,
+            "code_verifier": verifier,
+            **overrides,
+        },
+    )
+
+
+async def refresh(issuer: Issuer, token: str) -> httpx.Response:
+    return await issuer.http.post(
+        "/oauth/token",
+        data={"grant_type": "refresh_token", "refresh_token": token, "client_id": CLIENT},
+    )
+
+
+async def call_as(issuer: Issuer, access_token: str) -> grpc.StatusCode:
+    try:
+        await issuer.sessions.ListSessions(
+            pb.ListSessionsRequest(), metadata=(("authorization", f"Bearer {access_token}"),)
+        )
+    except aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+async def test_pkce_login_refresh_rotation_and_reuse_revokes_the_family(issuer) -> None:
+    discovery = (await issuer.http.get("/.well-known/openid-configuration")).json()
+    assert discovery["code_challenge_methods_supported"] == ["S256"]
+    assert discovery["token_endpoint"] == f"{issuer.url}/oauth/token"
+    verifier, challenge = pkce()
+    tokens = await exchange(issuer, await code_for(issuer, challenge), verifier)
+    assert tokens.status_code == 200, tokens.text
+    first = tokens.json()
+    assert first["token_type"] == "Bearer"
+    assert tokens.headers["cache-control"] == "no-store"
+    assert await call_as(issuer, first["access_token"]) == grpc.StatusCode.OK
+
+    second = (await refresh(issuer, first["refresh_token"])).json()
+    assert second["refresh_token"] != first["refresh_token"]
+    third_response = await refresh(issuer, second["refresh_token"])
+    third = third_response.json()
+    assert third_response.status_code == 200
+    await asyncio.sleep(1.2)  # past the reuse grace
+    reused = await refresh(issuer, first["refresh_token"])
+    assert reused.status_code == 400
+    assert reused.json()["error"] == "invalid_grant"
+    # The whole family is gone: the newest refresh token and the access tokens too.
+    assert (await refresh(issuer, third["refresh_token"])).json()["error"] == "invalid_grant"
+    assert await call_as(issuer, third["access_token"]) == grpc.StatusCode.UNAUTHENTICATED
+    assert await call_as(issuer, first["access_token"]) == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_the_immediate_predecessor_is_accepted_only_within_the_grace(issuer) -> None:
+    verifier, challenge = pkce()
+    first = (await exchange(issuer, await code_for(issuer, challenge), verifier)).json()
+    second = await refresh(issuer, first["refresh_token"])
+    racing = await refresh(issuer, first["refresh_token"])  # a second tab, a moment later
+    assert second.status_code == 200
+    assert racing.status_code == 200
+    # The racing refresh replaced the pair it raced with; its own chain goes on.
+    assert (await refresh(issuer, second.json()["refresh_token"])).status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        ({"code_verifier": ""}, "invalid_grant"),
+        ({"code_verifier": secrets.token_urlsafe(48)}, "invalid_grant"),
+        ({"redirect_uri": "http://localhost:5173/evil"}, "invalid_grant"),
+        ({"client_id": "someone-else"}, "invalid_grant"),
+    ],
+    ids=["no-verifier", "wrong-verifier", "other-redirect", "other-client"],
+)
+async def test_token_exchange_refuses_what_pkce_and_binding_forbid(
+    issuer, overrides, error
+) -> None:
+    verifier, challenge = pkce()
+    response = await exchange(issuer, await code_for(issuer, challenge), verifier, **overrides)
+    assert response.status_code == 400
+    assert response.json()["error"] == error
+
+
+async def test_a_replayed_code_fails_and_revokes_what_it_issued(issuer) -> None:
+    verifier, challenge = pkce()
+    code = await code_for(issuer, challenge)
+    first = (await exchange(issuer, code, verifier)).json()
+    replay = await exchange(issuer, code, verifier)
+    assert replay.json()["error"] == "invalid_grant"
+    assert await call_as(issuer, first["access_token"]) == grpc.StatusCode.UNAUTHENTICATED
+    assert (await refresh(issuer, first["refresh_token"])).json()["error"] == "invalid_grant"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "status", "error"),
+    [
+        ({"code_challenge_method": "plain"}, 400, "invalid_request"),
+        ({"code_challenge": ""}, 400, "invalid_request"),
+        ({"redirect_uri": "http://localhost:5173/oauth/callback/../evil"}, 400, "invalid_request"),
+        ({"redirect_uri": "http://localhost:5173/oauth/callbackx"}, 400, "invalid_request"),
+        ({"client_id": "unknown"}, 401, "invalid_client"),
+        ({"response_type": "token"}, 400, "unsupported_response_type"),
+    ],
+    ids=[
+        "plain-method",
+        "no-challenge",
+        "path-trick",
+        "prefix-match",
+        "unknown-client",
+        "implicit",
+    ],
+)
+async def test_authorize_refuses_anything_but_exact_pkce_s256_code_requests(
+    issuer, overrides, status, error
+) -> None:
+    _, challenge = pkce()
+    page = await issuer.http.get(
+        "/oauth/authorize", params=authorize_params(challenge, **overrides)
+    )
+    assert page.status_code == status
+    assert page.json()["error"] == error
+
+
+async def test_login_brute_force_is_limited(issuer, redis_server: RedisServer) -> None:
+    _, challenge = pkce()
+    try:
+        for _ in range(5):
+            assert (await log_in(issuer, challenge, password="wrong password!")).status_code == 401
+        locked = await log_in(issuer, challenge)  # even the right password now waits
+        assert locked.status_code == 429
+        assert int(locked.headers["retry-after"]) > 0
+    finally:
+        # The per-address counter would lock the other tests (all from 127.0.0.1) out too.
+        client = connect_redis(RedisSettings(url=redis_server.url))
+        await client.delete("opsmesh:id:fail:a:127.0.0.1")
+        await client.aclose()
+
+
+async def test_revocation_ends_the_session_for_services(issuer) -> None:
+    verifier, challenge = pkce()
+    tokens = (await exchange(issuer, await code_for(issuer, challenge), verifier)).json()
+    assert (
+        await issuer.http.post("/oauth/revoke", data={"token": tokens["refresh_token"]})
+    ).status_code == 200
+    assert (await issuer.http.post("/oauth/revoke", data={"token": "unknown"})).status_code == 200
+    assert await call_as(issuer, tokens["access_token"]) == grpc.StatusCode.UNAUTHENTICATED
+    assert (await refresh(issuer, tokens["refresh_token"])).json()["error"] == "invalid_grant"
+    assert (await issuer.http.post("/oauth/token", data={"grant_type": "password"})).json()[
+        "error"
+    ] == "unsupported_grant_type"
+
+
+def test_account_command_creates_users_with_generated_or_given_passwords(
+    redis_server: RedisServer,
+) -> None:
+    env = dict(os.environ, OPSMESH_REDIS_URL=redis_server.url)
+    user = f"cli{secrets.token_hex(3)}"
+
+    def accounts(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "session_svc.accounts", "create", *args],
+            env=env,
+            cwd=ROOT,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    created = accounts("--org", "acme", "--user", user)
+    assert created.returncode == 0, created.stderr
+    assert "password: " in created.stdout
+    assert accounts("--org", "acme", "--user", user).returncode == 1
+    assert accounts("--org", "acme", "--user", user, "--if-missing").returncode == 0
+    assert (
+        accounts(
+            "--org", "acme", "--user", f"{user}x", "--password-stdin", stdin="short\n"
+        ).returncode
+        == 2
+    )
+    assert (
+        accounts(
+            "--org", "acme", "--user", f"{user}y", "--password-stdin", stdin=PASSWORD + "\n"
+        ).returncode
+        == 0
+    )
