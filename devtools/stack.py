@@ -14,8 +14,10 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -279,8 +281,13 @@ def up(config: StackConfig) -> int:
         _stop(started)
         config.state_file.unlink(missing_ok=True)
         return 1
+    user, password = _seed_dev_user(config)
     print(f"opsmesh dev stack is up (state and logs in {config.run_dir}):")
     _print(started)
+    print(
+        f"\nsign in at http://127.0.0.1:{config.session_http_port}/oauth/authorize as "
+        f"{user} / {password} (org dev); operator tokens: python -m session_svc.tokens issue"
+    )
     first = config.services[0].grpc_port
     ollama = os.environ.get("OLLAMA_HOST", "http://127.0.0.1:11434")
     print(
@@ -288,6 +295,39 @@ def up(config: StackConfig) -> int:
         f"\ntry:  grpcurl -plaintext localhost:{first} list\nstop: make down"
     )
     return 0
+
+
+def _seed_dev_user(config: StackConfig) -> tuple[str, str]:
+    """The dev user (created if missing); its password is kept in the run folder."""
+    credentials = config.run_dir / "dev-credentials"
+    if not credentials.exists():
+        credentials.write_text(secrets.token_urlsafe(12))
+        credentials.chmod(0o600)
+    password = credentials.read_text().strip()
+    env = dict(os.environ, OPSMESH_REDIS_URL=f"redis://127.0.0.1:{config.redis_port}/0")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "session_svc.accounts",
+            "create",
+            "--org",
+            "dev",
+            "--user",
+            "dev",
+            "--roles",
+            "admin",
+            "--password-stdin",
+            "--if-missing",
+        ],
+        input=password + "\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return "dev", password
 
 
 def _stop(components: Sequence[Component], timeout: float = 15.0) -> None:

@@ -246,6 +246,8 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
     assert up.returncode == 0, up.stderr + up.stdout
     try:
         assert "SERVING" in up.stdout
+        password = (tmp_path / "run" / "dev-credentials").read_text().strip()
+        assert f"as dev / {password} (org dev)" in up.stdout
         assert "already up" in stack("up").stdout
         assert stack("status").returncode == 0
 
