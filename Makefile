@@ -56,12 +56,13 @@ gen-check: ## fail when gen/ differs from what proto/ generates
 
 # --- checks ------------------------------------------------------------------------------
 .PHONY: lint
-lint: $(STAMP) ## ruff, mypy --strict, buf lint/format/breaking
+lint: $(STAMP) ## ruff, mypy --strict, buf lint/format/breaking, envoy --mode validate
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/buf lint
 	$(BIN)/buf format --diff --exit-code
+	$(BIN)/envoy --mode validate -c envoy/envoy.yaml --use-dynamic-base-id --log-level warn
 	@if git rev-parse --verify -q main >/dev/null && git cat-file -e main:buf.yaml 2>/dev/null; then \
 	  $(BIN)/buf breaking --against '.git#branch=main' && echo "buf breaking: no breaking change against main"; \
 	else echo "buf breaking: no main branch with buf.yaml to compare against, skipped"; fi

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devtools.edge import DEFAULT_PORTS, envoy_process, render
 from devtools.servers import (
     ManagedProcess,
     NatsServer,
@@ -53,6 +55,7 @@ SERVICES = (
     ("chat_svc", "chat_svc", 50052, 9152, r"serving opsmesh\.chat\.v1\.ChatService"),
     ("task_svc", "task_svc", 50054, 9154, r"serving opsmesh\.task\.v1\.TaskService"),
     ("notify_svc", "notify_svc", 50053, 9153, r"serving opsmesh\.notify\.v1\.NotificationService"),
+    ("ratelimit_svc", "ratelimit_svc", 50055, 9155, r"serving envoy\.service\.ratelimit"),
     ("task_worker", "task_svc.worker", 50056, 9156, r"worker \S+ consuming"),
 )
 
@@ -65,6 +68,8 @@ class StackConfig:
     smtp_port: int = 2525
     webhook_port: int = 8093
     session_http_port: int = 8090
+    edge_port: int = 8080
+    edge_admin_port: int = 9901
     services: tuple[ServiceSpec, ...] = ()
 
     def port_of(self, name: str) -> int:
@@ -94,6 +99,8 @@ class StackConfig:
             smtp_port=port("OPSMESH_DEV_SMTP_PORT", 2525),
             webhook_port=port("OPSMESH_DEV_WEBHOOK_PORT", 8093),
             session_http_port=port("OPSMESH_DEV_SESSION_HTTP_PORT", 8090),
+            edge_port=port("OPSMESH_DEV_EDGE_PORT", 8080),
+            edge_admin_port=port("OPSMESH_DEV_EDGE_ADMIN_PORT", 9901),
             services=tuple(
                 ServiceSpec(
                     name=name,
@@ -201,6 +208,8 @@ def up(config: StackConfig) -> int:
         "mail sink": config.smtp_port,
         "notify webhooks": config.webhook_port,
         "session identity (JWKS)": config.session_http_port,
+        "envoy": config.edge_port,
+        "envoy admin": config.edge_admin_port,
     }
     wanted.update({spec.name: spec.grpc_port for spec in config.services})
     taken = [f"{name} port {port}" for name, port in wanted.items() if _port_taken(port)]
@@ -276,6 +285,34 @@ def up(config: StackConfig) -> int:
             started.append(component)
             _save(config, started)
             _wait_serving(component, process, timeout=15)
+        edge_config = config.run_dir / "envoy.yaml"
+        edge_config.write_text(
+            render(
+                {
+                    "edge": config.edge_port,
+                    "admin": config.edge_admin_port,
+                    "session_http": config.session_http_port,
+                    **{
+                        spec.name.removesuffix("_svc"): spec.grpc_port
+                        for spec in config.services
+                        if spec.name.removesuffix("_svc") in DEFAULT_PORTS
+                    },
+                }
+            )
+        )
+        envoy = envoy_process(edge_config, config.run_dir / "logs" / "envoy.log", detach=True)
+        envoy.start(timeout=30)
+        _wait_edge_live(config.edge_admin_port, envoy)
+        started.append(
+            Component(
+                "envoy",
+                envoy.pid,
+                f"http://127.0.0.1:{config.edge_port} (gRPC, grpc-web, OAuth)  "
+                f"admin :{config.edge_admin_port}",
+                str(envoy.log_path),
+            )
+        )
+        _save(config, started)
     except ServerStartError as error:
         print(f"make up failed: {error}", file=sys.stderr)
         _stop(started)
@@ -295,6 +332,25 @@ def up(config: StackConfig) -> int:
         f"\ntry:  grpcurl -plaintext localhost:{first} list\nstop: make down"
     )
     return 0
+
+
+def _wait_edge_live(admin_port: int, process: ManagedProcess, timeout: float = 20) -> None:
+    """Envoy's listeners open once warm (the JWKS fetched): its admin /ready says LIVE."""
+    deadline = time.monotonic() + timeout
+    state = "unknown"
+    while time.monotonic() < deadline:
+        if not process.running():
+            raise ServerStartError("envoy", "exited during start-up")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as reply:
+                state = reply.read().decode().strip()
+        except OSError as error:
+            state = getattr(error, "reason", str(error))
+            state = str(state)
+        if state == "LIVE":
+            return
+        time.sleep(0.1)
+    raise ServerStartError("envoy", f"not LIVE after {timeout:g}s ({state})")
 
 
 def _seed_dev_user(config: StackConfig) -> tuple[str, str]:

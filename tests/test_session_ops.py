@@ -204,6 +204,10 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
             "SMTP",
             "WEBHOOK",
             "SESSION_HTTP",
+            "RATELIMIT",
+            "RATELIMIT_METRICS",
+            "EDGE",
+            "EDGE_ADMIN",
         )
     }
     # Port 9 (discard): nothing answers there, as on a laptop without Ollama.
@@ -335,6 +339,63 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
         statuses = [u["task"]["status"] for u in updates]
         assert statuses[-1] == "TASK_STATUS_FAILED", statuses
         assert "no Kubernetes cluster is configured" in updates[-1]["task"]["error"]
+
+        # Through the Envoy edge: a token from the operator command, verified by Envoy.
+        token = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "session_svc.tokens",
+                "issue",
+                "--user",
+                "dev",
+                "--org",
+                "devorg",
+            ],
+            env={
+                **env,
+                "OPSMESH_JWT_KEYS_DIR": str(tmp_path / "run" / "keys"),
+                "OPSMESH_JWT_ISSUER": f"http://127.0.0.1:{ports['SESSION_HTTP']}",
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+            cwd=ROOT,
+        ).stdout.strip()
+        edge = f"localhost:{ports['EDGE']}"
+        through = subprocess.run(
+            [
+                GRPCURL,
+                "-plaintext",
+                "-H",
+                f"authorization: Bearer {token}",
+                "-d",
+                "{}",
+                edge,
+                "opsmesh.session.v1.SessionService/ListSessions",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert through.returncode == 0, through.stderr
+        refused = subprocess.run(
+            [
+                GRPCURL,
+                "-plaintext",
+                "-d",
+                "{}",
+                edge,
+                "opsmesh.session.v1.SessionService/ListSessions",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert "Unauthenticated" in refused.stderr
 
         # An invitation sent with grpcurl lands in the dev mail sink with both parts.
         invited = grpcurl(

