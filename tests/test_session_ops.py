@@ -178,6 +178,8 @@ def test_bad_configuration_fails_fast_with_every_problem_named() -> None:
     assert "Traceback" not in result.stderr
 
 
+# Through Envoy grpcurl reads the contract from the .proto files (reflection is per service).
+PROTO_ARGS = ("-import-path", str(ROOT / "proto"), "-proto", "opsmesh/session/v1/session.proto")
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 
 
@@ -368,6 +370,7 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
             [
                 GRPCURL,
                 "-plaintext",
+                *PROTO_ARGS,
                 "-H",
                 f"authorization: Bearer {token}",
                 "-d",
@@ -385,6 +388,7 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
             [
                 GRPCURL,
                 "-plaintext",
+                *PROTO_ARGS,
                 "-d",
                 "{}",
                 edge,
