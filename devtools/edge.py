@@ -26,8 +26,9 @@ DEFAULT_PORTS = {
 }
 
 
-def render(ports: Mapping[str, int], *, config: Path = CONFIG) -> str:
-    """envoy.yaml with every ``DEFAULT_PORTS`` port replaced by ``ports`` (missing: unchanged)."""
+def render(ports: Mapping[str, int], *, config: Path = CONFIG, domain: str = "opsmesh") -> str:
+    """envoy.yaml with every ``DEFAULT_PORTS`` port replaced by ``ports`` (missing: unchanged),
+    and its rate limit domain set to ``domain``."""
     moved = {DEFAULT_PORTS[name]: port for name, port in ports.items()}
     text = re.sub(
         r"port_value: (\d+)",
@@ -35,6 +36,7 @@ def render(ports: Mapping[str, int], *, config: Path = CONFIG) -> str:
         config.read_text(),
     )
     session_http = moved.get(DEFAULT_PORTS["session_http"], DEFAULT_PORTS["session_http"])
+    text = text.replace("domain: opsmesh\n", f"domain: {domain}\n")
     return text.replace("http://127.0.0.1:8090", f"http://127.0.0.1:{session_http}")
 
 

@@ -30,6 +30,8 @@ from tests.conftest import FAST_HEALTH, session_settings
 from tests.helpers import assert_eventually
 
 USER_LIMIT = 20
+ADDRESS_LIMIT = 50
+LOGIN_LIMIT = 5
 
 
 @dataclass
@@ -77,6 +79,11 @@ async def edge(request, redis_server: RedisServer, tmp_path: Path) -> AsyncItera
     rules.write_text(
         '[[rule]]\nname = "per-user"\nkeys = ["user"]\n'
         f'requests_per_unit = {USER_LIMIT}\nunit = "hour"\n'
+        f'[[rule]]\nname = "per-address"\nkeys = ["remote_address"]\n'
+        f'requests_per_unit = {ADDRESS_LIMIT}\nunit = "hour"\n'
+        '[[rule]]\nname = "login"\nkeys = ["path", "remote_address"]\n'
+        'value = { path = "/oauth/authorize" }\n'
+        f'requests_per_unit = {LOGIN_LIMIT}\nunit = "hour"\n'
     )
     ratelimit = build_ratelimit(
         RateLimitSettings(
@@ -90,7 +97,8 @@ async def edge(request, redis_server: RedisServer, tmp_path: Path) -> AsyncItera
     for runner in runners:
         await runner.start()
     config = tmp_path / "envoy.yaml"
-    config.write_text(render(ports))
+    # A rate limit domain of its own: counters never leak between tests.
+    config.write_text(render(ports, domain=f"edge{tmp_path.name[-12:]}".replace("-", "")))
     envoy = envoy_process(config, tmp_path / "envoy.log")
     envoy.start(timeout=30)
 
@@ -269,3 +277,23 @@ async def test_behind_envoy_trusted_header_services_get_the_verified_identity(ed
         )
         created = await stub.CreateSession(pb.CreateSessionRequest(), metadata=spoofing)
     assert (created.session.user_id, created.session.org_id) == ("bob", "acme")
+
+
+async def test_per_address_limit_holds_across_users(edge) -> None:
+    codes = [
+        await list_sessions(edge, (("authorization", f"Bearer {edge.token(user=f'u{n}')}"),))
+        for n in range(ADDRESS_LIMIT + 10)
+    ]
+    allowed = codes.count(grpc.StatusCode.OK)
+    assert abs(allowed - ADDRESS_LIMIT) <= ADDRESS_LIMIT * 0.1, codes
+
+
+async def test_per_endpoint_limit_on_the_login_page_answers_429_with_reset(edge) -> None:
+    statuses = []
+    for _ in range(LOGIN_LIMIT + 5):
+        response = await edge.http.get("/oauth/authorize", params={"client_id": "x"})
+        statuses.append(response.status_code)
+    assert statuses.count(429) == 5, statuses
+    limited = await edge.http.get("/oauth/authorize", params={"client_id": "x"})
+    assert limited.status_code == 429
+    assert int(limited.headers["x-ratelimit-reset"]) > 0
