@@ -78,7 +78,8 @@ bench: $(STAMP) ## run the benchmarks (bench/*.py; installs the Celery baseline)
 	$(PY) bench/session_bench.py || true
 	$(PY) bench/task_bench.py || true
 	$(PY) bench/notify_bench.py || true
-	$(PY) bench/chat_bench.py
+	$(PY) bench/chat_bench.py || true
+	$(PY) bench/edge_bench.py
 
 # --- dev stack ---------------------------------------------------------------------------
 .PHONY: up

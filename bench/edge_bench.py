@@ -1,0 +1,199 @@
+"""What the edge costs: unary RPCs straight to the session service vs through Envoy with
+jwt_authn and global rate limiting, and ShouldRateLimit on its own, in one run.
+
+Every process is real: session_svc (verifying JWTs itself), ratelimit_svc on Redis, Envoy
+with envoy/envoy.yaml (ports moved). Prints p50/p99 latency (sequential) and throughput
+(32 concurrent callers) for both paths and the latency Envoy adds.
+Target: Envoy + JWT + rate limiting adds <= 2 ms p50.
+
+    .venv/bin/python bench/edge_bench.py [--samples 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import uvloop
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from grpc import aio
+
+from devtools.edge import envoy_process, render
+from devtools.servers import ManagedProcess, RedisServer, free_port
+from mesh.context import Principal
+from mesh.tokens import KeyRing, issue_access_token
+from opsmesh.session.v1 import session_pb2, session_pb2_grpc
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+async def latencies(call: Callable[[], Awaitable[object]], count: int) -> list[float]:
+    for _ in range(200):
+        await call()
+    samples = []
+    for _ in range(count):
+        began = time.perf_counter()
+        await call()
+        samples.append(time.perf_counter() - began)
+    return samples
+
+
+async def throughput(call: Callable[[], Awaitable[object]], seconds: float = 4.0) -> float:
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            await call()
+            done += 1
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(32)))
+    return done / (time.perf_counter() - began)
+
+
+async def run(args: argparse.Namespace) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="edge-bench-"))
+    redis = RedisServer(workdir / "redis").start()
+    ports = {
+        name: free_port()
+        for name in (
+            "edge",
+            "admin",
+            "session_http",
+            "session",
+            "ratelimit",
+            "chat",
+            "notify",
+            "task",
+        )
+    }
+    issuer = f"http://127.0.0.1:{ports['session_http']}"
+    env = dict(
+        os.environ,
+        OPSMESH_REDIS_URL=redis.url,
+        OPSMESH_METRICS_PORT="0",
+        OPSMESH_AUTH_MODE="jwt",
+        OPSMESH_JWT_ISSUER=issuer,
+        OPSMESH_JWT_KEYS_DIR=str(workdir / "keys"),
+        OPSMESH_LOG_LEVEL="INFO",
+    )
+    rules = workdir / "rules.toml"
+    rules.write_text(
+        '[[rule]]\nname = "u"\nkeys = ["user"]\nrequests_per_unit = 100000000\nunit = "hour"\n'
+    )
+    session = ManagedProcess(
+        "session_svc",
+        [sys.executable, "-m", "session_svc"],
+        log_path=workdir / "session.log",
+        ready=re.compile("serving opsmesh"),
+        env=dict(
+            env,
+            OPSMESH_GRPC_PORT=str(ports["session"]),
+            OPSMESH_SESSION_HTTP_PORT=str(ports["session_http"]),
+        ),
+    )
+    ratelimit = ManagedProcess(
+        "ratelimit_svc",
+        [sys.executable, "-m", "ratelimit_svc"],
+        log_path=workdir / "rl.log",
+        ready=re.compile("serving envoy"),
+        env=dict(
+            env, OPSMESH_GRPC_PORT=str(ports["ratelimit"]), OPSMESH_RATELIMIT_RULES=str(rules)
+        ),
+    )
+    config = workdir / "envoy.yaml"
+    config.write_text(render(ports))
+    envoy = envoy_process(config, workdir / "envoy.log")
+    processes = [session, ratelimit, envoy]
+    for process in processes:
+        process.start(timeout=60)
+    try:
+        ring = KeyRing(workdir / "keys")
+        token = issue_access_token(
+            ring, Principal("bench", "bench-org"), issuer=issuer, audience="opsmesh", ttl=3600
+        )
+        metadata = (("authorization", f"Bearer {token}"),)
+        async with aio.insecure_channel(f"127.0.0.1:{ports['session']}") as direct_channel, \
+                aio.insecure_channel(f"127.0.0.1:{ports['edge']}") as edge_channel, \
+                aio.insecure_channel(f"127.0.0.1:{ports['ratelimit']}") as rl_channel:  # fmt: skip
+            direct = session_pb2_grpc.SessionServiceStub(direct_channel)
+            sid = (
+                await direct.CreateSession(session_pb2.CreateSessionRequest(), metadata=metadata)
+            ).session.id
+            request = session_pb2.GetSessionRequest(session_id=sid)
+            edge = session_pb2_grpc.SessionServiceStub(edge_channel)
+            for _ in range(100):  # until Envoy has fetched the JWKS
+                try:
+                    await edge.GetSession(request, metadata=metadata)
+                    break
+                except aio.AioRpcError:
+                    await asyncio.sleep(0.1)
+            limiter = rls_pb2_grpc.RateLimitServiceStub(rl_channel)
+            rl_request = rls_pb2.RateLimitRequest(
+                domain="opsmesh",
+                descriptors=[
+                    ratelimit_pb2.RateLimitDescriptor(
+                        entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key="user", value="bench")]
+                    )
+                ],
+            )
+
+            async def via_direct() -> object:
+                return await direct.GetSession(request, metadata=metadata)
+
+            async def via_edge() -> object:
+                return await edge.GetSession(request, metadata=metadata)
+
+            async def should_rate_limit() -> object:
+                return await limiter.ShouldRateLimit(rl_request)
+
+            results = {}
+            for name, call in (
+                ("direct to session_svc", via_direct),
+                ("through Envoy (JWT + RLS)", via_edge),
+                ("ShouldRateLimit alone", should_rate_limit),
+            ):
+                samples = await latencies(call, args.samples)
+                results[name] = (pct(samples, 0.5), pct(samples, 0.99), await throughput(call))
+    finally:
+        for process in reversed(processes):
+            process.stop()
+        redis.stop()
+    print(
+        f"edge bench: GetSession, {args.samples} sequential calls, 32 concurrent for throughput\n"
+    )
+    print(f"{'path':<30}{'p50 ms':>9}{'p99 ms':>9}{'calls/s':>10}")
+    for name, (p50, p99, rate) in results.items():
+        print(f"{name:<30}{p50:>9.2f}{p99:>9.2f}{rate:>10.0f}")
+    added = results["through Envoy (JWT + RLS)"][0] - results["direct to session_svc"][0]
+    ratio = results["through Envoy (JWT + RLS)"][2] / results["direct to session_svc"][2]
+    print(
+        f"\nEnvoy + JWT + rate limiting adds {added:.2f} ms p50 (target <= 2 ms); "
+        f"throughput {ratio:.2f}x of direct"
+    )
+    return 0 if added <= 2 else 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--samples", type=int, default=2000)
+    raise SystemExit(uvloop.run(run(parser.parse_args())))
+
+
+if __name__ == "__main__":
+    main()
