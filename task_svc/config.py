@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from mesh.auth import AuthSettings
 from mesh.natsconn import NatsSettings
+from mesh.redisconn import RedisSettings
 from mesh.settings import EnvReader, ServerSettings
 from opsmesh.task.v1 import task_pb2
 from task_svc.workspace import KubeSettings
@@ -62,6 +63,8 @@ class TaskSettings:
     topology: Topology
     retry: Mapping[int, RetryPolicy]
     auth: AuthSettings = field(default_factory=AuthSettings)
+    revocations: RedisSettings | None = None
+    """The issuer's Redis, where revoked sessions are listed (jwt mode)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> TaskSettings:
@@ -74,6 +77,7 @@ class TaskSettings:
             topology=_topology(env),
             retry=_retry_policies(env),
             auth=AuthSettings.from_env(env),
+            revocations=RedisSettings.from_env(env, default_url="redis://127.0.0.1:16379/0"),
         )
         env.check()
         return settings

@@ -9,6 +9,7 @@ from mesh.auth import Authenticator, authenticator_for
 from mesh.health import Probe
 from mesh.logs import configure_logging
 from mesh.natsconn import close_nats, connect_nats
+from mesh.redisconn import connect_redis
 from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
 from opsmesh.task.v1 import task_pb2_grpc
 from task_svc.config import TaskSettings
@@ -29,6 +30,12 @@ async def build_runner(
     store = TaskStore(await ensure_topology(js, settings.topology))
     publisher = Publisher(js, settings.topology, timeout=settings.nats.request_timeout)
     service = TaskService(store, publisher, dict(settings.retry))
+    # Tokens of revoked sessions are refused before they expire (jwt mode only).
+    revocations = (
+        connect_redis(settings.revocations)
+        if settings.auth.mode == "jwt" and settings.revocations is not None
+        else None
+    )
 
     async def jetstream_answers() -> None:
         await js.account_info()
@@ -39,10 +46,13 @@ async def build_runner(
         registrations=[
             Registration.of(SERVICE_NAME, service, task_pb2_grpc.add_TaskServiceServicer_to_server)
         ],
-        authenticator=authenticator or authenticator_for(settings.auth),
+        authenticator=authenticator or authenticator_for(settings.auth, redis=revocations),
         probes=[Probe(name="nats", check=jetstream_answers)],
         options=base.extended(
-            on_stop=(functools.partial(close_nats, client),),
+            on_stop=(
+                functools.partial(close_nats, client),
+                *((revocations.aclose,) if revocations is not None else ()),
+            ),
         ),
     )
 

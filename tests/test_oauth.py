@@ -10,6 +10,7 @@ import re
 import secrets
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +23,20 @@ from grpc import aio
 
 from devtools.servers import RedisServer, free_port
 from mesh.auth import AuthSettings
+from mesh.natsconn import NatsSettings
 from mesh.redisconn import RedisSettings, connect_redis
+from mesh.settings import ServerSettings
 from opsmesh.session.v1 import session_pb2 as pb
 from opsmesh.session.v1 import session_pb2_grpc
+from opsmesh.task.v1 import task_pb2, task_pb2_grpc
 from session_svc.accounts import Accounts
 from session_svc.identity import IssuerSettings
 from session_svc.oauth import OAuthSettings
 from session_svc.server import build_runner
+from task_svc.config import TaskSettings, Topology
+from task_svc.server import build_runner as build_tasks
 from tests.conftest import FAST_HEALTH, session_settings
+from tests.taskkit import retry_policies
 
 CLIENT = "opsmesh-web"
 REDIRECT = "http://localhost:5173/oauth/callback"
@@ -313,3 +320,35 @@ def test_account_command_creates_users_with_generated_or_given_passwords(
         ).returncode
         == 0
     )
+
+
+async def test_every_service_refuses_a_revoked_session_task_service_too(
+    issuer, redis_server: RedisServer, nats_server
+) -> None:
+
+    runner = await build_tasks(
+        TaskSettings(
+            server=ServerSettings(port=0),
+            nats=NatsSettings(url=nats_server.url),
+            topology=Topology(namespace=f"t{uuid.uuid4().hex[:8]}"),
+            retry=retry_policies(),
+            auth=AuthSettings(mode="jwt", issuer=issuer.url, audience="opsmesh"),
+            revocations=RedisSettings(url=redis_server.url),
+        )
+    )
+    await runner.start()
+    try:
+        verifier, challenge = pkce()
+        tokens = (await exchange(issuer, await code_for(issuer, challenge), verifier)).json()
+        metadata = (("authorization", f"Bearer {tokens['access_token']}"),)
+        async with aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel:
+            stub = task_pb2_grpc.TaskServiceStub(channel)
+            assert (
+                await stub.ListTasks(task_pb2.ListTasksRequest(), metadata=metadata)
+            ).tasks == []
+            await issuer.http.post("/oauth/revoke", data={"token": tokens["refresh_token"]})
+            with pytest.raises(aio.AioRpcError) as caught:
+                await stub.ListTasks(task_pb2.ListTasksRequest(), metadata=metadata)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await runner.stop()
