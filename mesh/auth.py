@@ -9,13 +9,11 @@ grpcurl, the tests); the JWT verifier will implement the same interface.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from mesh.context import Principal
-from mesh.errors import Unauthenticated
+from mesh.context import Principal, parse_identifier, parse_roles
 from mesh.settings import EnvReader
 from mesh.tokens import JwtAuthenticator, RedisRevocations, RemoteJwks
 
@@ -32,9 +30,6 @@ PUBLIC_METHOD_PREFIXES = (
     "/grpc.reflection.v1.ServerReflection/",
 )
 
-_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
-_ROLE = re.compile(r"[a-z][a-z0-9_:.-]{0,63}")
-
 
 class Authenticator(Protocol):
     """Turns a call's metadata into the caller's principal, or raises Unauthenticated."""
@@ -44,27 +39,6 @@ class Authenticator(Protocol):
 
 def is_public_method(method: str) -> bool:
     return method.startswith(PUBLIC_METHOD_PREFIXES)
-
-
-def parse_identifier(value: str | None, what: str) -> str:
-    if not value:
-        raise Unauthenticated(f"missing {what}", reason="MISSING_CREDENTIALS")
-    if _IDENTIFIER.fullmatch(value) is None:
-        raise Unauthenticated(
-            f"malformed {what}: expected 1-128 characters of letters, digits and ._@+-",
-            reason="MALFORMED_CREDENTIALS",
-        )
-    return value
-
-
-def parse_roles(value: str | None) -> frozenset[str]:
-    if not value:
-        return frozenset()
-    roles = frozenset(role.strip() for role in value.split(",") if role.strip())
-    for role in roles:
-        if _ROLE.fullmatch(role) is None:
-            raise Unauthenticated(f"malformed role {role!r}", reason="MALFORMED_CREDENTIALS")
-    return roles
 
 
 class TrustedHeaderAuthenticator:

@@ -2,17 +2,76 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import httpx
+
 from mesh.auth import ORG_HEADER, ROLES_HEADER, USER_HEADER
-from mesh.context import Principal
+from mesh.context import Principal, authorization_var
+from mesh.errors import DependencyUnavailable
+from mesh.tokens import ACT_AS_ORG_HEADER, ACT_AS_USER_HEADER
+
+Metadata = tuple[tuple[str, str], ...]
+Credentials = Callable[[Principal], Awaitable[Metadata]]
 
 
-def identity_metadata(principal: Principal) -> tuple[tuple[str, str], ...]:
-    """Metadata that carries ``principal`` to another service.
+def identity_metadata(principal: Principal) -> Metadata:
+    """Metadata that carries ``principal`` to another service for the RPC being handled.
 
-    In trusted-headers mode this is the identity itself; the identity service's
-    service credentials replace it behind this function.
+    The caller's own bearer token is forwarded when it brought one (services in jwt mode
+    verify it); the identity headers serve services in trusted-headers mode.
     """
     metadata = [(USER_HEADER, principal.user_id), (ORG_HEADER, principal.org_id)]
     if principal.roles:
         metadata.append((ROLES_HEADER, ",".join(sorted(principal.roles))))
+    authorization = authorization_var.get()
+    if authorization:
+        metadata.append(("authorization", authorization))
     return tuple(metadata)
+
+
+async def trusted_headers(principal: Principal) -> Metadata:
+    return identity_metadata(principal)
+
+
+class ServiceCredentials:
+    """A service's own access token (OAuth client credentials), acting for one org per call.
+
+    The token is fetched from the issuer's token endpoint and reused until shortly before it
+    expires; concurrent callers share one fetch.
+    """
+
+    def __init__(self, *, token_url: str, client_id: str, secret: str) -> None:
+        self._token_url = token_url
+        self._auth = (client_id, secret)
+        self._token = ""
+        self._renew_at = 0.0
+        self._lock = asyncio.Lock()
+        self._http = httpx.AsyncClient(timeout=5.0)
+
+    async def token(self) -> str:
+        async with self._lock:
+            if time.monotonic() >= self._renew_at:
+                try:
+                    reply = await self._http.post(
+                        self._token_url, data={"grant_type": "client_credentials"}, auth=self._auth
+                    )
+                    reply.raise_for_status()
+                except httpx.HTTPError as error:
+                    raise DependencyUnavailable("token endpoint", error) from error
+                body = reply.json()
+                self._token = body["access_token"]
+                self._renew_at = time.monotonic() + 0.8 * float(body["expires_in"])
+            return self._token
+
+    async def __call__(self, principal: Principal) -> Metadata:
+        return (
+            ("authorization", f"Bearer {await self.token()}"),
+            (ACT_AS_USER_HEADER, principal.user_id),
+            (ACT_AS_ORG_HEADER, principal.org_id),
+        )
+
+    async def close(self) -> None:
+        await self._http.aclose()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from contextvars import ContextVar
 from dataclasses import dataclass
+
+from mesh.errors import Unauthenticated
 
 request_id_var: ContextVar[str | None] = ContextVar("opsmesh_request_id", default=None)
 
@@ -21,6 +24,8 @@ class Principal:
 
 
 principal_var: ContextVar[Principal | None] = ContextVar("opsmesh_principal", default=None)
+# The caller's own credential, forwarded when this service calls another on its behalf.
+authorization_var: ContextVar[str | None] = ContextVar("opsmesh_authorization", default=None)
 
 
 def current_principal() -> Principal:
@@ -33,3 +38,28 @@ def current_principal() -> Principal:
     if principal is None:
         raise RuntimeError("no authenticated principal in this context")
     return principal
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
+_ROLE = re.compile(r"[a-z][a-z0-9_:.-]{0,63}")
+
+
+def parse_identifier(value: str | None, what: str) -> str:
+    if not value:
+        raise Unauthenticated(f"missing {what}", reason="MISSING_CREDENTIALS")
+    if _IDENTIFIER.fullmatch(value) is None:
+        raise Unauthenticated(
+            f"malformed {what}: expected 1-128 characters of letters, digits and ._@+-",
+            reason="MALFORMED_CREDENTIALS",
+        )
+    return value
+
+
+def parse_roles(value: str | None) -> frozenset[str]:
+    if not value:
+        return frozenset()
+    roles = frozenset(role.strip() for role in value.split(",") if role.strip())
+    for role in roles:
+        if _ROLE.fullmatch(role) is None:
+            raise Unauthenticated(f"malformed role {role!r}", reason="MALFORMED_CREDENTIALS")
+    return roles

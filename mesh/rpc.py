@@ -20,7 +20,7 @@ import grpc
 from grpc import aio
 
 from mesh.auth import Authenticator, is_public_method
-from mesh.context import principal_var, request_id_var
+from mesh.context import authorization_var, principal_var, request_id_var
 from mesh.errors import OpsmeshError, Unavailable, to_status
 from mesh.metrics import MethodMetrics, RpcMetrics
 
@@ -161,6 +161,7 @@ class _RpcScope:
             request_id = _request_id(metadata)
             request_id_var.set(request_id)
             self._context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+            authorization_var.set(metadata.get("authorization"))
             if not is_public_method(self._method):
                 principal = await self._interceptor.authenticator.authenticate(
                     metadata, self._method

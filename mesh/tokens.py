@@ -27,7 +27,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from mesh.context import Principal
+from mesh.context import Principal, parse_identifier
 from mesh.errors import Unauthenticated
 
 ALGORITHM = "ES256"
@@ -273,9 +273,33 @@ class JwtAuthenticator:
             raise _refuse("token lacks org_id or roles")
         if self._revoked is not None and await self._revoked(claims):
             raise _refuse("token was revoked", "TOKEN_REVOKED")
-        return Principal(
+        principal = Principal(
             user_id=str(claims["sub"]), org_id=org, roles=frozenset(str(r) for r in roles)
         )
+        if org == "*" and "service" in principal.roles:
+            return _acting_for(principal, metadata)
+        return principal
+
+
+ACT_AS_USER_HEADER = "x-opsmesh-act-as-user"
+ACT_AS_ORG_HEADER = "x-opsmesh-act-as-org"
+
+
+def _acting_for(service: Principal, metadata: Mapping[str, str]) -> Principal:
+    """A service token acts for the organization (and user) each call names; a user's never."""
+    org = metadata.get(ACT_AS_ORG_HEADER)
+    if not org:
+        raise _refuse(f"a service token must name the org it acts for ({ACT_AS_ORG_HEADER})")
+    try:
+        return Principal(
+            user_id=parse_identifier(
+                metadata.get(ACT_AS_USER_HEADER) or service.user_id.split(":")[-1], "acting user"
+            ),
+            org_id=parse_identifier(org, "acting org"),
+            roles=frozenset({"service"}),
+        )
+    except Unauthenticated as error:
+        raise _refuse(error.message) from None
 
 
 class RedisRevocations:

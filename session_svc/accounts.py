@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from mesh.auth import parse_identifier, parse_roles
+from mesh.context import parse_identifier, parse_roles
 from mesh.errors import AlreadyExists, InvalidArgument, OpsmeshError, Unauthenticated
 from mesh.redisconn import RedisSettings, connect_redis, redis_errors
 from mesh.settings import EnvReader

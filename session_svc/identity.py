@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -125,9 +126,13 @@ class IdentityHttp:
                 token_endpoint=f"{self._issuer}/oauth/token",
                 revocation_endpoint=f"{self._issuer}/oauth/revoke",
                 response_types_supported=["code"],
-                grant_types_supported=["authorization_code", "refresh_token"],
+                grant_types_supported=["authorization_code", "refresh_token", "client_credentials"],
                 code_challenge_methods_supported=["S256"],
-                token_endpoint_auth_methods_supported=["none"],
+                token_endpoint_auth_methods_supported=[
+                    "none",
+                    "client_secret_basic",
+                    "client_secret_post",
+                ],
             )
         return web.json_response(document)
 
@@ -211,6 +216,13 @@ class IdentityHttp:
                     redirect_uri=form.get("redirect_uri", ""),
                     verifier=form.get("code_verifier", ""),
                 )
+            elif grant == "client_credentials":
+                client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
+                basic = request.headers.get("Authorization", "")
+                if basic.lower().startswith("basic "):
+                    decoded = base64.b64decode(basic[6:].strip() + "==").decode(errors="replace")
+                    client_id, _, secret = decoded.partition(":")
+                body = self._oauth.client_credentials(client_id=client_id, secret=secret)
             elif grant == "refresh_token":
                 body = await self._oauth.refresh(
                     refresh_token=form.get("refresh_token", ""), client_id=form.get("client_id", "")

@@ -98,6 +98,8 @@ class OAuthSettings:
         }
     )
     """Public clients and their exact redirect URIs."""
+    service_clients: Mapping[str, str] = field(default_factory=dict)
+    """Confidential service clients: client id -> SHA-256 (hex) of its secret."""
     code_ttl: float = 60.0
     refresh_idle: float = 7 * 86400.0
     refresh_absolute: float = 30 * 86400.0
@@ -118,9 +120,20 @@ class OAuthSettings:
                     )
                     break
                 clients[client_id.strip()] = listed
+        services: dict[str, str] = {}
+        raw_services = env.string("OPSMESH_SERVICE_CLIENTS", "")
+        for entry in filter(None, (e.strip() for e in raw_services.split(";"))):
+            client_id, _, secret = entry.partition("=")
+            if not client_id or len(secret) < 16:
+                env.problem(
+                    "OPSMESH_SERVICE_CLIENTS: expected client=secret (16+ characters)[;...]"
+                )
+                break
+            services[client_id] = _digest(secret)
         defaults = cls()
         return cls(
             clients=clients or defaults.clients,
+            service_clients=services,
             code_ttl=env.seconds("OPSMESH_OAUTH_CODE_TTL", 60, minimum=5, maximum=600),
             refresh_idle=env.seconds(
                 "OPSMESH_REFRESH_IDLE", 7 * 86400, minimum=60, maximum=365 * 86400
@@ -195,7 +208,7 @@ class OAuthServer:
             issuer=self._auth.issuer,
             audience=self._auth.audience,
             ttl=self._access_ttl,
-            extra={"sid": family},
+            extra={"sid": family} if family else None,
         )
         return {"access_token": token, "token_type": "Bearer", "expires_in": int(self._access_ttl)}
 
@@ -278,6 +291,14 @@ class OAuthServer:
         family, user, org, roles = (part.decode() for part in outcome[1:5])
         principal = Principal(user, org, frozenset(r for r in roles.split(",") if r))
         return {**self._access(principal, family), "refresh_token": fresh}
+
+    def client_credentials(self, *, client_id: str, secret: str) -> dict[str, Any]:
+        """A service's own access token: it may act for any organization, naming it per call."""
+        expected = self.settings.service_clients.get(client_id)
+        if expected is None or not secrets.compare_digest(expected, _digest(secret)):
+            raise OAuthError("invalid_client", "unknown service client or wrong secret", 401)
+        principal = Principal(f"service:{client_id}", "*", frozenset({"service"}))
+        return self._access(principal, "")
 
     async def revoke_family(self, family: str) -> None:
         with redis_errors():

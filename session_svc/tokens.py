@@ -16,8 +16,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from mesh.auth import AuthSettings, parse_identifier, parse_roles
-from mesh.context import Principal
+from mesh.auth import AuthSettings
+from mesh.context import Principal, parse_identifier, parse_roles
 from mesh.errors import Unauthenticated
 from mesh.settings import EnvReader, SettingsError
 from mesh.tokens import KeyRing, issue_access_token

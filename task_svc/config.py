@@ -93,6 +93,11 @@ class WorkerSettings:
     """The cluster workspace tasks run against; None (or an empty API URL): no cluster."""
     notify_address: str = ""
     """The notification service, which delivers email tasks; empty: none."""
+    service_token_url: str = ""
+    """The issuer's token endpoint; with a client id and secret the worker calls other
+    services with its own credentials instead of identity headers."""
+    service_client_id: str = ""
+    service_client_secret: str = ""
     concurrency: int = 8
     ack_wait: float = 30.0
     """Seconds before JetStream redelivers an unacknowledged task; heartbeats extend it."""
@@ -112,6 +117,9 @@ class WorkerSettings:
             worker_id=env.string("OPSMESH_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
             kube=KubeSettings.from_env(env),
             notify_address=env.string("OPSMESH_NOTIFY_ADDR", ""),
+            service_token_url=env.string("OPSMESH_SERVICE_TOKEN_URL", ""),
+            service_client_id=env.string("OPSMESH_SERVICE_CLIENT_ID", ""),
+            service_client_secret=env.string("OPSMESH_SERVICE_CLIENT_SECRET", ""),
             concurrency=env.integer("OPSMESH_WORKER_CONCURRENCY", 8, minimum=1, maximum=1024),
             ack_wait=env.seconds("OPSMESH_WORKER_ACK_WAIT", 30.0, minimum=1, maximum=3600),
             grace_period=env.seconds("OPSMESH_GRACE_PERIOD", 20.0, minimum=0, maximum=3600),

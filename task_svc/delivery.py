@@ -7,7 +7,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from mesh.clients import identity_metadata
+from mesh.clients import Credentials, trusted_headers
 from mesh.context import Principal
 from opsmesh.notify.v1 import notify_pb2, notify_pb2_grpc
 from opsmesh.task.v1 import task_pb2
@@ -24,7 +24,9 @@ _TRANSIENT = frozenset(
 )
 
 
-def email_handler(channel: aio.Channel, *, timeout: float = 60.0) -> Handler:
+def email_handler(
+    channel: aio.Channel, *, credentials: Credentials = trusted_headers, timeout: float = 60.0
+) -> Handler:
     notifications = notify_pb2_grpc.NotificationServiceStub(channel)
 
     async def deliver(context: TaskContext) -> None:
@@ -35,7 +37,7 @@ def email_handler(channel: aio.Channel, *, timeout: float = 60.0) -> Handler:
                 notify_pb2.DeliverNotificationRequest(
                     notification_id=str(task.payload["notification_id"])
                 ),
-                metadata=identity_metadata(owner),
+                metadata=await credentials(owner),
                 timeout=timeout,
             )
         except aio.AioRpcError as error:
@@ -56,8 +58,15 @@ def notify_emails(task: task_pb2.Task) -> list[str]:
 class ProvisioningEmails:
     """Sends a workspace task's provisioning emails through the notification service."""
 
-    def __init__(self, channel: aio.Channel, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        channel: aio.Channel,
+        *,
+        credentials: Credentials = trusted_headers,
+        timeout: float = 10.0,
+    ) -> None:
         self._notifications = notify_pb2_grpc.NotificationServiceStub(channel)
+        self._credentials = credentials
         self._timeout = timeout
 
     async def __call__(self, task: task_pb2.Task, template: str, data: dict[str, Any]) -> None:
@@ -70,5 +79,5 @@ class ProvisioningEmails:
         request.data.update(data)
         owner = Principal(user_id=task.created_by, org_id=task.org_id)
         await self._notifications.SendEmail(
-            request, metadata=identity_metadata(owner), timeout=self._timeout
+            request, metadata=await self._credentials(owner), timeout=self._timeout
         )

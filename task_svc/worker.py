@@ -29,6 +29,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mesh.clients import Credentials, ServiceCredentials, trusted_headers
 from mesh.context import Principal
 from mesh.errors import DependencyUnavailable, NotFound
 from mesh.health import Probe
@@ -397,10 +398,19 @@ def handlers_for(
     }
     closers: list[Callable[[], Awaitable[None]]] = []
     emails: ProvisioningEmails | None = None
+    credentials: Credentials = trusted_headers
+    if settings.service_token_url and settings.service_client_id:
+        service = ServiceCredentials(
+            token_url=settings.service_token_url,
+            client_id=settings.service_client_id,
+            secret=settings.service_client_secret,
+        )
+        credentials = service
+        closers.append(service.close)
     if settings.notify_address:
         channel = aio.insecure_channel(settings.notify_address)
-        handlers[task_pb2.TASK_TYPE_EMAIL] = email_handler(channel)
-        emails = ProvisioningEmails(channel)
+        handlers[task_pb2.TASK_TYPE_EMAIL] = email_handler(channel, credentials=credentials)
+        emails = ProvisioningEmails(channel, credentials=credentials)
         closers.append(functools.partial(channel.close, None))
     if settings.kube is not None and settings.kube.api:
         kube = KubeClient(settings.kube)

@@ -23,6 +23,9 @@ from grpc import aio
 
 from devtools.servers import RedisServer, free_port
 from mesh.auth import AuthSettings
+from mesh.clients import ServiceCredentials
+from mesh.context import Principal
+from mesh.errors import DependencyUnavailable
 from mesh.natsconn import NatsSettings
 from mesh.redisconn import RedisSettings, connect_redis
 from mesh.settings import ServerSettings
@@ -41,6 +44,7 @@ from tests.taskkit import retry_policies
 CLIENT = "opsmesh-web"
 REDIRECT = "http://localhost:5173/oauth/callback"
 PASSWORD = "correct horse battery"
+SERVICE_SECRET = "worker-secret-0123456789"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -64,7 +68,11 @@ async def issuer(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Iss
         key_prefix=base.key_prefix,
         auth=AuthSettings(mode="jwt", issuer=url, audience="opsmesh"),
         issuer=IssuerSettings(keys_dir=tmp_path / "keys", http_port=port, access_token_ttl=300),
-        oauth=OAuthSettings(clients={CLIENT: (REDIRECT,)}, reuse_grace=1.0),
+        oauth=OAuthSettings(
+            clients={CLIENT: (REDIRECT,)},
+            reuse_grace=1.0,
+            service_clients={"task-worker": hashlib.sha256(SERVICE_SECRET.encode()).hexdigest()},
+        ),
     )
     user = f"ada{secrets.token_hex(3)}"
     client = connect_redis(RedisSettings(url=redis_server.url))
@@ -352,3 +360,46 @@ async def test_every_service_refuses_a_revoked_session_task_service_too(
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         await runner.stop()
+
+
+async def test_service_credentials_act_for_the_org_each_call_names(issuer) -> None:
+    refused = await issuer.http.post(
+        "/oauth/token", data={"grant_type": "client_credentials"}, auth=("task-worker", "wrong")
+    )
+    assert refused.status_code == 401
+    assert refused.json()["error"] == "invalid_client"
+    credentials = ServiceCredentials(
+        token_url=f"{issuer.url}/oauth/token", client_id="task-worker", secret=SERVICE_SECRET
+    )
+    try:
+        acting = await credentials(Principal(issuer.user, "acme"))
+        assert await credentials.token() == acting[0][1].removeprefix("Bearer ")  # reused
+        verifier, challenge = pkce()
+        user = (await exchange(issuer, await code_for(issuer, challenge), verifier)).json()
+        as_user = (("authorization", f"Bearer {user['access_token']}"),)
+        created = await issuer.sessions.CreateSession(pb.CreateSessionRequest(), metadata=as_user)
+        listed = await issuer.sessions.ListSessions(pb.ListSessionsRequest(), metadata=acting)
+        assert [s.id for s in listed.sessions] == [created.session.id]
+        service_only = (acting[0],)
+        with pytest.raises(aio.AioRpcError) as caught:
+            await issuer.sessions.ListSessions(pb.ListSessionsRequest(), metadata=service_only)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # A user's token cannot act for anyone else, whatever it sends along.
+        sneaky = (
+            *as_user,
+            ("x-opsmesh-act-as-user", "someone"),
+            ("x-opsmesh-act-as-org", "globex"),
+        )
+        mine = await issuer.sessions.ListSessions(pb.ListSessionsRequest(), metadata=sneaky)
+        assert [s.user_id for s in mine.sessions] == [issuer.user]
+    finally:
+        await credentials.close()
+
+
+async def test_unreachable_token_endpoint_is_unavailable() -> None:
+    credentials = ServiceCredentials(
+        token_url=f"http://127.0.0.1:{free_port()}/oauth/token", client_id="x", secret="y"
+    )
+    with pytest.raises(DependencyUnavailable):
+        await credentials.token()
+    await credentials.close()
