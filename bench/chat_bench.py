@@ -25,6 +25,7 @@ from pathlib import Path
 import ollama
 import uvloop
 from grpc import aio
+from measure import percentile as pct
 
 from devtools.servers import ManagedProcess, RedisServer, free_port
 from mesh.auth import ORG_HEADER, USER_HEADER
@@ -34,11 +35,6 @@ from opsmesh.session.v1 import session_pb2, session_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 METADATA = ((USER_HEADER, "bench"), (ORG_HEADER, "bench-org"))
 LEVELS = (1, 50, 200)
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def direct(url: str, streams: int) -> tuple[list[float], int, float]:

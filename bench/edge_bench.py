@@ -17,51 +17,19 @@ import os
 import re
 import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import uvloop
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc import aio
+from measure import latencies, percentile, throughput
 
 from devtools.edge import envoy_process, render
 from devtools.servers import ManagedProcess, RedisServer, free_port
 from mesh.context import Principal
 from mesh.tokens import KeyRing, issue_access_token
 from opsmesh.session.v1 import session_pb2, session_pb2_grpc
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
-
-async def latencies(call: Callable[[], Awaitable[object]], count: int) -> list[float]:
-    for _ in range(200):
-        await call()
-    samples = []
-    for _ in range(count):
-        began = time.perf_counter()
-        await call()
-        samples.append(time.perf_counter() - began)
-    return samples
-
-
-async def throughput(call: Callable[[], Awaitable[object]], seconds: float = 4.0) -> float:
-    done = 0
-    deadline = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        nonlocal done
-        while time.perf_counter() < deadline:
-            await call()
-            done += 1
-
-    began = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(32)))
-    return done / (time.perf_counter() - began)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -166,8 +134,12 @@ async def run(args: argparse.Namespace) -> int:
                 ("through Envoy (JWT + RLS)", via_edge),
                 ("ShouldRateLimit alone", should_rate_limit),
             ):
-                samples = await latencies(call, args.samples)
-                results[name] = (pct(samples, 0.5), pct(samples, 0.99), await throughput(call))
+                samples = [seconds * 1000 for seconds in await latencies(call, args.samples)]
+                results[name] = (
+                    percentile(samples, 0.5),
+                    percentile(samples, 0.99),
+                    await throughput(call, 4.0, 32),
+                )
     finally:
         for process in reversed(processes):
             process.stop()

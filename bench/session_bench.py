@@ -16,14 +16,11 @@ GetSession/s with the service on one core.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import os
 import re
 import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -31,6 +28,7 @@ import uvloop
 from google.protobuf import struct_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from measure import latencies, percentile, throughput
 
 from devtools.servers import ManagedProcess, RedisServer, free_port
 from mesh.auth import ORG_HEADER, USER_HEADER
@@ -44,37 +42,8 @@ METADATA = ((USER_HEADER, OWNER.user_id), (ORG_HEADER, OWNER.org_id))
 CONTEXT = {"topic": "checkout latency", "services": ["api", "db"], "window": "15m", "step": 1}
 
 
-async def latencies(call: Callable[[], Awaitable[object]], count: int) -> list[float]:
-    for _ in range(min(200, count)):
-        await call()  # warm-up: connections, script cache
-    samples = []
-    for _ in range(count):
-        start = time.perf_counter()
-        await call()
-        samples.append(time.perf_counter() - start)
-    return samples
-
-
-async def throughput(
-    call: Callable[[], Awaitable[object]], seconds: float, concurrency: int
-) -> float:
-    done = 0
-    deadline = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        nonlocal done
-        while time.perf_counter() < deadline:
-            await call()
-            done += 1
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return done / (time.perf_counter() - start)
-
-
 def pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
+    return percentile(samples, q) * 1e6
 
 
 def pin(pid: int, cpu: int) -> bool:

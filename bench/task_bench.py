@@ -33,6 +33,7 @@ from pathlib import Path
 import nats
 import uvloop
 from grpc import aio
+from measure import percentile as pct
 
 from devtools.servers import ManagedProcess, NatsServer, RedisServer, free_port
 from mesh.auth import ORG_HEADER, USER_HEADER
@@ -56,11 +57,6 @@ async def finished_count(metrics_port: int) -> float:
         )
 
     return await asyncio.to_thread(scrape)
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def bench_opsmesh(count: int, probes: int, workdir: Path) -> tuple[float, list[float]]:
