@@ -322,8 +322,11 @@ def up(config: StackConfig) -> int:
     print(f"opsmesh dev stack is up (state and logs in {config.run_dir}):")
     _print(started)
     print(
-        f"\nsign in at http://127.0.0.1:{config.session_http_port}/oauth/authorize as "
-        f"{user} / {password} (org dev); operator tokens: python -m session_svc.tokens issue"
+        f"\ndev account: {user} / {password} (org dev), for the sign-in page the web client "
+        f"opens (OAuth on http://127.0.0.1:{config.session_http_port}); edge: "
+        f"http://127.0.0.1:{config.edge_port}\n"
+        f"a token for grpcurl: OPSMESH_JWT_KEYS_DIR={config.run_dir / 'keys'} "
+        f"python -m session_svc.tokens issue --user {user} --org dev"
     )
     first = config.services[0].grpc_port
     ollama = os.environ.get("OLLAMA_HOST", "http://127.0.0.1:11434")

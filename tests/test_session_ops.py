@@ -253,7 +253,7 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
     try:
         assert "SERVING" in up.stdout
         password = (tmp_path / "run" / "dev-credentials").read_text().strip()
-        assert f"as dev / {password} (org dev)" in up.stdout
+        assert f"dev account: dev / {password} (org dev)" in up.stdout
         assert "already up" in stack("up").stdout
         assert stack("status").returncode == 0
 
