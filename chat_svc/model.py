@@ -117,9 +117,6 @@ class ModelServer:
             raise Unavailable(f"the model server failed to list models: {error.error}") from error
         return list(listing.models)
 
-    async def ping(self) -> None:
-        await self.models()
-
     async def stream(
         self, *, model: str, messages: Sequence[Mapping[str, Any]], options: Mapping[str, Any]
     ) -> AsyncIterator[Any]:

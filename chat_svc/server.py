@@ -13,7 +13,7 @@ from chat_svc.service import SERVICE_NAME, ChatService
 from chat_svc.stops import StopSignals
 from mesh.auth import Authenticator, authenticator_for
 from mesh.health import Probe
-from mesh.logs import configure_logging
+from mesh.logs import configure_service_logging
 from mesh.redisconn import connect_redis
 from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
 from opsmesh.chat.v1 import chat_pb2_grpc
@@ -76,9 +76,7 @@ async def build_runner(
 
 async def serve(environ: Mapping[str, str]) -> None:
     settings = ChatSettings.from_env(environ)
-    configure_logging(
-        service="chat_svc", level=settings.server.log_level, fmt=settings.server.log_format
-    )
+    configure_service_logging("chat_svc", settings.server)
     runner = await build_runner(settings)
     await runner.serve_until_signalled()
 

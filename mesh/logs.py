@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mesh.context import request_id_var
+from mesh.settings import ServerSettings
 
 # Attributes every LogRecord has; anything else was passed through ``extra=``.
 _STANDARD_ATTRS = frozenset(
@@ -64,3 +65,8 @@ def configure_logging(*, service: str, level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def configure_service_logging(service: str, settings: ServerSettings) -> None:
+    """Logging as a service's server settings ask (OPSMESH_LOG_LEVEL, OPSMESH_LOG_FORMAT)."""
+    configure_logging(service=service, level=settings.log_level, fmt=settings.log_format)

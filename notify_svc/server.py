@@ -8,7 +8,7 @@ from grpc import aio
 
 from mesh.auth import Authenticator, authenticator_for
 from mesh.health import Probe
-from mesh.logs import configure_logging
+from mesh.logs import configure_service_logging
 from mesh.redisconn import connect_redis
 from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
 from notify_svc.catalog import Catalog
@@ -86,9 +86,7 @@ def build_runner(
 
 async def serve(environ: Mapping[str, str]) -> None:
     settings = NotifySettings.from_env(environ)
-    configure_logging(
-        service="notify_svc", level=settings.server.log_level, fmt=settings.server.log_format
-    )
+    configure_service_logging("notify_svc", settings.server)
     runner, _ = build_runner(settings)
     await runner.serve_until_signalled()
 

@@ -10,7 +10,7 @@ from envoy.service.ratelimit.v3 import rls_pb2_grpc
 
 from mesh.context import Principal
 from mesh.health import Probe
-from mesh.logs import configure_logging
+from mesh.logs import configure_service_logging
 from mesh.redisconn import RedisSettings, connect_redis
 from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
 from mesh.settings import EnvReader, ServerSettings
@@ -78,9 +78,7 @@ def build_runner(
 
 async def serve(environ: Mapping[str, str]) -> None:
     settings = RateLimitSettings.from_env(environ)
-    configure_logging(
-        service="ratelimit_svc", level=settings.server.log_level, fmt=settings.server.log_format
-    )
+    configure_service_logging("ratelimit_svc", settings.server)
     await build_runner(settings).serve_until_signalled()
 
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from mesh.auth import Authenticator, authenticator_for
 from mesh.health import Probe
-from mesh.logs import configure_logging
+from mesh.logs import configure_service_logging
 from mesh.redisconn import connect_redis
 from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
 from mesh.tokens import JwtAuthenticator, KeyRing, LocalKeys, RedisRevocations
@@ -70,9 +70,7 @@ def build_runner(
 
 async def serve(environ: Mapping[str, str]) -> None:
     settings = SessionSettings.from_env(environ)
-    configure_logging(
-        service="session_svc", level=settings.server.log_level, fmt=settings.server.log_format
-    )
+    configure_service_logging("session_svc", settings.server)
     await build_runner(settings).serve_until_signalled()
 
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from mesh.auth import Authenticator, authenticator_for
 from mesh.health import Probe
-from mesh.logs import configure_logging
+from mesh.logs import configure_service_logging
 from mesh.natsconn import close_nats, connect_nats
 from mesh.redisconn import connect_redis
 from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
@@ -59,9 +59,7 @@ async def build_runner(
 
 async def serve(environ: Mapping[str, str]) -> None:
     settings = TaskSettings.from_env(environ)
-    configure_logging(
-        service="task_svc", level=settings.server.log_level, fmt=settings.server.log_format
-    )
+    configure_service_logging("task_svc", settings.server)
     runner = await build_runner(settings)
     await runner.serve_until_signalled()
 
