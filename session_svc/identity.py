@@ -71,6 +71,7 @@ _AUTHORIZE_FIELDS = (
     "scope",
     "code_challenge",
     "code_challenge_method",
+    "nonce",
 )
 
 
@@ -126,6 +127,9 @@ class IdentityHttp:
                 token_endpoint=f"{self._issuer}/oauth/token",
                 revocation_endpoint=f"{self._issuer}/oauth/revoke",
                 response_types_supported=["code"],
+                scopes_supported=["openid", "offline_access"],
+                subject_types_supported=["public"],
+                claims_supported=["sub", "preferred_username", "org_id", "roles", "sid", "nonce"],
                 grant_types_supported=["authorization_code", "refresh_token", "client_credentials"],
                 code_challenge_methods_supported=["S256"],
                 token_endpoint_auth_methods_supported=[
@@ -198,6 +202,7 @@ class IdentityHttp:
             redirect_uri=params["redirect_uri"],
             challenge=params["code_challenge"],
             scope=params["scope"],
+            nonce=params["nonce"][:256],
         )
         query = {"code": code, "iss": self._issuer}
         if params["state"]:

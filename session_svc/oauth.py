@@ -21,13 +21,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import jwt
 import redis.asyncio as aioredis
 
 from mesh.auth import AuthSettings
 from mesh.context import Principal
 from mesh.redisconn import redis_errors
 from mesh.settings import EnvReader
-from mesh.tokens import KeyRing, issue_access_token
+from mesh.tokens import ALGORITHM, KeyRing, issue_access_token
 from session_svc.accounts import Account
 
 _REFRESH = """
@@ -181,7 +182,14 @@ class OAuthServer:
             raise OAuthError("invalid_request", "redirect_uri is not registered for this client")
 
     async def issue_code(
-        self, account: Account, *, client_id: str, redirect_uri: str, challenge: str, scope: str
+        self,
+        account: Account,
+        *,
+        client_id: str,
+        redirect_uri: str,
+        challenge: str,
+        scope: str,
+        nonce: str = "",
     ) -> str:
         code = secrets.token_urlsafe(32)
         record = json.dumps(
@@ -193,6 +201,8 @@ class OAuthServer:
                 "redirect": redirect_uri,
                 "challenge": challenge,
                 "scope": scope,
+                "nonce": nonce,
+                "auth_time": int(time.time()),
             }
         )
         with redis_errors():
@@ -261,11 +271,36 @@ class OAuthServer:
                 pipe.hset(token_key, mapping={"family": family, "used_at": 0, "successor": ""})
                 pipe.pexpire(token_key, int(self.settings.refresh_idle * 1000))
                 await pipe.execute()
-        return {
+        body = {
             **self._access(principal, family),
             "refresh_token": refresh,
             "scope": record["scope"],
         }
+        if "openid" in record["scope"].split():
+            body["id_token"] = self._id_token(record, client_id, family)
+        return body
+
+    def _id_token(self, record: Mapping[str, Any], client_id: str, family: str) -> str:
+        """An OpenID Connect ID token: who signed in, for the client (its ``aud``), echoing the
+        client's ``nonce``. It is no access token: services only accept their own audience."""
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": self._auth.issuer,
+            "sub": record["user"],
+            "aud": client_id,
+            "azp": client_id,
+            "iat": now,
+            "exp": now + int(self._access_ttl),
+            "auth_time": record.get("auth_time", now),
+            "sid": family,
+            "preferred_username": record["user"],
+            "org_id": record["org"],
+            "roles": record["roles"],
+        }
+        if record.get("nonce"):
+            claims["nonce"] = record["nonce"]
+        key = self._ring.current
+        return jwt.encode(claims, key.private_key, algorithm=ALGORITHM, headers={"kid": key.kid})
 
     async def refresh(self, *, refresh_token: str, client_id: str) -> dict[str, Any]:
         fresh = secrets.token_urlsafe(32)

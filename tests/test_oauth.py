@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import grpc
 import httpx
+import jwt
 import pytest
 from grpc import aio
 
@@ -192,6 +193,32 @@ async def test_pkce_login_refresh_rotation_and_reuse_revokes_the_family(issuer) 
     assert (await refresh(issuer, third["refresh_token"])).json()["error"] == "invalid_grant"
     assert await call_as(issuer, third["access_token"]) == grpc.StatusCode.UNAUTHENTICATED
     assert await call_as(issuer, first["access_token"]) == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_openid_sign_in_returns_an_id_token_echoing_the_nonce(issuer) -> None:
+    verifier, challenge = pkce()
+    response = await log_in(issuer, challenge, nonce="n-0S6_WzA2Mj")
+    code = parse_qs(urlsplit(response.headers["location"]).query)["code"][0]
+    body = (await exchange(issuer, code, verifier)).json()
+    keys = {
+        key["kid"]: key for key in (await issuer.http.get("/.well-known/jwks.json")).json()["keys"]
+    }
+    header = jwt.get_unverified_header(body["id_token"])
+    public = jwt.PyJWK(keys[header["kid"]]).key
+    claims = jwt.decode(
+        body["id_token"], public, algorithms=["ES256"], audience=CLIENT, issuer=issuer.url
+    )
+    assert claims["nonce"] == "n-0S6_WzA2Mj"
+    assert claims["sub"] == claims["preferred_username"] == issuer.user
+    assert claims["azp"] == CLIENT
+    assert claims["auth_time"] <= claims["iat"]
+    # An ID token says who signed in; it opens no service (its audience is the client).
+    assert await call_as(issuer, body["id_token"]) == grpc.StatusCode.UNAUTHENTICATED
+    # Without the openid scope there is no ID token.
+    verifier, challenge = pkce()
+    response = await log_in(issuer, challenge, scope="offline_access")
+    code = parse_qs(urlsplit(response.headers["location"]).query)["code"][0]
+    assert "id_token" not in (await exchange(issuer, code, verifier)).json()
 
 
 async def test_the_immediate_predecessor_is_accepted_only_within_the_grace(issuer) -> None:
