@@ -7,9 +7,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
-TOOLS  := tools/node_modules/.bin/protoc-gen-es
+NODE   := node_modules/.installed
+TOOLS  := node_modules/.bin/protoc-gen-es
 PROTOS := $(shell find proto -name '*.proto' | sort)
 PY_PACKAGES := mesh session_svc devtools
+UI_BUILD := ui/dist/index.html
+UI_SOURCES := $(shell find ui/src ui/public gen/ts -type f 2>/dev/null) \
+  ui/index.html ui/vite.config.ts ui/tsconfig.json
 
 .PHONY: help
 help: ## list the targets
@@ -25,10 +29,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-$(TOOLS): tools/package.json tools/package-lock.json
+# One npm workspace (package.json): the web client in ui/ and the code generators in tools/.
+$(NODE): package.json package-lock.json tools/package.json ui/package.json
 	@command -v npm >/dev/null || { echo "npm is missing: on Debian, apt-get install npm"; exit 1; }
-	cd tools && npm ci --no-audit --no-fund --silent
+	npm ci --no-audit --no-fund --silent
 	@touch $@
+$(TOOLS): $(NODE)
+
+$(UI_BUILD): $(NODE) $(UI_SOURCES)
+	npm --workspace ui run build --silent
 
 .PHONY: install
 install: $(STAMP) ## create .venv with every Python dependency
@@ -44,6 +53,12 @@ gen: $(STAMP) $(TOOLS) ## regenerate gen/python and gen/ts from proto/
 	  $(PROTOS)
 	find gen/python/opsmesh -type d -exec touch {}/__init__.py \;
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/buf generate
+	@# google.rpc error details (RetryInfo, ErrorInfo, BadRequest) for the web client, from the
+	@# .proto that googleapis-common-protos ships (the Python side uses its _pb2 modules).
+	rm -rf .gen-googleapis && mkdir -p .gen-googleapis/google/rpc
+	cp "$$($(PY) -c 'import google.rpc as r; print(list(r.__path__)[0])')/error_details.proto" .gen-googleapis/google/rpc/
+	$(BIN)/buf generate .gen-googleapis --template buf.gen.googleapis.yaml
+	rm -rf .gen-googleapis
 
 .PHONY: gen-check
 gen-check: ## fail when gen/ differs from what proto/ generates
@@ -67,8 +82,18 @@ lint: $(STAMP) ## ruff, mypy --strict, buf lint/format/breaking, envoy --mode va
 	  $(BIN)/buf breaking --against '.git#branch=main' && echo "buf breaking: no breaking change against main"; \
 	else echo "buf breaking: no main branch with buf.yaml to compare against, skipped"; fi
 
+.PHONY: ui-check
+ui-check: $(NODE) ## the web client: tsc --strict and the Vitest unit tests
+	npm --workspace ui run typecheck --silent
+	npm --workspace ui run test --silent
+
+.PHONY: ui-dev
+ui-dev: $(NODE) ## the web client on http://localhost:5173 with hot reload, against `make up`'s edge
+	VITE_OPSMESH_API_URL=http://localhost:8080 VITE_OPSMESH_ISSUER=http://localhost:8080 \
+	  npm --workspace ui run dev
+
 .PHONY: test
-test: $(STAMP) lint gen-check ## lint, gen-check and every test with coverage (>= 90%)
+test: $(STAMP) lint gen-check ui-check $(UI_BUILD) ## lint, gen-check, UI checks and every test (browser too) with coverage (>= 90%)
 	$(BIN)/coverage erase
 	$(BIN)/pytest --cov --cov-report=term $(PYTEST_ARGS)
 
@@ -83,7 +108,7 @@ bench: $(STAMP) ## run the benchmarks (bench/*.py; installs the Celery baseline)
 
 # --- dev stack ---------------------------------------------------------------------------
 .PHONY: up
-up: $(STAMP) ## start Redis, NATS and every service in the background (logs in .run/)
+up: $(STAMP) $(UI_BUILD) ## start Redis, NATS, every service, the web client and Envoy (logs in .run/)
 	$(PY) -m devtools.stack up
 
 .PHONY: down
@@ -101,4 +126,4 @@ status: $(STAMP) ## show what runs where
 
 .PHONY: clean
 clean: down ## remove the venv, run folder and caches
-	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache .coverage* tools/node_modules
+	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache .coverage* node_modules ui/dist build

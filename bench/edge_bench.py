@@ -83,7 +83,7 @@ async def run(args: argparse.Namespace) -> int:
         ),
     )
     config = workdir / "envoy.yaml"
-    config.write_text(render(ports))
+    config.write_text(render(ports, issuer=issuer))
     envoy = envoy_process(config, workdir / "envoy.log")
     processes = [session, ratelimit, envoy]
     for process in processes:

@@ -23,12 +23,21 @@ DEFAULT_PORTS = {
     "notify": 50053,
     "task": 50054,
     "ratelimit": 50055,
+    "web": 8095,
 }
+DEFAULT_ISSUER = "http://localhost:8080"
 
 
-def render(ports: Mapping[str, int], *, config: Path = CONFIG, domain: str = "opsmesh") -> str:
+def render(
+    ports: Mapping[str, int],
+    *,
+    config: Path = CONFIG,
+    domain: str = "opsmesh",
+    issuer: str | None = None,
+) -> str:
     """envoy.yaml with every ``DEFAULT_PORTS`` port replaced by ``ports`` (missing: unchanged),
-    and its rate limit domain set to ``domain``."""
+    its rate limit domain set to ``domain`` and the tokens' issuer to ``issuer`` (default: the
+    edge's own URL, ``http://localhost:<edge port>``)."""
     moved = {DEFAULT_PORTS[name]: port for name, port in ports.items()}
     text = re.sub(
         r"port_value: (\d+)",
@@ -37,6 +46,10 @@ def render(ports: Mapping[str, int], *, config: Path = CONFIG, domain: str = "op
     )
     session_http = moved.get(DEFAULT_PORTS["session_http"], DEFAULT_PORTS["session_http"])
     text = text.replace("domain: opsmesh\n", f"domain: {domain}\n")
+    edge = moved.get(DEFAULT_PORTS["edge"], DEFAULT_PORTS["edge"])
+    text = text.replace(
+        f"issuer: {DEFAULT_ISSUER}\n", f"issuer: {issuer or f'http://localhost:{edge}'}\n"
+    )
     return text.replace("http://127.0.0.1:8090", f"http://127.0.0.1:{session_http}")
 
 

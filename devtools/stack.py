@@ -70,7 +70,14 @@ class StackConfig:
     session_http_port: int = 8090
     edge_port: int = 8080
     edge_admin_port: int = 9901
+    web_port: int = 8095
+    web_root: Path = Path("ui/dist")
     services: tuple[ServiceSpec, ...] = ()
+
+    @property
+    def public_url(self) -> str:
+        """Where a browser reaches the stack (the edge); also the tokens' issuer."""
+        return f"http://localhost:{self.edge_port}"
 
     def port_of(self, name: str) -> int:
         return next(spec.grpc_port for spec in self.services if spec.name == name)
@@ -101,6 +108,8 @@ class StackConfig:
             session_http_port=port("OPSMESH_DEV_SESSION_HTTP_PORT", 8090),
             edge_port=port("OPSMESH_DEV_EDGE_PORT", 8080),
             edge_admin_port=port("OPSMESH_DEV_EDGE_ADMIN_PORT", 9901),
+            web_port=port("OPSMESH_DEV_WEB_PORT", 8095),
+            web_root=Path(environ.get("OPSMESH_WEB_ROOT") or root / "ui" / "dist"),
             services=tuple(
                 ServiceSpec(
                     name=name,
@@ -185,7 +194,11 @@ def _service_env(config: StackConfig, port: int, metrics_port: int) -> dict[str,
         OPSMESH_WEBHOOK_PORT=str(config.webhook_port),
         OPSMESH_SESSION_HTTP_PORT=str(config.session_http_port),
         OPSMESH_JWT_KEYS_DIR=str(config.run_dir / "keys"),
-        OPSMESH_JWT_ISSUER=f"http://127.0.0.1:{config.session_http_port}",
+        OPSMESH_JWT_ISSUER=config.public_url,
+        OPSMESH_JWKS_URL=f"http://127.0.0.1:{config.session_http_port}/.well-known/jwks.json",
+        OPSMESH_OAUTH_CLIENTS=(
+            f"opsmesh-web={config.public_url}/oauth/callback,http://localhost:5173/oauth/callback"
+        ),
         OPSMESH_TASK_ADDR=f"127.0.0.1:{config.port_of('task_svc')}",
         OPSMESH_NOTIFY_ADDR=f"127.0.0.1:{config.port_of('notify_svc')}",
         OPSMESH_SESSION_ADDR=f"127.0.0.1:{config.port_of('session_svc')}",
@@ -210,6 +223,7 @@ def up(config: StackConfig) -> int:
         "session identity (JWKS)": config.session_http_port,
         "envoy": config.edge_port,
         "envoy admin": config.edge_admin_port,
+        "web client": config.web_port,
     }
     wanted.update({spec.name: spec.grpc_port for spec in config.services})
     taken = [f"{name} port {port}" for name, port in wanted.items() if _port_taken(port)]
@@ -285,6 +299,32 @@ def up(config: StackConfig) -> int:
             started.append(component)
             _save(config, started)
             _wait_serving(component, process, timeout=15)
+        if not (config.web_root / "index.html").is_file():
+            raise ServerStartError(
+                "webui", f"no web client build in {config.web_root} (make up builds it)"
+            )
+        web = ManagedProcess(
+            "webui",
+            [sys.executable, "-m", "webui"],
+            log_path=config.run_dir / "logs" / "webui.log",
+            ready=re.compile(r"serving the web client"),
+            env=dict(
+                os.environ,
+                OPSMESH_WEB_PORT=str(config.web_port),
+                OPSMESH_WEB_ROOT=str(config.web_root),
+            ),
+            detach=True,
+        )
+        web.start()
+        started.append(
+            Component(
+                "webui",
+                web.pid,
+                f"http://127.0.0.1:{config.web_port} ({config.web_root})",
+                str(web.log_path),
+            )
+        )
+        _save(config, started)
         edge_config = config.run_dir / "envoy.yaml"
         edge_config.write_text(
             render(
@@ -292,12 +332,14 @@ def up(config: StackConfig) -> int:
                     "edge": config.edge_port,
                     "admin": config.edge_admin_port,
                     "session_http": config.session_http_port,
+                    "web": config.web_port,
                     **{
                         spec.name.removesuffix("_svc"): spec.grpc_port
                         for spec in config.services
                         if spec.name.removesuffix("_svc") in DEFAULT_PORTS
                     },
-                }
+                },
+                issuer=config.public_url,
             )
         )
         envoy = envoy_process(edge_config, config.run_dir / "logs" / "envoy.log", detach=True)
@@ -322,10 +364,9 @@ def up(config: StackConfig) -> int:
     print(f"opsmesh dev stack is up (state and logs in {config.run_dir}):")
     _print(started)
     print(
-        f"\ndev account: {user} / {password} (org dev), for the sign-in page the web client "
-        f"opens (OAuth on http://127.0.0.1:{config.session_http_port}); edge: "
-        f"http://127.0.0.1:{config.edge_port}\n"
-        f"a token for grpcurl: OPSMESH_JWT_KEYS_DIR={config.run_dir / 'keys'} "
+        f"\nopen {config.public_url} and sign in as {user} / {password} (org dev)\n"
+        f"a token for grpcurl through the edge: OPSMESH_JWT_KEYS_DIR={config.run_dir / 'keys'} "
+        f"OPSMESH_JWT_ISSUER={config.public_url} "
         f"python -m session_svc.tokens issue --user {user} --org dev"
     )
     first = config.services[0].grpc_port

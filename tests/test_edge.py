@@ -98,7 +98,9 @@ async def edge(request, redis_server: RedisServer, tmp_path: Path) -> AsyncItera
         await runner.start()
     config = tmp_path / "envoy.yaml"
     # A rate limit domain of its own: counters never leak between tests.
-    config.write_text(render(ports, domain=f"edge{tmp_path.name[-12:]}".replace("-", "")))
+    config.write_text(
+        render(ports, domain=f"edge{tmp_path.name[-12:]}".replace("-", ""), issuer=issuer)
+    )
     envoy = envoy_process(config, tmp_path / "envoy.log")
     envoy.start(timeout=30)
 

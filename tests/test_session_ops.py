@@ -26,6 +26,7 @@ from opsmesh.session.v1 import session_pb2_grpc
 from session_svc.server import build_runner
 from tests.conftest import FAST_HEALTH, session_settings
 from tests.helpers import assert_eventually, error_details, identity
+from tests.webclient import ensure_built
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -188,6 +189,7 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
     tmp_path: Path,
 ) -> None:
     """The issue's 'done when', end to end through the dev stack and real grpcurl."""
+    ensure_built()  # the stack serves the web client too
     ports = {
         name: free_port()
         for name in (
@@ -210,6 +212,7 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
             "RATELIMIT_METRICS",
             "EDGE",
             "EDGE_ADMIN",
+            "WEB",
         )
     }
     # Port 9 (discard): nothing answers there, as on a laptop without Ollama.
@@ -253,7 +256,8 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
     try:
         assert "SERVING" in up.stdout
         password = (tmp_path / "run" / "dev-credentials").read_text().strip()
-        assert f"dev account: dev / {password} (org dev)" in up.stdout
+        edge = f"http://localhost:{ports['EDGE']}"
+        assert f"open {edge} and sign in as dev / {password} (org dev)" in up.stdout
         assert "already up" in stack("up").stdout
         assert stack("status").returncode == 0
 

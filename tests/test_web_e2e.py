@@ -1,0 +1,109 @@
+"""The web client in real headless Chromium (Playwright driving Debian's chromium) against the
+whole stack as ``make up`` starts it, on free ports: Envoy, every service, Redis, NATS, chDB,
+the web client's server, and the Ollama stand-in for the model server.
+
+The scenarios themselves are ui/e2e/*.spec.ts; this test starts what they run against and
+fails with their report when any of them fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from devtools.servers import free_port
+from tests.ollama_standin import OllamaStandIn, Scenario
+from tests.webclient import ROOT, ensure_built
+
+CHROMIUM = os.environ.get("OPSMESH_E2E_CHROMIUM", "/usr/bin/chromium")
+PORTS = [
+    "REDIS",
+    "NATS",
+    "SMTP",
+    "WEBHOOK",
+    "SESSION_HTTP",
+    "EDGE",
+    "EDGE_ADMIN",
+    "WEB",
+    "SESSION",
+    "SESSION_METRICS",
+    "CHAT",
+    "CHAT_METRICS",
+    "TASK",
+    "TASK_METRICS",
+    "NOTIFY",
+    "NOTIFY_METRICS",
+    "RATELIMIT",
+    "RATELIMIT_METRICS",
+    "TASK_WORKER",
+    "TASK_WORKER_METRICS",
+]
+
+
+async def run(*argv: str, env: dict[str, str], limit: float) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), limit)
+    except TimeoutError:
+        process.kill()
+        output, _ = await process.communicate()
+        return -1, output.decode(errors="replace") + f"\n(killed after {limit:g}s)"
+    return process.returncode or 0, output.decode(errors="replace")
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[dict[str, str]]:
+    if shutil.which(CHROMIUM) is None:
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run installs it)")
+    ensure_built()
+    model = OllamaStandIn()
+    # 100 tokens at 40 ms: long enough to press Stop, short enough to wait for a whole answer.
+    model.scenario = Scenario(tokens=[f" t{i}" for i in range(100)], seconds_per_token=0.04)
+    await model.start()
+    env = dict(
+        os.environ,
+        OPSMESH_RUN_DIR=str(tmp_path / "run"),
+        OLLAMA_HOST=model.url,
+        OPSMESH_LOG_FORMAT="text",
+    )
+    env.update({f"OPSMESH_DEV_{name}_PORT": str(free_port()) for name in PORTS})
+    code, output = await run(sys.executable, "-m", "devtools.stack", "up", env=env, limit=120)
+    try:
+        assert code == 0, output
+        password = (tmp_path / "run" / "dev-credentials").read_text().strip()
+        yield dict(
+            env,
+            OPSMESH_E2E_URL=f"http://localhost:{env['OPSMESH_DEV_EDGE_PORT']}",
+            OPSMESH_E2E_USER="dev",
+            OPSMESH_E2E_PASSWORD=password,
+            OPSMESH_E2E_CHROMIUM=CHROMIUM,
+        )
+    finally:
+        await run(sys.executable, "-m", "devtools.stack", "down", env=env, limit=60)
+        await model.stop()
+
+
+async def test_the_web_client_in_a_real_browser(stack: dict[str, str]) -> None:
+    npx = shutil.which("npx")
+    assert npx, "npx is missing: on Debian, apt-get install npm"
+    code, report = await run(npx, "--workspace", "ui", "playwright", "test", env=stack, limit=600)
+    print(report)
+    assert code == 0, report
+    assert " passed" in report
+    assert " failed" not in report
+    shots = ROOT / "build" / "e2e" / "screenshots"
+    assert {"01-signed-in.png", "02-streaming.png", "03-history.png"} <= {
+        p.name for p in shots.iterdir()
+    }

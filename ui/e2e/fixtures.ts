@@ -1,0 +1,40 @@
+import { test as base, expect, type Page } from "@playwright/test";
+import { mkdirSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+
+export const user = process.env.OPSMESH_E2E_USER ?? "dev";
+export const password = process.env.OPSMESH_E2E_PASSWORD ?? "";
+const shots = fileURLToPath(new URL("../../build/e2e/screenshots/", import.meta.url));
+
+/** Every test fails on a console error or an uncaught exception in the page, unless the test
+ * names the errors it provokes. */
+export const test = base.extend<{ consoleErrors: string[]; allowConsoleErrors: RegExp[] }>({
+  allowConsoleErrors: [[], { option: true }],
+  consoleErrors: async ({ page, allowConsoleErrors }, use) => {
+    const errors: string[] = [];
+    page.on("console", (message) => {
+      if (message.type() === "error") errors.push(message.text());
+    });
+    page.on("pageerror", (error) => errors.push(String(error)));
+    await use(errors);
+    const unexpected = errors.filter((e) => !allowConsoleErrors.some((allowed) => allowed.test(e)));
+    expect(unexpected, "console errors").toEqual([]);
+  },
+});
+export { expect };
+
+export async function screenshot(page: Page, name: string): Promise<void> {
+  mkdirSync(shots, { recursive: true });
+  await page.screenshot({ path: `${shots}${name}.png`, fullPage: true });
+}
+
+export async function signIn(page: Page): Promise<void> {
+  await page.goto("/");
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await expect(page.getByRole("heading", { name: "Sign in to opsmesh" })).toBeVisible();
+  await page.getByLabel("User").fill(user);
+  await page.getByLabel("Password").fill(password);
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await expect(page.getByTestId("identity")).toContainText(user);
+  await expect(page).toHaveURL(/\/$/); // the code left the address bar
+}

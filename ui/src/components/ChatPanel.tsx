@@ -1,0 +1,301 @@
+import { useCallback, useEffect, useRef, useState, type FormEvent, type KeyboardEvent } from "react";
+import { Code, ConnectError } from "@connectrpc/connect";
+import {
+  Agent,
+  HistoryOrder,
+  MessageRole,
+  type ChatMessage,
+  type Model,
+} from "@gen/opsmesh/chat/v1/chat_pb.js";
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import type { StreamChatRequestSchema } from "@gen/opsmesh/chat/v1/chat_pb.js";
+import { describeError } from "../api/errors";
+import type { Api } from "../api/transport";
+import type { AuthClient } from "../auth/auth";
+import { applyEvent, decide, fail, newTurn, type Decision, type Turn } from "../chat/turn";
+import { ProblemNotice } from "./ProblemNotice";
+import { ToolCard } from "./ToolCard";
+
+const HISTORY_PAGE = 30;
+/** After StopGeneration, how long the stream may take to close on its own before we cut it. */
+const STOP_GRACE_MS = 3000;
+
+const AGENTS: { value: Agent; label: string }[] = [
+  { value: Agent.UNSPECIFIED, label: "Assistant" },
+  { value: Agent.MONITORING, label: "Monitoring" },
+  { value: Agent.OPERATIONS, label: "Operations" },
+  { value: Agent.TROUBLESHOOTING, label: "Troubleshooting" },
+];
+
+function roleName(role: MessageRole): string {
+  switch (role) {
+    case MessageRole.USER:
+      return "You";
+    case MessageRole.ASSISTANT:
+      return "Assistant";
+    case MessageRole.TOOL:
+      return "Tool";
+    default:
+      return "System";
+  }
+}
+
+export function ChatPanel({
+  api,
+  auth,
+  sessionId,
+  onError,
+}: {
+  api: Api;
+  auth: Pick<AuthClient, "refresh">;
+  sessionId: string;
+  onError: (error: unknown) => void;
+}) {
+  const [history, setHistory] = useState<ChatMessage[]>([]);
+  const [olderPage, setOlderPage] = useState("");
+  const [historyLoaded, setHistoryLoaded] = useState(false);
+  const [turns, setTurns] = useState<Turn[]>([]);
+  const [draft, setDraft] = useState("");
+  const [agent, setAgent] = useState<Agent>(Agent.UNSPECIFIED);
+  const [models, setModels] = useState<Model[]>([]);
+  const [model, setModel] = useState("");
+  const abortRef = useRef<AbortController | null>(null);
+  const endRef = useRef<HTMLDivElement | null>(null);
+
+  const running = turns.find((t) => t.status === "waiting" || t.status === "streaming");
+
+  const loadHistory = useCallback(
+    async (pageToken: string) => {
+      try {
+        const page = await api.chat.getHistory({
+          sessionId,
+          pageSize: HISTORY_PAGE,
+          pageToken,
+          order: HistoryOrder.NEWEST_FIRST,
+        });
+        const older = [...page.messages].reverse();
+        setHistory((known) => (pageToken ? [...older, ...known] : older));
+        setOlderPage(page.nextPageToken);
+      } catch (error) {
+        onError(error);
+      } finally {
+        setHistoryLoaded(true);
+      }
+    },
+    [api, sessionId, onError],
+  );
+
+  useEffect(() => {
+    void loadHistory("");
+    return () => abortRef.current?.abort();
+  }, [loadHistory]);
+
+  useEffect(() => {
+    api.chat
+      .listModels({})
+      .then((reply) => {
+        const allowed = reply.models.filter((m) => m.allowed);
+        setModels(allowed);
+        setModel((current) => current || allowed.find((m) => m.isDefault)?.name || "");
+      })
+      .catch(() => setModels([])); // the model server may be down; the default model still applies
+  }, [api]);
+
+  useEffect(() => {
+    endRef.current?.scrollIntoView?.({ block: "end" });
+  }, [turns, history]);
+
+  const update = (key: string, change: (turn: Turn) => Turn) =>
+    setTurns((all) => all.map((turn) => (turn.key === key ? change(turn) : turn)));
+
+  const send = async (text: string) => {
+    const key = crypto.randomUUID();
+    setTurns((all) => [...all, newTurn(key, text)]);
+    const controller = new AbortController();
+    abortRef.current = controller;
+    const request: MessageInitShape<typeof StreamChatRequestSchema> = {
+      sessionId,
+      message: text,
+      agent,
+      model,
+      clientMessageId: key, // makes the retry below safe: the server answers a message id once
+    };
+    let received = false;
+    for (let attempt = 0; attempt < 2; attempt++) {
+      try {
+        for await (const event of api.chat.streamChat(request, { signal: controller.signal })) {
+          received = true;
+          update(key, (turn) => applyEvent(turn, event));
+        }
+        return;
+      } catch (error) {
+        const code = ConnectError.from(error).code;
+        if (!received && attempt === 0 && code === Code.Unauthenticated) {
+          try {
+            await auth.refresh();
+            continue;
+          } catch (refreshError) {
+            error = refreshError;
+          }
+        }
+        const problem = describeError(error);
+        update(key, (turn) => fail(turn, problem));
+        if (problem.signIn) onError(error);
+        return;
+      }
+    }
+  };
+
+  const submit = (event?: FormEvent) => {
+    event?.preventDefault();
+    const text = draft.trim();
+    if (!text || running) return;
+    setDraft("");
+    void send(text);
+  };
+
+  const onKeyDown = (event: KeyboardEvent<HTMLTextAreaElement>) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.nativeEvent.isComposing) submit(event);
+  };
+
+  const stop = async () => {
+    const turn = running;
+    const controller = abortRef.current;
+    if (!turn || !controller) return;
+    if (!turn.generationId) {
+      controller.abort(); // not started yet: cancelling the call is the stop
+      return;
+    }
+    try {
+      await api.chat.stopGeneration({ generationId: turn.generationId });
+    } catch (error) {
+      onError(error);
+      controller.abort();
+      return;
+    }
+    // The stream ends with a completed(cancelled) event; cut it if that does not come.
+    window.setTimeout(() => controller.abort(), STOP_GRACE_MS);
+  };
+
+  const onDecide = async (turn: Turn, toolCallId: string, decision: Decision) => {
+    if (!turn.generationId) return;
+    update(turn.key, (t) => decide(t, toolCallId, decision));
+    try {
+      const reply = await api.chat.decideToolCall({
+        generationId: turn.generationId,
+        toolCallId,
+        approved: decision === "approved",
+      });
+      if (!reply.accepted) onError(new Error("That tool call no longer waits for a decision."));
+    } catch (error) {
+      onError(error);
+    }
+  };
+
+  return (
+    <section className="chat" aria-label="Chat">
+      <div className="messages" data-testid="messages">
+        {olderPage ? (
+          <button type="button" className="link" onClick={() => void loadHistory(olderPage)}>
+            Load earlier messages
+          </button>
+        ) : null}
+        {historyLoaded && history.length === 0 && turns.length === 0 ? (
+          <p className="muted">No messages yet. Ask about alerts, workspaces or logs.</p>
+        ) : null}
+        {history.map((message) => (
+          <article
+            key={message.id}
+            className={`message message-${roleName(message.role).toLowerCase()}`}
+            data-testid="history-message"
+          >
+            <h2 className="speaker">{roleName(message.role)}</h2>
+            <p className="text">{message.content}</p>
+            {message.incomplete ? <p className="muted">(stopped before the end)</p> : null}
+          </article>
+        ))}
+        {turns.map((turn) => (
+          <div key={turn.key} className="turn">
+            <article className="message message-you">
+              <h2 className="speaker">You</h2>
+              <p className="text">{turn.question}</p>
+            </article>
+            <article
+              className="message message-assistant"
+              aria-busy={turn.status === "waiting" || turn.status === "streaming"}
+              data-testid="answer"
+              data-status={turn.status}
+            >
+              <h2 className="speaker">Assistant{turn.model ? ` · ${turn.model}` : ""}</h2>
+              {turn.thinking ? (
+                <details>
+                  <summary>Reasoning</summary>
+                  <p className="text muted">{turn.thinking}</p>
+                </details>
+              ) : null}
+              {turn.tools.map((tool) => (
+                <ToolCard key={tool.id} tool={tool} onDecide={(d) => void onDecide(turn, tool.id, d)} />
+              ))}
+              <p className="text" data-testid="answer-text">
+                {turn.answer}
+                {turn.status === "waiting" ? <span className="muted">Thinking…</span> : null}
+              </p>
+              {turn.status === "stopped" ? <p className="muted">Stopped.</p> : null}
+              {turn.problem && !turn.problem.cancelled ? <ProblemNotice problem={turn.problem} /> : null}
+            </article>
+          </div>
+        ))}
+        <div ref={endRef} />
+      </div>
+      <p className="sr-only" aria-live="polite">
+        {running ? "The assistant is answering." : turns.length ? "The answer is complete." : ""}
+      </p>
+      <form className="composer" onSubmit={submit}>
+        <label htmlFor="message" className="sr-only">
+          Message
+        </label>
+        <textarea
+          id="message"
+          value={draft}
+          rows={2}
+          placeholder="Ask the assistant… (Enter sends, Shift+Enter adds a line)"
+          onChange={(e) => setDraft(e.target.value)}
+          onKeyDown={onKeyDown}
+        />
+        <div className="composer-options">
+          <label>
+            Agent{" "}
+            <select value={agent} onChange={(e) => setAgent(Number(e.target.value) as Agent)}>
+              {AGENTS.map((a) => (
+                <option key={a.value} value={a.value}>
+                  {a.label}
+                </option>
+              ))}
+            </select>
+          </label>
+          {models.length > 1 ? (
+            <label>
+              Model{" "}
+              <select value={model} onChange={(e) => setModel(e.target.value)}>
+                {models.map((m) => (
+                  <option key={m.name} value={m.name}>
+                    {m.name}
+                  </option>
+                ))}
+              </select>
+            </label>
+          ) : null}
+          {running ? (
+            <button type="button" className="danger" onClick={() => void stop()}>
+              Stop
+            </button>
+          ) : (
+            <button type="submit" className="primary" disabled={!draft.trim()}>
+              Send
+            </button>
+          )}
+        </div>
+      </form>
+    </section>
+  );
+}
