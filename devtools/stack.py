@@ -34,6 +34,7 @@ from devtools.servers import (
     NatsServer,
     RedisServer,
     ServerStartError,
+    free_port,
     pid_alive,
 )
 
@@ -58,6 +59,22 @@ SERVICES = (
     ("ratelimit_svc", "ratelimit_svc", 50055, 9155, r"serving envoy\.service\.ratelimit"),
     ("task_worker", "task_svc.worker", 50056, 9156, r"worker \S+ consuming"),
 )
+
+
+FIXED_PORTS = ("REDIS", "NATS", "SMTP", "WEBHOOK", "SESSION_HTTP", "EDGE", "EDGE_ADMIN", "WEB")
+
+
+def port_variable(service: str, what: str = "") -> str:
+    """The variable that moves a service's gRPC (what="") or metrics (what="METRICS_") port."""
+    return f"OPSMESH_DEV_{service.removesuffix('_svc').upper()}_{what}PORT"
+
+
+def free_ports_environment() -> dict[str, str]:
+    """OPSMESH_DEV_*_PORT set to a free port for every port the stack opens (tests, benches)."""
+    names = [f"OPSMESH_DEV_{name}_PORT" for name in FIXED_PORTS]
+    for service, *_ in SERVICES:
+        names += [port_variable(service), port_variable(service, "METRICS_")]
+    return {name: str(free_port()) for name in names}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,9 +113,6 @@ class StackConfig:
                 raise SystemExit(f"{name}={raw!r}: expected a port number")
             return int(raw)
 
-        def variable(service: str, what: str) -> str:
-            return f"OPSMESH_DEV_{service.removesuffix('_svc').upper()}_{what}PORT"
-
         return cls(
             run_dir=Path(environ.get("OPSMESH_RUN_DIR") or root / ".run"),
             redis_port=port("OPSMESH_DEV_REDIS_PORT", 16379),
@@ -114,8 +128,8 @@ class StackConfig:
                 ServiceSpec(
                     name=name,
                     module=module,
-                    grpc_port=port(variable(name, ""), grpc_port),
-                    metrics_port=port(variable(name, "METRICS_"), metrics_port),
+                    grpc_port=port(port_variable(name), grpc_port),
+                    metrics_port=port(port_variable(name, "METRICS_"), metrics_port),
                     ready=ready,
                 )
                 for name, module, grpc_port, metrics_port, ready in SERVICES

@@ -36,6 +36,8 @@ class Seen:
     started: float
     hung_up: float | None = None
     finished: bool = False
+    emitted: list[float] = field(default_factory=list)
+    """Wall-clock time (time.time()) each token was written, for latency benches."""
 
 
 class OllamaStandIn:
@@ -118,6 +120,7 @@ class OllamaStandIn:
                 if index == scenario.truncate_after:
                     request.transport.close()  # type: ignore[union-attr]
                     return response
+                seen.emitted.append(time.time())
                 await self._line(
                     response,
                     {

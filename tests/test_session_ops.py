@@ -86,6 +86,7 @@ async def test_sessions_through_redis_sentinel(own_redis: RedisServer, tmp_path:
             ),
             limits=settings.limits,
             key_prefix=settings.key_prefix,
+            issuer=settings.issuer,  # no identity HTTP port: tests never take the defaults
         )
         runner = build_runner(settings, options=FAST_HEALTH)
         await runner.start()
@@ -361,7 +362,7 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
             env={
                 **env,
                 "OPSMESH_JWT_KEYS_DIR": str(tmp_path / "run" / "keys"),
-                "OPSMESH_JWT_ISSUER": f"http://127.0.0.1:{ports['SESSION_HTTP']}",
+                "OPSMESH_JWT_ISSUER": f"http://localhost:{ports['EDGE']}",
             },
             capture_output=True,
             text=True,

@@ -17,33 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from devtools.servers import free_port
+from devtools.stack import free_ports_environment
 from tests.ollama_standin import OllamaStandIn, Scenario
 from tests.webclient import ROOT, ensure_built
 
 CHROMIUM = os.environ.get("OPSMESH_E2E_CHROMIUM", "/usr/bin/chromium")
-PORTS = [
-    "REDIS",
-    "NATS",
-    "SMTP",
-    "WEBHOOK",
-    "SESSION_HTTP",
-    "EDGE",
-    "EDGE_ADMIN",
-    "WEB",
-    "SESSION",
-    "SESSION_METRICS",
-    "CHAT",
-    "CHAT_METRICS",
-    "TASK",
-    "TASK_METRICS",
-    "NOTIFY",
-    "NOTIFY_METRICS",
-    "RATELIMIT",
-    "RATELIMIT_METRICS",
-    "TASK_WORKER",
-    "TASK_WORKER_METRICS",
-]
 
 
 async def run(*argv: str, env: dict[str, str], limit: float) -> tuple[int, str]:
@@ -78,7 +56,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[dict[str, str]]:
         OLLAMA_HOST=model.url,
         OPSMESH_LOG_FORMAT="text",
     )
-    env.update({f"OPSMESH_DEV_{name}_PORT": str(free_port()) for name in PORTS})
+    env.update(free_ports_environment())
     code, output = await run(sys.executable, "-m", "devtools.stack", "up", env=env, limit=120)
     try:
         assert code == 0, output
