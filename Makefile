@@ -98,12 +98,13 @@ test: $(STAMP) lint gen-check ui-check $(UI_BUILD) ## lint, gen-check, UI checks
 	$(BIN)/pytest --cov --cov-report=term $(PYTEST_ARGS)
 
 .PHONY: bench
-bench: $(STAMP) ## run the benchmarks (bench/*.py; installs the Celery baseline)
+bench: $(STAMP) $(UI_BUILD) ## run the benchmarks (bench/*.py; installs the Celery baseline)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/session_bench.py || true
 	$(PY) bench/task_bench.py || true
 	$(PY) bench/notify_bench.py || true
 	$(PY) bench/chat_bench.py || true
+	$(PY) bench/ui_stream_bench.py || true
 	$(PY) bench/edge_bench.py
 
 # --- dev stack ---------------------------------------------------------------------------
