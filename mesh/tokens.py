@@ -119,6 +119,13 @@ class KeyRing:
     def jwks(self) -> dict[str, list[dict[str, str]]]:
         return {"keys": [key.jwk() for key in self.keys]}
 
+    def sign(self, claims: Mapping[str, Any]) -> str:
+        """A JWT of ``claims`` signed with the current key, named by its ``kid``."""
+        key = self.current
+        return jwt.encode(
+            dict(claims), key.private_key, algorithm=ALGORITHM, headers={"kid": key.kid}
+        )
+
 
 def issue_access_token(
     ring: KeyRing,
@@ -142,8 +149,7 @@ def issue_access_token(
         "exp": now + int(ttl),
     }
     claims.update(extra or {})
-    key = ring.current
-    return jwt.encode(claims, key.private_key, algorithm=ALGORITHM, headers={"kid": key.kid})
+    return ring.sign(claims)
 
 
 class KeySource(Protocol):

@@ -21,14 +21,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import jwt
 import redis.asyncio as aioredis
 
 from mesh.auth import AuthSettings
 from mesh.context import Principal
 from mesh.redisconn import redis_errors
 from mesh.settings import EnvReader
-from mesh.tokens import ALGORITHM, KeyRing, issue_access_token
+from mesh.tokens import KeyRing, issue_access_token
 from session_svc.accounts import Account
 
 _REFRESH = """
@@ -299,8 +298,7 @@ class OAuthServer:
         }
         if record.get("nonce"):
             claims["nonce"] = record["nonce"]
-        key = self._ring.current
-        return jwt.encode(claims, key.private_key, algorithm=ALGORITHM, headers={"kid": key.kid})
+        return self._ring.sign(claims)
 
     async def refresh(self, *, refresh_token: str, client_id: str) -> dict[str, Any]:
         fresh = secrets.token_urlsafe(32)
