@@ -20,6 +20,7 @@ from chat_svc.history import HistoryStore, HistoryWriter, Message
 from chat_svc.model import ModelServer
 from chat_svc.stops import StopSignals
 from mesh.clients import identity_metadata
+from mesh.clock import StrictMillis
 from mesh.context import Principal, current_principal
 from mesh.errors import DependencyUnavailable, InvalidArgument, NotFound, OpsmeshError
 from mesh.pagination import decode_token, encode_token, page_size
@@ -116,6 +117,11 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         self._writer = writer
         self._stops = stops
         self._sessions = sessions
+        # History lists by (timestamp, message id): an answer must never tie with its question.
+        self._clock = StrictMillis()
+
+    def _stamp(self) -> datetime:
+        return datetime.fromtimestamp(self._clock.next() / 1000, UTC)
 
     async def _session(self, principal: Principal, session_id: str) -> session_pb2.Session:
         try:
@@ -197,7 +203,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                 org_id=principal.org_id,
                 role="user",
                 content=text,
-                timestamp=datetime.now(UTC),
+                timestamp=self._stamp(),
                 metadata={"model": model},
             )
         )
@@ -332,7 +338,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                 org_id=principal.org_id,
                 role="assistant",
                 content="".join(answer.text),
-                timestamp=datetime.now(UTC),
+                timestamp=self._stamp(),
                 metadata=metadata,
                 incomplete=incomplete,
             )

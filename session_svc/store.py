@@ -7,9 +7,12 @@ Layout (``P`` is the key prefix):
   ``updated`` (ms since the epoch), ``ttl`` (ms), ``member``. The key's own TTL
   is the session's expiry; every use slides it.
 * ``P u:<len(org)>:<org>:<user>`` — the owner's index, a sorted set with equal
-  scores ordered by member ``<inverted created ms>:<id>`` so lexicographic order
-  is newest first and page cursors are exact. Expired sessions leave stale
-  members behind; listings prune them as they meet them.
+  scores ordered by member ``<inverted order ms>:<id>`` so lexicographic order
+  is newest first and page cursors are exact. The order ms is the creation
+  time, nudged by the create script to stay strictly below the owner's newest
+  member, so sessions created within one millisecond still list newest first.
+  Expired sessions leave stale members behind; listings prune them as they
+  meet them.
 
 Every operation that checks ownership and changes state is one Lua script, so
 no other client can interleave between the check and the change.
@@ -31,13 +34,22 @@ from mesh.redisconn import redis_errors
 
 _MAX_MS = 10**13  # far beyond any created timestamp in ms (year 2286)
 
+# ARGV[8] is the inverted creation ms; the member takes the smaller of it and one below the
+# owner's newest member, so creation order is strict even within one millisecond.
 _CREATE = """
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[9]) then return 0 end
+local order = tonumber(ARGV[8])
+local newest = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+if newest then
+  local newest_order = tonumber(string.sub(newest, 1, 13))
+  if newest_order and order >= newest_order then order = newest_order - 1 end
+end
+local member = string.format('%013d', order) .. ':' .. ARGV[11]
 redis.call('HSET', KEYS[1], 'user', ARGV[1], 'org', ARGV[2], 'title', ARGV[3], 'ctx', ARGV[4],
   'size', ARGV[5], 'ver', 1, 'created', ARGV[6], 'updated', ARGV[6], 'ttl', ARGV[7],
-  'member', ARGV[8])
+  'member', member)
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
-redis.call('ZADD', KEYS[2], 0, ARGV[8])
+redis.call('ZADD', KEYS[2], 0, member)
 redis.call('PEXPIRE', KEYS[2], ARGV[10])
 return 1
 """
@@ -148,7 +160,6 @@ class SessionStore:
     ) -> StoredSession:
         session_id = str(uuid.uuid4())
         now = _now_ms()
-        member = f"{_MAX_MS - now:013d}:{session_id}"
         blob = context.SerializeToString()
         with redis_errors():
             created = await self._create(
@@ -161,9 +172,10 @@ class SessionStore:
                     len(blob),
                     now,
                     ttl_ms,
-                    member,
+                    _MAX_MS - now,
                     self._max_sessions,
                     self._index_ttl_ms,
+                    session_id,
                 ],
             )
         if not created:
@@ -275,6 +287,7 @@ class SessionStore:
             "ctx" if with_context else "size",
         )
         sessions: list[StoredSession] = []
+        last_member = ""
         start = f"({after}" if after else "-"
         with redis_errors():
             while len(sessions) < limit:
@@ -315,18 +328,15 @@ class SessionStore:
                             pttl=int(pttl),
                         )
                     )
+                    last_member = member
                 if stale:
                     await self._redis.zrem(index, *stale)
                 if has_more:
-                    return sessions, _cursor_of(sessions[-1])
+                    return sessions, last_member
                 if len(members) < batch:
                     return sessions, None
                 start = f"({members[-1]}"
-        return sessions, _cursor_of(sessions[-1]) if sessions else None
-
-
-def _cursor_of(session: StoredSession) -> str:
-    return f"{_MAX_MS - session.created_ms:013d}:{session.id}"
+        return sessions, last_member or None
 
 
 def _from_fields(

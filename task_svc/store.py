@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection
 
@@ -20,6 +19,7 @@ import nats.js.errors
 from google.protobuf import timestamp_pb2
 from nats.js.kv import KeyValue
 
+from mesh.clock import StrictMillis
 from mesh.errors import Aborted, NotFound
 from mesh.natsconn import nats_errors
 from opsmesh.task.v1 import task_pb2
@@ -27,9 +27,15 @@ from opsmesh.task.v1 import task_pb2
 _CAS_ATTEMPTS = 64
 
 
+_ID_CLOCK = StrictMillis()
+
+
 def new_task_id() -> str:
-    """A UUID with the version 7 layout: 48 bits of Unix ms, then randomness."""
-    millis = time.time_ns() // 1_000_000
+    """A UUID with the version 7 layout: 48 bits of Unix ms, then randomness.
+
+    The ms never repeat within a process, so ids sort in creation order.
+    """
+    millis = _ID_CLOCK.next()
     rand = int.from_bytes(os.urandom(10), "big")
     value = (millis & ((1 << 48) - 1)) << 80
     value |= 0x7 << 76

@@ -325,6 +325,29 @@ async def test_listing_pages_newest_first_without_gaps_or_duplicates(sessions) -
     assert pages == 3
 
 
+async def test_sessions_created_within_one_millisecond_still_list_newest_first(
+    sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from session_svc import store
+
+    frozen = store._now_ms()
+    monkeypatch.setattr(store, "_now_ms", lambda: frozen)
+    who = identity("burst", "acme")
+    ids = [(await create(sessions, who, title=f"b{i}")).id for i in range(6)]
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await sessions.ListSessions(
+            pb.ListSessionsRequest(page_size=4, page_token=token), metadata=who
+        )
+        seen += [s.id for s in page.sessions]
+        assert {s.created_at.ToMilliseconds() for s in page.sessions} == {frozen}
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == list(reversed(ids))
+
+
 async def test_listing_rejects_foreign_page_tokens_and_negative_sizes(sessions) -> None:
     for request in [
         pb.ListSessionsRequest(page_token="garbage"),
