@@ -1,4 +1,4 @@
-import { expect, screenshot, signIn, test } from "./fixtures";
+import { expect, newChat, screenshot, signIn, test } from "./fixtures";
 
 test.describe.configure({ mode: "serial" });
 
@@ -9,7 +9,7 @@ test("sign in, stream, stop, history, sign out; the old refresh token is dead", 
   await signIn(page);
   await screenshot(page, "01-signed-in");
 
-  await page.getByRole("button", { name: "New chat" }).click();
+  await newChat(page);
   const message = page.getByLabel("Message");
   await message.fill("Which alerts fire right now?");
   await message.press("Enter");
@@ -51,7 +51,7 @@ test("sign in, stream, stop, history, sign out; the old refresh token is dead", 
 
 test("a whole answer streams to the end and is kept", async ({ page }) => {
   await signIn(page);
-  await page.getByRole("button", { name: "New chat" }).click();
+  await newChat(page);
   await page.getByLabel("Message").fill("Summarize the last deploy");
   await page.getByRole("button", { name: "Send" }).click();
   const answer = page.getByTestId("answer").last();

@@ -38,3 +38,16 @@ export async function signIn(page: Page): Promise<void> {
   await expect(page.getByTestId("identity")).toContainText(user);
   await expect(page).toHaveURL(/\/$/); // the code left the address bar
 }
+
+/** Starts a chat and waits until it is the open one: its message box takes the focus only then,
+ * so nothing typed lands in the chat that was open before. */
+export async function newChat(page: Page, how: "click" | "keyboard" = "click"): Promise<void> {
+  const button = page.getByRole("button", { name: "New chat" });
+  if (how === "keyboard") {
+    await button.focus();
+    await page.keyboard.press("Enter");
+  } else {
+    await button.click();
+  }
+  await expect(page.getByLabel("Message")).toBeFocused();
+}

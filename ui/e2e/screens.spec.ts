@@ -1,4 +1,4 @@
-import { expect, screenshot, signIn, test } from "./fixtures";
+import { expect, newChat, screenshot, signIn, test } from "./fixtures";
 
 test("tasks: a new workspace task appears and its status follows the worker live", async ({ page }) => {
   await signIn(page);
@@ -35,9 +35,7 @@ test("email preview for admins renders a template in a sandbox", async ({ page }
 test("a narrow screen still reaches every control by keyboard", async ({ page }) => {
   await page.setViewportSize({ width: 390, height: 800 });
   await signIn(page);
-  await page.getByRole("button", { name: "New chat" }).focus();
-  await page.keyboard.press("Enter");
-  await page.getByLabel("Message").focus();
+  await newChat(page, "keyboard");
   await page.keyboard.type("hello");
   await page.keyboard.press("Enter");
   await expect(page.getByTestId("answer").last()).toHaveAttribute("data-status", /streaming|done/);

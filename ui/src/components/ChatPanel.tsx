@@ -45,11 +45,13 @@ export function ChatPanel({
   auth,
   sessionId,
   onError,
+  focusComposer = false,
 }: {
   api: Api;
   auth: Pick<AuthClient, "refresh">;
   sessionId: string;
   onError: (error: unknown) => void;
+  focusComposer?: boolean;
 }) {
   const [history, setHistory] = useState<ChatMessage[]>([]);
   const [olderPage, setOlderPage] = useState("");
@@ -261,6 +263,7 @@ export function ChatPanel({
           placeholder="Ask the assistant… (Enter sends, Shift+Enter adds a line)"
           onChange={(e) => setDraft(e.target.value)}
           onKeyDown={onKeyDown}
+          autoFocus={focusComposer}
         />
         <div className="composer-options">
           <label>

@@ -6,11 +6,22 @@ import { ChatPanel } from "./ChatPanel";
 
 const PAGE = 20;
 
-export function ChatScreen({ api, auth, onError }: { api: Api; auth: AuthClient; onError: (error: unknown) => void }) {
+export function ChatScreen({
+  api,
+  auth,
+  onError,
+}: {
+  api: Api;
+  auth: Pick<AuthClient, "refresh">;
+  onError: (error: unknown) => void;
+}) {
   const [sessions, setSessions] = useState<Session[]>([]);
   const [nextPage, setNextPage] = useState("");
   const [selected, setSelected] = useState<string | null>(null);
   const [loading, setLoading] = useState(true);
+  const [creating, setCreating] = useState(false);
+  // The chat the user just made gets the keyboard focus; one picked from the list does not.
+  const [created, setCreated] = useState<string | null>(null);
 
   const load = useCallback(
     async (pageToken: string) => {
@@ -34,21 +45,31 @@ export function ChatScreen({ api, auth, onError }: { api: Api; auth: AuthClient;
   }, [load]);
 
   const create = async () => {
+    setCreating(true);
     try {
       const { session } = await api.sessions.createSession({ title: `Chat ${new Date().toLocaleString()}` });
       if (session) {
         setSessions((known) => [session, ...known]);
         setSelected(session.id);
+        setCreated(session.id);
       }
     } catch (error) {
       onError(error);
+    } finally {
+      setCreating(false);
     }
   };
 
   return (
     <div className="chat-screen">
       <aside className="sessions" aria-label="Chat sessions">
-        <button type="button" className="primary" onClick={() => void create()}>
+        <button
+          type="button"
+          className="primary"
+          disabled={creating}
+          aria-busy={creating}
+          onClick={() => void create()}
+        >
           New chat
         </button>
         <ul>
@@ -72,7 +93,14 @@ export function ChatScreen({ api, auth, onError }: { api: Api; auth: AuthClient;
         ) : null}
       </aside>
       {selected ? (
-        <ChatPanel key={selected} api={api} auth={auth} sessionId={selected} onError={onError} />
+        <ChatPanel
+          key={selected}
+          api={api}
+          auth={auth}
+          sessionId={selected}
+          onError={onError}
+          focusComposer={selected === created}
+        />
       ) : (
         <section className="chat-empty">
           <p>{loading ? "Loading sessions…" : "Start a new chat to talk to the assistant."}</p>
