@@ -12,16 +12,11 @@ import {
   StreamChatResponseSchema,
 } from "@gen/opsmesh/chat/v1/chat_pb.js";
 import { createApi } from "../api/transport";
+import { deferred } from "../test/deferred";
 import { ChatPanel } from "./ChatPanel";
 
 type Event = MessageInitShape<typeof StreamChatResponseSchema>["event"];
 const event = (value: Event) => create(StreamChatResponseSchema, { event: value });
-
-function deferred() {
-  let resolve!: () => void;
-  const promise = new Promise<void>((r) => (resolve = r));
-  return { promise, resolve };
-}
 
 describe("ChatPanel", () => {
   it("streams an answer, shows a tool call waiting for approval and sends the decision", async () => {

@@ -6,13 +6,8 @@ import { describe, expect, it, vi } from "vitest";
 import { ChatService } from "@gen/opsmesh/chat/v1/chat_pb.js";
 import { SessionSchema, SessionService } from "@gen/opsmesh/session/v1/session_pb.js";
 import { createApi } from "../api/transport";
+import { deferred } from "../test/deferred";
 import { ChatScreen } from "./ChatScreen";
-
-function deferred() {
-  let resolve!: () => void;
-  const promise = new Promise<void>((r) => (resolve = r));
-  return { promise, resolve };
-}
 
 describe("ChatScreen", () => {
   it("makes one chat per click and hands the keyboard to its message box", async () => {
