@@ -1,0 +1,40 @@
+import AxeBuilder from "@axe-core/playwright";
+import type { Page } from "@playwright/test";
+import { expect, newChat, signIn, test } from "./fixtures";
+
+/** No WCAG 2.1 A/AA violation that axe can find on the page as it is now. */
+async function expectAccessible(page: Page): Promise<void> {
+  const { violations } = await new AxeBuilder({ page })
+    .withTags(["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"])
+    .setLegacyMode(true)
+    .analyze();
+  const found = violations.map((v) => `${v.id} (${v.impact ?? "?"}): ${v.nodes.map((n) => n.target.join(" ")).join(", ")}`);
+  expect(found, "accessibility violations").toEqual([]);
+}
+
+test("every screen passes axe's WCAG 2.1 AA checks", async ({ page }) => {
+  await page.goto("/");
+  await expect(page.getByRole("button", { name: "Sign in" })).toBeVisible();
+  await expectAccessible(page);
+
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await expect(page.getByRole("heading", { name: "Sign in to opsmesh" })).toBeVisible();
+  await expectAccessible(page); // the authorization server's own sign-in page
+
+  await signIn(page);
+  await newChat(page);
+  await page.getByLabel("Message").fill("hello");
+  await page.getByLabel("Message").press("Enter");
+  await expect(page.getByTestId("answer").last()).toHaveAttribute("data-status", "done", { timeout: 30_000 });
+  await expectAccessible(page);
+
+  await page.getByRole("button", { name: "Tasks" }).click();
+  await expect(page.getByLabel("New workspace")).toBeVisible();
+  await expectAccessible(page);
+
+  await page.getByRole("button", { name: "Email preview" }).click();
+  await page.getByLabel("Template").selectOption("alert_notification");
+  await page.getByRole("button", { name: "Render" }).click();
+  await expect(page.locator(".preview h2")).toContainText("Sample alert name");
+  await expectAccessible(page);
+});
