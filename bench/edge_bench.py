@@ -25,8 +25,8 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc import aio
 from measure import latencies, percentile, throughput
 
-from devtools.edge import envoy_process, render
-from devtools.servers import ManagedProcess, RedisServer, free_port
+from devtools.edge import envoy_process, free_edge_ports, render
+from devtools.servers import ManagedProcess, RedisServer
 from mesh.context import Principal
 from mesh.tokens import KeyRing, issue_access_token
 from opsmesh.session.v1 import session_pb2, session_pb2_grpc
@@ -35,19 +35,7 @@ from opsmesh.session.v1 import session_pb2, session_pb2_grpc
 async def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="edge-bench-"))
     redis = RedisServer(workdir / "redis").start()
-    ports = {
-        name: free_port()
-        for name in (
-            "edge",
-            "admin",
-            "session_http",
-            "session",
-            "ratelimit",
-            "chat",
-            "notify",
-            "task",
-        )
-    }
+    ports = free_edge_ports()
     issuer = f"http://127.0.0.1:{ports['session_http']}"
     env = dict(
         os.environ,

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from devtools.servers import ManagedProcess, ServerStartError
+from devtools.servers import ManagedProcess, ServerStartError, free_port
 
 CONFIG = Path(__file__).resolve().parent.parent / "envoy" / "envoy.yaml"
 # The dev stack's ports, as written in envoy.yaml (DESIGN.md).
@@ -26,6 +26,11 @@ DEFAULT_PORTS = {
     "web": 8095,
 }
 DEFAULT_ISSUER = "http://localhost:8080"
+
+
+def free_edge_ports() -> dict[str, int]:
+    """A free port for every ``DEFAULT_PORTS`` name, to ``render`` an edge beside a running one."""
+    return {name: free_port() for name in DEFAULT_PORTS}
 
 
 def render(

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from grpc import aio
 
-from devtools.edge import envoy_process, render
-from devtools.servers import RedisServer, free_port
+from devtools.edge import envoy_process, free_edge_ports, render
+from devtools.servers import RedisServer
 from mesh.auth import AuthSettings
 from mesh.context import Principal
 from mesh.redisconn import RedisSettings
@@ -49,19 +49,7 @@ class Edge:
 
 @pytest.fixture(params=["jwt"])
 async def edge(request, redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Edge]:
-    ports = {
-        name: free_port()
-        for name in (
-            "edge",
-            "admin",
-            "session_http",
-            "session",
-            "ratelimit",
-            "chat",
-            "notify",
-            "task",
-        )
-    }
+    ports = free_edge_ports()
     issuer = f"http://127.0.0.1:{ports['session_http']}"
     base = session_settings(redis_server.url)
     session = build_session(

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -20,6 +21,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devtools.servers import ManagedProcess, RedisSentinel, RedisServer, free_port
+from devtools.stack import free_ports_environment
 from mesh.redisconn import RedisSettings
 from opsmesh.session.v1 import session_pb2 as pb
 from opsmesh.session.v1 import session_pb2_grpc
@@ -191,31 +193,6 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
 ) -> None:
     """The issue's 'done when', end to end through the dev stack and real grpcurl."""
     ensure_built()  # the stack serves the web client too
-    ports = {
-        name: free_port()
-        for name in (
-            "REDIS",
-            "NATS",
-            "SESSION",
-            "SESSION_METRICS",
-            "CHAT",
-            "CHAT_METRICS",
-            "TASK",
-            "TASK_METRICS",
-            "TASK_WORKER",
-            "TASK_WORKER_METRICS",
-            "NOTIFY",
-            "NOTIFY_METRICS",
-            "SMTP",
-            "WEBHOOK",
-            "SESSION_HTTP",
-            "RATELIMIT",
-            "RATELIMIT_METRICS",
-            "EDGE",
-            "EDGE_ADMIN",
-            "WEB",
-        )
-    }
     # Port 9 (discard): nothing answers there, as on a laptop without Ollama.
     env = dict(
         os.environ,
@@ -223,7 +200,10 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
         OLLAMA_HOST="http://127.0.0.1:9",
         OPSMESH_OLLAMA_RETRIES="0",
     )
-    env.update({f"OPSMESH_DEV_{name}_PORT": str(port) for name, port in ports.items()})
+    env.update(free_ports_environment())
+
+    def port(name: str) -> str:
+        return env[f"OPSMESH_DEV_{name}_PORT"]
 
     def stack(command: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -236,15 +216,19 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
             check=False,
         )
 
-    address = f"localhost:{ports['SESSION']}"
+    address = f"localhost:{port('SESSION')}"
 
     def grpcurl(
-        *args: str, data: dict[str, object] | None = None, at: str = address
+        *args: str,
+        data: dict[str, object] | None = None,
+        at: str = address,
+        headers: Sequence[str] = ("x-opsmesh-user-id: dev", "x-opsmesh-org-id: devorg"),
+        protos: Sequence[str] = (),
     ) -> subprocess.CompletedProcess[str]:
-        headers = ["-H", "x-opsmesh-user-id: dev", "-H", "x-opsmesh-org-id: devorg"]
+        flags = [flag for header in headers for flag in ("-H", header)]
         body = ["-d", json.dumps(data)] if data is not None else []
         return subprocess.run(
-            [GRPCURL, "-plaintext", *headers, *body, at, *args],
+            [GRPCURL, "-plaintext", *protos, *flags, *body, at, *args],
             capture_output=True,
             text=True,
             timeout=30,
@@ -257,7 +241,7 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
     try:
         assert "SERVING" in up.stdout
         password = (tmp_path / "run" / "dev-credentials").read_text().strip()
-        edge = f"http://localhost:{ports['EDGE']}"
+        edge = f"http://localhost:{port('EDGE')}"
         assert f"open {edge} and sign in as dev / {password} (org dev)" in up.stdout
         assert "already up" in stack("up").stdout
         assert stack("status").returncode == 0
@@ -306,7 +290,7 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
         assert "NotFound" in gone.stderr
 
         # Chat runs; with no Ollama reachable it says exactly what is missing.
-        chat = f"localhost:{ports['CHAT']}"
+        chat = f"localhost:{port('CHAT')}"
         answer = grpcurl(
             "opsmesh.chat.v1.ChatService/StreamChat",
             data={"sessionId": sid, "message": "hello"},
@@ -325,7 +309,7 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
         assert "the model server at http://127.0.0.1:9 is unreachable" in answer.stderr
 
         # The task service and a worker run too: a published task's transitions stream live.
-        tasks = f"localhost:{ports['TASK']}"
+        tasks = f"localhost:{port('TASK')}"
         published = grpcurl(
             "opsmesh.task.v1.TaskService/PublishWorkspaceTask",
             data={
@@ -362,7 +346,7 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
             env={
                 **env,
                 "OPSMESH_JWT_KEYS_DIR": str(tmp_path / "run" / "keys"),
-                "OPSMESH_JWT_ISSUER": f"http://localhost:{ports['EDGE']}",
+                "OPSMESH_JWT_ISSUER": f"http://localhost:{port('EDGE')}",
             },
             capture_output=True,
             text=True,
@@ -370,40 +354,17 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
             check=True,
             cwd=ROOT,
         ).stdout.strip()
-        edge = f"localhost:{ports['EDGE']}"
-        through = subprocess.run(
-            [
-                GRPCURL,
-                "-plaintext",
-                *PROTO_ARGS,
-                "-H",
-                f"authorization: Bearer {token}",
-                "-d",
-                "{}",
-                edge,
-                "opsmesh.session.v1.SessionService/ListSessions",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
+        edge = f"localhost:{port('EDGE')}"
+        list_sessions = "opsmesh.session.v1.SessionService/ListSessions"
+        through = grpcurl(
+            list_sessions,
+            data={},
+            at=edge,
+            headers=[f"authorization: Bearer {token}"],
+            protos=PROTO_ARGS,
         )
         assert through.returncode == 0, through.stderr
-        refused = subprocess.run(
-            [
-                GRPCURL,
-                "-plaintext",
-                *PROTO_ARGS,
-                "-d",
-                "{}",
-                edge,
-                "opsmesh.session.v1.SessionService/ListSessions",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        refused = grpcurl(list_sessions, data={}, at=edge, headers=[], protos=PROTO_ARGS)
         assert "Unauthenticated" in refused.stderr
 
         # An invitation sent with grpcurl lands in the dev mail sink with both parts.
@@ -419,7 +380,7 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
                 "to": [{"address": "bob@example.com", "name": "Bob"}],
                 "idempotencyKey": "make-up-invite",
             },
-            at=f"localhost:{ports['NOTIFY']}",
+            at=f"localhost:{port('NOTIFY')}",
         )
         assert invited.returncode == 0, invited.stderr
 
