@@ -26,6 +26,16 @@ class ChatSettings:
     """Earlier messages of the session given to the model with each new one."""
     max_message_chars: int = 32_000
     auth: AuthSettings = field(default_factory=AuthSettings)
+    task_address: str = ""
+    """task_svc's gRPC address, for the operations agent; empty disables its tools."""
+    prometheus_url: str = ""
+    """Prometheus' HTTP API for the monitoring agent; empty disables its Prometheus tools."""
+    alertmanager_url: str = ""
+    """Alertmanager (v2 API) for the monitoring agent; empty disables its alert tools."""
+    logs_source: str = ""
+    """Where the troubleshooting agent reads logs: ``files://DIR`` (JSON log files) or a
+    ClickHouse DSN (``chdb://PATH``, ``http(s)://...``) with the OpenTelemetry ``otel_logs``
+    table; empty disables its log tools."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ChatSettings:
@@ -45,6 +55,10 @@ class ChatSettings:
             session_address=env.string("OPSMESH_SESSION_ADDR", "127.0.0.1:50051"),
             history_turns=env.integer("OPSMESH_CHAT_HISTORY_TURNS", 20, minimum=0, maximum=500),
             auth=AuthSettings.from_env(env),
+            task_address=env.string("OPSMESH_TASK_ADDR", ""),
+            prometheus_url=env.string("OPSMESH_PROMETHEUS_URL", "").rstrip("/"),
+            alertmanager_url=env.string("OPSMESH_ALERTMANAGER_URL", "").rstrip("/"),
+            logs_source=env.string("OPSMESH_LOGS_SOURCE", ""),
         )
         env.check()
         return settings

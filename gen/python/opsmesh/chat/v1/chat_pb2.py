@@ -27,21 +27,21 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aopsmesh/chat/v1/chat.proto\x12\x0fopsmesh.chat.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x01\n\x11GenerationOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x03 \x01(\x03H\x02\x88\x01\x01\x42\x0e\n\x0c_temperatureB\r\n\x0b_max_tokensB\x07\n\x05_seed\"\xbe\x01\n\x11StreamChatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12%\n\x05\x61gent\x18\x04 \x01(\x0e\x32\x16.opsmesh.chat.v1.Agent\x12\x19\n\x11\x63lient_message_id\x18\x05 \x01(\t\x12\x33\n\x07options\x18\x06 \x01(\x0b\x32\".opsmesh.chat.v1.GenerationOptions\"\xdf\x02\n\x12StreamChatResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12+\n\x07started\x18\x02 \x01(\x0b\x32\x18.opsmesh.chat.v1.StartedH\x00\x12,\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x1b.opsmesh.chat.v1.TokenDeltaH\x00\x12.\n\ttool_call\x18\x04 \x01(\x0b\x32\x19.opsmesh.chat.v1.ToolCallH\x00\x12\x32\n\x0btool_result\x18\x05 \x01(\x0b\x32\x1b.opsmesh.chat.v1.ToolResultH\x00\x12>\n\x11\x61pproval_required\x18\x06 \x01(\x0b\x32!.opsmesh.chat.v1.ApprovalRequiredH\x00\x12/\n\tcompleted\x18\x07 \x01(\x0b\x32\x1a.opsmesh.chat.v1.CompletedH\x00\x42\x07\n\x05\x65vent\"z\n\x07Started\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x17\n\x0fuser_message_id\x18\x03 \x01(\t\x12\x1c\n\x14\x61ssistant_message_id\x18\x04 \x01(\t\x12\x12\n\nsession_id\x18\x05 \x01(\t\"D\n\nTokenDelta\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x10\n\x08thinking\x18\x02 \x01(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\x05\"u\n\x08ToolCall\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12*\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x19\n\x11requires_approval\x18\x04 \x01(\x08\"z\n\nToolResult\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\x10\n\x08is_error\x18\x04 \x01(\x08\x12%\n\x04\x64\x61ta\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xa5\x01\n\x10\x41pprovalRequired\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12*\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf1\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x19\n\x11tokens_per_second\x18\x03 \x01(\x01\x12\x36\n\x13time_to_first_token\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0etotal_duration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\rload_duration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xaf\x01\n\tCompleted\x12\x30\n\x0b\x64one_reason\x18\x01 \x01(\x0e\x32\x1b.opsmesh.chat.v1.DoneReason\x12\x17\n\x0fraw_done_reason\x18\x02 \x01(\t\x12%\n\x05usage\x18\x03 \x01(\x0b\x32\x16.opsmesh.chat.v1.Usage\x12\x1c\n\x14\x61ssistant_message_id\x18\x04 \x01(\t\x12\x12\n\nincomplete\x18\x05 \x01(\x08\".\n\x15StopGenerationRequest\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\")\n\x16StopGenerationResponse\x12\x0f\n\x07stopped\x18\x01 \x01(\x08\"f\n\x15\x44\x65\x63ideToolCallRequest\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x02 \x01(\t\x12\x10\n\x08\x61pproved\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"*\n\x16\x44\x65\x63ideToolCallResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"\xfa\x01\n\x0b\x43hatMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0e\n\x06org_id\x18\x04 \x01(\t\x12*\n\x04role\x18\x05 \x01(\x0e\x32\x1c.opsmesh.chat.v1.MessageRole\x12\x0f\n\x07\x63ontent\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x08metadata\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nincomplete\x18\t \x01(\x08\"|\n\x11GetHistoryRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12,\n\x05order\x18\x04 \x01(\x0e\x32\x1d.opsmesh.chat.v1.HistoryOrder\"]\n\x12GetHistoryResponse\x12.\n\x08messages\x18\x01 \x03(\x0b\x32\x1c.opsmesh.chat.v1.ChatMessage\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"\xc3\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x16\n\x0eparameter_size\x18\x04 \x01(\t\x12\x1a\n\x12quantization_level\x18\x05 \x01(\t\x12/\n\x0bmodified_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61llowed\x18\x07 \x01(\x08\x12\x12\n\nis_default\x18\x08 \x01(\x08\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.opsmesh.chat.v1.Model*e\n\x05\x41gent\x12\x15\n\x11\x41GENT_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41GENT_MONITORING\x10\x01\x12\x14\n\x10\x41GENT_OPERATIONS\x10\x02\x12\x19\n\x15\x41GENT_TROUBLESHOOTING\x10\x03*r\n\nDoneReason\x12\x1b\n\x17\x44ONE_REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44ONE_REASON_STOP\x10\x01\x12\x16\n\x12\x44ONE_REASON_LENGTH\x10\x02\x12\x19\n\x15\x44ONE_REASON_CANCELLED\x10\x03*\x8e\x01\n\x0bMessageRole\x12\x1c\n\x18MESSAGE_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11MESSAGE_ROLE_USER\x10\x01\x12\x1a\n\x16MESSAGE_ROLE_ASSISTANT\x10\x02\x12\x17\n\x13MESSAGE_ROLE_SYSTEM\x10\x03\x12\x15\n\x11MESSAGE_ROLE_TOOL\x10\x04*m\n\x0cHistoryOrder\x12\x1d\n\x19HISTORY_ORDER_UNSPECIFIED\x10\x00\x12\x1e\n\x1aHISTORY_ORDER_NEWEST_FIRST\x10\x01\x12\x1e\n\x1aHISTORY_ORDER_OLDEST_FIRST\x10\x02\x32\xda\x03\n\x0b\x43hatService\x12W\n\nStreamChat\x12\".opsmesh.chat.v1.StreamChatRequest\x1a#.opsmesh.chat.v1.StreamChatResponse0\x01\x12\x61\n\x0eStopGeneration\x12&.opsmesh.chat.v1.StopGenerationRequest\x1a\'.opsmesh.chat.v1.StopGenerationResponse\x12\x61\n\x0e\x44\x65\x63ideToolCall\x12&.opsmesh.chat.v1.DecideToolCallRequest\x1a\'.opsmesh.chat.v1.DecideToolCallResponse\x12U\n\nGetHistory\x12\".opsmesh.chat.v1.GetHistoryRequest\x1a#.opsmesh.chat.v1.GetHistoryResponse\x12U\n\nListModels\x12\".opsmesh.chat.v1.ListModelsRequest\x1a#.opsmesh.chat.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aopsmesh/chat/v1/chat.proto\x12\x0fopsmesh.chat.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x01\n\x11GenerationOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x03 \x01(\x03H\x02\x88\x01\x01\x42\x0e\n\x0c_temperatureB\r\n\x0b_max_tokensB\x07\n\x05_seed\"\xbe\x01\n\x11StreamChatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12%\n\x05\x61gent\x18\x04 \x01(\x0e\x32\x16.opsmesh.chat.v1.Agent\x12\x19\n\x11\x63lient_message_id\x18\x05 \x01(\t\x12\x33\n\x07options\x18\x06 \x01(\x0b\x32\".opsmesh.chat.v1.GenerationOptions\"\xdf\x02\n\x12StreamChatResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12+\n\x07started\x18\x02 \x01(\x0b\x32\x18.opsmesh.chat.v1.StartedH\x00\x12,\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x1b.opsmesh.chat.v1.TokenDeltaH\x00\x12.\n\ttool_call\x18\x04 \x01(\x0b\x32\x19.opsmesh.chat.v1.ToolCallH\x00\x12\x32\n\x0btool_result\x18\x05 \x01(\x0b\x32\x1b.opsmesh.chat.v1.ToolResultH\x00\x12>\n\x11\x61pproval_required\x18\x06 \x01(\x0b\x32!.opsmesh.chat.v1.ApprovalRequiredH\x00\x12/\n\tcompleted\x18\x07 \x01(\x0b\x32\x1a.opsmesh.chat.v1.CompletedH\x00\x42\x07\n\x05\x65vent\"z\n\x07Started\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x17\n\x0fuser_message_id\x18\x03 \x01(\t\x12\x1c\n\x14\x61ssistant_message_id\x18\x04 \x01(\t\x12\x12\n\nsession_id\x18\x05 \x01(\t\"D\n\nTokenDelta\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x10\n\x08thinking\x18\x02 \x01(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\x05\"u\n\x08ToolCall\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12*\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x19\n\x11requires_approval\x18\x04 \x01(\x08\"\xa7\x01\n\nToolResult\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\x10\n\x08is_error\x18\x04 \x01(\x08\x12%\n\x04\x64\x61ta\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa5\x01\n\x10\x41pprovalRequired\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12*\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf1\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x19\n\x11tokens_per_second\x18\x03 \x01(\x01\x12\x36\n\x13time_to_first_token\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0etotal_duration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\rload_duration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xaf\x01\n\tCompleted\x12\x30\n\x0b\x64one_reason\x18\x01 \x01(\x0e\x32\x1b.opsmesh.chat.v1.DoneReason\x12\x17\n\x0fraw_done_reason\x18\x02 \x01(\t\x12%\n\x05usage\x18\x03 \x01(\x0b\x32\x16.opsmesh.chat.v1.Usage\x12\x1c\n\x14\x61ssistant_message_id\x18\x04 \x01(\t\x12\x12\n\nincomplete\x18\x05 \x01(\x08\".\n\x15StopGenerationRequest\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\")\n\x16StopGenerationResponse\x12\x0f\n\x07stopped\x18\x01 \x01(\x08\"f\n\x15\x44\x65\x63ideToolCallRequest\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x02 \x01(\t\x12\x10\n\x08\x61pproved\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"*\n\x16\x44\x65\x63ideToolCallResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"\xfa\x01\n\x0b\x43hatMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0e\n\x06org_id\x18\x04 \x01(\t\x12*\n\x04role\x18\x05 \x01(\x0e\x32\x1c.opsmesh.chat.v1.MessageRole\x12\x0f\n\x07\x63ontent\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x08metadata\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nincomplete\x18\t \x01(\x08\"|\n\x11GetHistoryRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12,\n\x05order\x18\x04 \x01(\x0e\x32\x1d.opsmesh.chat.v1.HistoryOrder\"]\n\x12GetHistoryResponse\x12.\n\x08messages\x18\x01 \x03(\x0b\x32\x1c.opsmesh.chat.v1.ChatMessage\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"\xc3\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x16\n\x0eparameter_size\x18\x04 \x01(\t\x12\x1a\n\x12quantization_level\x18\x05 \x01(\t\x12/\n\x0bmodified_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61llowed\x18\x07 \x01(\x08\x12\x12\n\nis_default\x18\x08 \x01(\x08\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.opsmesh.chat.v1.Model*e\n\x05\x41gent\x12\x15\n\x11\x41GENT_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41GENT_MONITORING\x10\x01\x12\x14\n\x10\x41GENT_OPERATIONS\x10\x02\x12\x19\n\x15\x41GENT_TROUBLESHOOTING\x10\x03*r\n\nDoneReason\x12\x1b\n\x17\x44ONE_REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44ONE_REASON_STOP\x10\x01\x12\x16\n\x12\x44ONE_REASON_LENGTH\x10\x02\x12\x19\n\x15\x44ONE_REASON_CANCELLED\x10\x03*\x8e\x01\n\x0bMessageRole\x12\x1c\n\x18MESSAGE_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11MESSAGE_ROLE_USER\x10\x01\x12\x1a\n\x16MESSAGE_ROLE_ASSISTANT\x10\x02\x12\x17\n\x13MESSAGE_ROLE_SYSTEM\x10\x03\x12\x15\n\x11MESSAGE_ROLE_TOOL\x10\x04*m\n\x0cHistoryOrder\x12\x1d\n\x19HISTORY_ORDER_UNSPECIFIED\x10\x00\x12\x1e\n\x1aHISTORY_ORDER_NEWEST_FIRST\x10\x01\x12\x1e\n\x1aHISTORY_ORDER_OLDEST_FIRST\x10\x02\x32\xda\x03\n\x0b\x43hatService\x12W\n\nStreamChat\x12\".opsmesh.chat.v1.StreamChatRequest\x1a#.opsmesh.chat.v1.StreamChatResponse0\x01\x12\x61\n\x0eStopGeneration\x12&.opsmesh.chat.v1.StopGenerationRequest\x1a\'.opsmesh.chat.v1.StopGenerationResponse\x12\x61\n\x0e\x44\x65\x63ideToolCall\x12&.opsmesh.chat.v1.DecideToolCallRequest\x1a\'.opsmesh.chat.v1.DecideToolCallResponse\x12U\n\nGetHistory\x12\".opsmesh.chat.v1.GetHistoryRequest\x1a#.opsmesh.chat.v1.GetHistoryResponse\x12U\n\nListModels\x12\".opsmesh.chat.v1.ListModelsRequest\x1a#.opsmesh.chat.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'opsmesh.chat.v1.chat_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGENT']._serialized_start=2842
-  _globals['_AGENT']._serialized_end=2943
-  _globals['_DONEREASON']._serialized_start=2945
-  _globals['_DONEREASON']._serialized_end=3059
-  _globals['_MESSAGEROLE']._serialized_start=3062
-  _globals['_MESSAGEROLE']._serialized_end=3204
-  _globals['_HISTORYORDER']._serialized_start=3206
-  _globals['_HISTORYORDER']._serialized_end=3315
+  _globals['_AGENT']._serialized_start=2888
+  _globals['_AGENT']._serialized_end=2989
+  _globals['_DONEREASON']._serialized_start=2991
+  _globals['_DONEREASON']._serialized_end=3105
+  _globals['_MESSAGEROLE']._serialized_start=3108
+  _globals['_MESSAGEROLE']._serialized_end=3250
+  _globals['_HISTORYORDER']._serialized_start=3252
+  _globals['_HISTORYORDER']._serialized_end=3361
   _globals['_GENERATIONOPTIONS']._serialized_start=143
   _globals['_GENERATIONOPTIONS']._serialized_end=272
   _globals['_STREAMCHATREQUEST']._serialized_start=275
@@ -54,34 +54,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENDELTA']._serialized_end=1013
   _globals['_TOOLCALL']._serialized_start=1015
   _globals['_TOOLCALL']._serialized_end=1132
-  _globals['_TOOLRESULT']._serialized_start=1134
-  _globals['_TOOLRESULT']._serialized_end=1256
-  _globals['_APPROVALREQUIRED']._serialized_start=1259
-  _globals['_APPROVALREQUIRED']._serialized_end=1424
-  _globals['_USAGE']._serialized_start=1427
-  _globals['_USAGE']._serialized_end=1668
-  _globals['_COMPLETED']._serialized_start=1671
-  _globals['_COMPLETED']._serialized_end=1846
-  _globals['_STOPGENERATIONREQUEST']._serialized_start=1848
-  _globals['_STOPGENERATIONREQUEST']._serialized_end=1894
-  _globals['_STOPGENERATIONRESPONSE']._serialized_start=1896
-  _globals['_STOPGENERATIONRESPONSE']._serialized_end=1937
-  _globals['_DECIDETOOLCALLREQUEST']._serialized_start=1939
-  _globals['_DECIDETOOLCALLREQUEST']._serialized_end=2041
-  _globals['_DECIDETOOLCALLRESPONSE']._serialized_start=2043
-  _globals['_DECIDETOOLCALLRESPONSE']._serialized_end=2085
-  _globals['_CHATMESSAGE']._serialized_start=2088
-  _globals['_CHATMESSAGE']._serialized_end=2338
-  _globals['_GETHISTORYREQUEST']._serialized_start=2340
-  _globals['_GETHISTORYREQUEST']._serialized_end=2464
-  _globals['_GETHISTORYRESPONSE']._serialized_start=2466
-  _globals['_GETHISTORYRESPONSE']._serialized_end=2559
-  _globals['_LISTMODELSREQUEST']._serialized_start=2561
-  _globals['_LISTMODELSREQUEST']._serialized_end=2580
-  _globals['_MODEL']._serialized_start=2583
-  _globals['_MODEL']._serialized_end=2778
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2780
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2840
-  _globals['_CHATSERVICE']._serialized_start=3318
-  _globals['_CHATSERVICE']._serialized_end=3792
+  _globals['_TOOLRESULT']._serialized_start=1135
+  _globals['_TOOLRESULT']._serialized_end=1302
+  _globals['_APPROVALREQUIRED']._serialized_start=1305
+  _globals['_APPROVALREQUIRED']._serialized_end=1470
+  _globals['_USAGE']._serialized_start=1473
+  _globals['_USAGE']._serialized_end=1714
+  _globals['_COMPLETED']._serialized_start=1717
+  _globals['_COMPLETED']._serialized_end=1892
+  _globals['_STOPGENERATIONREQUEST']._serialized_start=1894
+  _globals['_STOPGENERATIONREQUEST']._serialized_end=1940
+  _globals['_STOPGENERATIONRESPONSE']._serialized_start=1942
+  _globals['_STOPGENERATIONRESPONSE']._serialized_end=1983
+  _globals['_DECIDETOOLCALLREQUEST']._serialized_start=1985
+  _globals['_DECIDETOOLCALLREQUEST']._serialized_end=2087
+  _globals['_DECIDETOOLCALLRESPONSE']._serialized_start=2089
+  _globals['_DECIDETOOLCALLRESPONSE']._serialized_end=2131
+  _globals['_CHATMESSAGE']._serialized_start=2134
+  _globals['_CHATMESSAGE']._serialized_end=2384
+  _globals['_GETHISTORYREQUEST']._serialized_start=2386
+  _globals['_GETHISTORYREQUEST']._serialized_end=2510
+  _globals['_GETHISTORYRESPONSE']._serialized_start=2512
+  _globals['_GETHISTORYRESPONSE']._serialized_end=2605
+  _globals['_LISTMODELSREQUEST']._serialized_start=2607
+  _globals['_LISTMODELSREQUEST']._serialized_end=2626
+  _globals['_MODEL']._serialized_start=2629
+  _globals['_MODEL']._serialized_end=2824
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2826
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2886
+  _globals['_CHATSERVICE']._serialized_start=3364
+  _globals['_CHATSERVICE']._serialized_end=3838
 # @@protoc_insertion_point(module_scope)
