@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from chat_svc.agents.catalog import AgentLimits
 from chat_svc.model import ModelSettings
 from mesh.auth import AuthSettings
 from mesh.redisconn import RedisSettings
@@ -26,6 +27,7 @@ class ChatSettings:
     """Earlier messages of the session given to the model with each new one."""
     max_message_chars: int = 32_000
     auth: AuthSettings = field(default_factory=AuthSettings)
+    agent_limits: AgentLimits = field(default_factory=AgentLimits)
     task_address: str = ""
     """task_svc's gRPC address, for the operations agent; empty disables its tools."""
     prometheus_url: str = ""
@@ -55,6 +57,7 @@ class ChatSettings:
             session_address=env.string("OPSMESH_SESSION_ADDR", "127.0.0.1:50051"),
             history_turns=env.integer("OPSMESH_CHAT_HISTORY_TURNS", 20, minimum=0, maximum=500),
             auth=AuthSettings.from_env(env),
+            agent_limits=AgentLimits.from_env(env),
             task_address=env.string("OPSMESH_TASK_ADDR", ""),
             prometheus_url=env.string("OPSMESH_PROMETHEUS_URL", "").rstrip("/"),
             alertmanager_url=env.string("OPSMESH_ALERTMANAGER_URL", "").rstrip("/"),

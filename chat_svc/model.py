@@ -118,14 +118,23 @@ class ModelServer:
         return list(listing.models)
 
     async def stream(
-        self, *, model: str, messages: Sequence[Mapping[str, Any]], options: Mapping[str, Any]
+        self,
+        *,
+        model: str,
+        messages: Sequence[Mapping[str, Any]],
+        options: Mapping[str, Any],
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> AsyncIterator[Any]:
         """The answer's parts; retried only until the first one arrived."""
         attempt = 0
         while True:
             attempt += 1
             parts = await self._client.chat(
-                model=model, messages=list(messages), stream=True, options=dict(options) or None
+                model=model,
+                messages=list(messages),
+                tools=list(tools) if tools else None,
+                stream=True,
+                options=dict(options) or None,
             )
             try:
                 first = await asyncio.wait_for(

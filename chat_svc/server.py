@@ -6,11 +6,15 @@ from collections.abc import Mapping
 
 from grpc import aio
 
+from chat_svc.agents.catalog import build_agents
+from chat_svc.agents.operations import operations_tools
+from chat_svc.approvals import Approvals
 from chat_svc.config import ChatSettings
 from chat_svc.history import HistoryStore, HistoryWriter
 from chat_svc.model import ModelServer
 from chat_svc.service import SERVICE_NAME, ChatService
 from chat_svc.stops import StopSignals
+from chat_svc.turns import Turns
 from mesh.auth import Authenticator, authenticator_for
 from mesh.health import Probe
 from mesh.logs import configure_service_logging
@@ -18,6 +22,7 @@ from mesh.redisconn import connect_redis
 from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
 from opsmesh.chat.v1 import chat_pb2_grpc
 from opsmesh.session.v1 import session_pb2_grpc
+from opsmesh.task.v1 import task_pb2_grpc
 
 
 async def build_runner(
@@ -34,6 +39,20 @@ async def build_runner(
     redis = connect_redis(settings.redis)
     stops = StopSignals(redis)
     session_channel = aio.insecure_channel(settings.session_address)
+    channels = [session_channel]
+    tasks = None
+    if settings.task_address:
+        channels.append(aio.insecure_channel(settings.task_address))
+        tasks = task_pb2_grpc.TaskServiceStub(channels[-1])
+    agents = build_agents(
+        {"operations": operations_tools(tasks)},
+        limits=settings.agent_limits,
+        missing={
+            "operations": "OPSMESH_TASK_ADDR is not set",
+            "monitoring": "OPSMESH_PROMETHEUS_URL / OPSMESH_ALERTMANAGER_URL are not set",
+            "troubleshooting": "OPSMESH_LOGS_SOURCE is not set",
+        },
+    )
     service = ChatService(
         settings=settings,
         models=models,
@@ -41,14 +60,18 @@ async def build_runner(
         writer=writer,
         stops=stops,
         sessions=session_pb2_grpc.SessionServiceStub(session_channel),
+        approvals=Approvals(redis, stops),
+        turns=Turns(redis),
+        agents=agents,
     )
 
     async def started() -> None:
         writer.start()
         stops.start()
 
-    async def close_session_channel() -> None:
-        await session_channel.close(None)
+    async def close_channels() -> None:
+        for channel in channels:
+            await channel.close(None)
 
     base = options or RunnerOptions()
     return ServiceRunner(
@@ -63,10 +86,11 @@ async def build_runner(
         options=base.extended(
             on_start=(started,),
             on_stop=(
+                service.close,
                 stops.close,
                 writer.close,
                 models.close,
-                close_session_channel,
+                close_channels,
                 redis.aclose,
                 history.close,
             ),

@@ -3,26 +3,36 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 import grpc
-from google.protobuf import duration_pb2, json_format, timestamp_pb2
+from google.protobuf import json_format, timestamp_pb2
 from grpc import aio
 
+from chat_svc.agents.catalog import Agent
+from chat_svc.agents.tools import ToolContext
+from chat_svc.approvals import Approvals
 from chat_svc.config import ChatSettings
+from chat_svc.generation import Generation
 from chat_svc.history import HistoryStore, HistoryWriter, Message
 from chat_svc.model import ModelServer
 from chat_svc.stops import StopSignals
+from chat_svc.turns import Claim, Turns, replay
 from mesh.clients import identity_metadata
 from mesh.clock import StrictMillis
 from mesh.context import Principal, current_principal
-from mesh.errors import DependencyUnavailable, InvalidArgument, NotFound, OpsmeshError
+from mesh.errors import (
+    AlreadyExists,
+    DependencyUnavailable,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 from mesh.pagination import decode_token, encode_token, page_size
 from opsmesh.chat.v1 import chat_pb2, chat_pb2_grpc
 from opsmesh.session.v1 import session_pb2, session_pb2_grpc
@@ -37,7 +47,6 @@ _ROLES = {
     "assistant": chat_pb2.MESSAGE_ROLE_ASSISTANT,
     "system": chat_pb2.MESSAGE_ROLE_SYSTEM,
 }
-_DONE = {"stop": chat_pb2.DONE_REASON_STOP, "length": chat_pb2.DONE_REASON_LENGTH}
 # How long a generation may run at most (its stop registration expires after that).
 _MAX_GENERATION_SECONDS = 3600.0
 
@@ -49,55 +58,41 @@ def _uuid(value: str, field: str) -> str:
         raise InvalidArgument(f"{field} {value[:64]!r} is not a UUID", field=field) from None
 
 
-def _duration(seconds: float) -> duration_pb2.Duration:
-    duration = duration_pb2.Duration()
-    duration.FromNanoseconds(int(seconds * 1e9))
-    return duration
-
-
 def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(moment)
     return stamp
 
 
-# A coalesced delta stays far below gRPC's message size limit, however far behind the client is.
-_MAX_DELTA_CHARS = 256 * 1024
+@dataclass(frozen=True, kw_only=True)
+class _Ask:
+    """A validated StreamChat request."""
+
+    session_id: str
+    text: str
+    model: str
+    options: dict[str, Any]
+    agent: Agent | None
+    client_message_id: str
 
 
-class _Answer:
-    """What the model said so far; deltas are coalesced while the client is slow."""
+class _Transcript:
+    """The events of one answer as a retry replays them (text deltas merged)."""
 
     def __init__(self) -> None:
-        self.text: list[str] = []
-        self.thinking: list[str] = []
-        self.unsent: collections.deque[tuple[str, str]] = collections.deque()
-        self.final: Any = None
-        self.first_token_at: float | None = None
-        self.ready = asyncio.Event()
+        self.events: list[chat_pb2.StreamChatResponse] = []
 
-    def add(self, content: str, thinking: str) -> None:
-        self.text.append(content)
-        self.thinking.append(thinking)
-        self.unsent.append((content, thinking))
-        self.ready.set()
-
-    def take(self) -> chat_pb2.TokenDelta:
-        """Everything not sent yet (up to a size bound) as one delta."""
-        content: list[str] = []
-        thinking: list[str] = []
-        size = tokens = 0
-        while self.unsent and (tokens == 0 or size < _MAX_DELTA_CHARS):
-            text, thought = self.unsent.popleft()
-            content.append(text)
-            thinking.append(thought)
-            size += len(text) + len(thought)
-            tokens += 1
-        if not self.unsent:
-            self.ready.clear()
-        return chat_pb2.TokenDelta(
-            content="".join(content), thinking="".join(thinking), token_count=tokens
-        )
+    def add(self, event: chat_pb2.StreamChatResponse) -> None:
+        last = self.events[-1] if self.events else None
+        if last is not None and last.HasField("delta") and event.HasField("delta"):
+            last.delta.content += event.delta.content
+            last.delta.thinking += event.delta.thinking
+            last.delta.token_count += event.delta.token_count
+            return
+        copy = chat_pb2.StreamChatResponse()
+        copy.CopyFrom(event)
+        copy.sequence = len(self.events) + 1
+        self.events.append(copy)
 
 
 class ChatService(chat_pb2_grpc.ChatServiceServicer):
@@ -110,6 +105,9 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         writer: HistoryWriter,
         stops: StopSignals,
         sessions: session_pb2_grpc.SessionServiceAsyncStub,
+        approvals: Approvals,
+        turns: Turns,
+        agents: Mapping[int, Agent],
     ) -> None:
         self._settings = settings
         self._models = models
@@ -117,6 +115,11 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         self._writer = writer
         self._stops = stops
         self._sessions = sessions
+        self._approvals = approvals
+        self._turns = turns
+        self._agents = dict(agents)
+        # Generations that wait for an approval after their client left finish in the background.
+        self._detached: set[asyncio.Task[None]] = set()
         # History lists by (timestamp, message id): an answer must never tie with its question.
         self._clock = StrictMillis()
 
@@ -148,25 +151,22 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             after=None,
         )
 
-    async def _prompt(
-        self, principal: Principal, session_id: str, text: str
-    ) -> list[dict[str, str]]:
+    async def _prompt(self, principal: Principal, ask: _Ask) -> list[dict[str, Any]]:
         # The session (ownership, context) and the earlier turns are fetched together.
         session, earlier = await asyncio.gather(
-            self._session(principal, session_id), self._earlier(principal, session_id)
+            self._session(principal, ask.session_id), self._earlier(principal, ask.session_id)
         )
-        messages: list[dict[str, str]] = []
+        messages: list[dict[str, Any]] = []
+        if ask.agent is not None:
+            messages.append({"role": "system", "content": ask.agent.system_prompt})
         if session.context.fields:
             context = json_format.MessageToJson(session.context, indent=None)
             messages.append({"role": "system", "content": f"Session context: {context}"})
         messages += [{"role": m.role, "content": m.content} for m in reversed(earlier)]
-        messages.append({"role": "user", "content": text})
+        messages.append({"role": "user", "content": ask.text})
         return messages
 
-    async def StreamChat(
-        self, request: chat_pb2.StreamChatRequest, context: Context
-    ) -> AsyncIterator[chat_pb2.StreamChatResponse]:
-        principal = current_principal()
+    def _validate(self, request: chat_pb2.StreamChatRequest) -> _Ask:
         session_id = _uuid(request.session_id, "session_id")
         text = request.message
         if not text.strip():
@@ -176,173 +176,261 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                 f"message is longer than {self._settings.max_message_chars} characters",
                 field="message",
             )
-        model = self._models.choose(request.model)
+        client_message_id = ""
+        if request.client_message_id:
+            client_message_id = _uuid(request.client_message_id, "client_message_id")
+        return _Ask(
+            session_id=session_id,
+            text=text,
+            model=self._models.choose(request.model),
+            options=self._options(request.options),
+            agent=self._agent(request.agent),
+            client_message_id=client_message_id,
+        )
+
+    @staticmethod
+    def _options(requested: chat_pb2.GenerationOptions) -> dict[str, Any]:
         options: dict[str, Any] = {}
-        if request.options.HasField("temperature"):
-            if not 0 <= request.options.temperature <= 2:
+        if requested.HasField("temperature"):
+            if not 0 <= requested.temperature <= 2:
                 raise InvalidArgument(
                     "options.temperature must be 0 to 2", field="options.temperature"
                 )
-            options["temperature"] = request.options.temperature
-        if request.options.HasField("max_tokens"):
-            options["num_predict"] = request.options.max_tokens
-        if request.options.HasField("seed"):
-            options["seed"] = request.options.seed
-        prompt = await self._prompt(principal, session_id, text)
+            options["temperature"] = requested.temperature
+        if requested.HasField("max_tokens"):
+            if requested.max_tokens < 1:
+                raise InvalidArgument(
+                    "options.max_tokens must be positive", field="options.max_tokens"
+                )
+            options["num_predict"] = requested.max_tokens
+        if requested.HasField("seed"):
+            options["seed"] = requested.seed
+        return options
 
+    def _agent(self, requested: int) -> Agent | None:
+        if requested == chat_pb2.AGENT_UNSPECIFIED:
+            return None
+        agent = self._agents.get(requested)
+        if agent is None:
+            raise InvalidArgument(f"unknown agent {requested}", field="agent")
+        if not agent.tools:
+            raise FailedPrecondition(
+                f"the {agent.name} agent is not available in this deployment: {agent.missing}",
+                reason="AGENT_UNAVAILABLE",
+            )
+        return agent
+
+    async def StreamChat(
+        self, request: chat_pb2.StreamChatRequest, context: Context
+    ) -> AsyncIterator[chat_pb2.StreamChatResponse]:
+        principal = current_principal()
+        ask = self._validate(request)
         generation_id = str(uuid.uuid4())
         user_message_id = str(uuid.uuid4())
-        assistant_message_id = str(uuid.uuid4())
-        stopped = await self._stops.register(generation_id, principal, _MAX_GENERATION_SECONDS)
-        accepted = time.perf_counter()
-        self._writer.add(
-            Message(
-                message_id=user_message_id,
-                session_id=session_id,
-                user_id=principal.user_id,
-                org_id=principal.org_id,
-                role="user",
-                content=text,
-                timestamp=self._stamp(),
-                metadata={"model": model},
+        claim: Claim | None = None
+        if ask.client_message_id:
+            claim = await self._turns.claim(
+                principal,
+                ask.session_id,
+                ask.client_message_id,
+                generation_id=generation_id,
+                user_message_id=user_message_id,
             )
+            if not claim.claimed:
+                if claim.record.get("state") == "done":
+                    for event in replay(claim.record):
+                        yield event
+                    return
+                raise AlreadyExists(
+                    f"message {ask.client_message_id} is still being answered",
+                    reason="MESSAGE_IN_PROGRESS",
+                    metadata={"generation_id": str(claim.record.get("generation_id", ""))},
+                )
+            user_message_id = claim.user_message_id
+        try:
+            generation = await self._generation(principal, ask, generation_id, user_message_id)
+            stopped = await self._stops.register(generation_id, principal, _MAX_GENERATION_SECONDS)
+        except BaseException:
+            if claim is not None:
+                await self._turns.fail(principal, ask.session_id, ask.client_message_id, claim)
+            raise
+        if claim is None or not claim.question_recorded:
+            self._writer.add(
+                Message(
+                    message_id=user_message_id,
+                    session_id=ask.session_id,
+                    user_id=principal.user_id,
+                    org_id=principal.org_id,
+                    role="user",
+                    content=ask.text,
+                    timestamp=self._stamp(),
+                    metadata={"model": ask.model},
+                )
+            )
+        async for event in self._relay(generation, stopped, claim):
+            yield event
+
+    async def _generation(
+        self, principal: Principal, ask: _Ask, generation_id: str, user_message_id: str
+    ) -> Generation:
+        return Generation(
+            generation_id=generation_id,
+            session_id=ask.session_id,
+            principal=principal,
+            model=ask.model,
+            options=ask.options,
+            messages=await self._prompt(principal, ask),
+            agent=ask.agent,
+            tool_context=ToolContext(principal=principal, metadata=identity_metadata(principal)),
+            models=self._models,
+            approvals=self._approvals,
+            user_message_id=user_message_id,
+            assistant_message_id=str(uuid.uuid4()),
+            client_message_id=ask.client_message_id,
         )
-        answer = _Answer()
-        producer = asyncio.create_task(self._produce(model, prompt, options, answer))
+
+    async def _relay(
+        self, generation: Generation, stopped: asyncio.Event, claim: Claim | None
+    ) -> AsyncIterator[chat_pb2.StreamChatResponse]:
+        """The generation's events to the client; cancelling stops it unless it awaits approval."""
+        producer = asyncio.create_task(generation.run())
+        stop_wait = asyncio.ensure_future(stopped.wait())
+        transcript = _Transcript() if claim is not None else None
         sequence = 0
+        detached = completed = False
+        failure: BaseException | None = None
 
         def event(**kind: Any) -> chat_pb2.StreamChatResponse:
             nonlocal sequence
             sequence += 1
-            return chat_pb2.StreamChatResponse(sequence=sequence, **kind)
+            response = chat_pb2.StreamChatResponse(sequence=sequence, **kind)
+            if transcript is not None:
+                transcript.add(response)
+            return response
 
-        done_reason = chat_pb2.DONE_REASON_UNSPECIFIED
-        failure: BaseException | None = None
         try:
-            yield event(
-                started=chat_pb2.Started(
-                    generation_id=generation_id,
-                    model=model,
-                    user_message_id=user_message_id,
-                    assistant_message_id=assistant_message_id,
-                    session_id=session_id,
+            yield event(started=generation.started())
+            while True:
+                ready = asyncio.ensure_future(generation.feed.ready.wait())
+                await asyncio.wait(
+                    {ready, producer, stop_wait}, return_when=asyncio.FIRST_COMPLETED
                 )
-            )
-            stop_wait = asyncio.ensure_future(stopped.wait())
-            try:
-                while True:
-                    ready = asyncio.ensure_future(answer.ready.wait())
-                    await asyncio.wait(
-                        {ready, producer, stop_wait}, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    ready.cancel()
-                    if answer.unsent:
-                        yield event(delta=answer.take())
-                        continue
-                    if stop_wait.done():
-                        done_reason = chat_pb2.DONE_REASON_CANCELLED
-                        break
-                    if producer.done():
-                        break
-            finally:
-                stop_wait.cancel()
-            if done_reason == chat_pb2.DONE_REASON_CANCELLED:
+                ready.cancel()
+                while (kind := generation.feed.take()) is not None:
+                    yield event(**kind)
+                if stop_wait.done() or producer.done():
+                    break
+            done_reason: int
+            if stop_wait.done() and not producer.done():
                 producer.cancel()
                 await asyncio.gather(producer, return_exceptions=True)
+                done_reason = chat_pb2.DONE_REASON_CANCELLED
             else:
                 producer.result()  # raises what the model server did
-                done_reason = _DONE.get(
-                    answer.final.done_reason or "stop", chat_pb2.DONE_REASON_STOP
-                )
-            yield event(
-                completed=self._completed(answer, done_reason, assistant_message_id, accepted)
-            )
+                done_reason = generation.done_reason()
+            yield event(completed=generation.completed(done_reason))
+            completed = True
         except BaseException as error:
             failure = error
+            if isinstance(error, asyncio.CancelledError | GeneratorExit) and (
+                generation.awaiting_approval and not producer.done()
+            ):
+                detached = True
+                self._finish_detached(generation, producer, stop_wait, claim)
             raise
         finally:
-            producer.cancel()  # closes the model server's stream at once
-            await asyncio.gather(producer, return_exceptions=True)
-            await self._stops.finished(generation_id)
-            self._record_answer(
-                principal, session_id, assistant_message_id, model, answer, done_reason, failure
-            )
+            if not detached:
+                stop_wait.cancel()
+                producer.cancel()  # closes the model server's stream at once
+                await asyncio.gather(producer, return_exceptions=True)
+                await self._finish(
+                    generation,
+                    failure=failure,
+                    stopped=stop_wait.done() and not stop_wait.cancelled(),
+                    claim=claim,
+                    transcript=transcript if completed else None,
+                )
 
-    async def _produce(
-        self, model: str, prompt: list[dict[str, str]], options: dict[str, Any], answer: _Answer
-    ) -> None:
-        async for part in self._models.stream(model=model, messages=prompt, options=options):
-            content = part.message.content or ""
-            thinking = getattr(part.message, "thinking", None) or ""
-            if (content or thinking) and answer.first_token_at is None:
-                answer.first_token_at = time.perf_counter()
-            if content or thinking:
-                answer.add(content, thinking)
-            if part.done:
-                answer.final = part
-
-    def _completed(
-        self, answer: _Answer, done_reason: int, message_id: str, accepted: float
-    ) -> chat_pb2.Completed:
-        usage = chat_pb2.Usage()
-        final = answer.final
-        if final is not None:
-            usage.prompt_tokens = final.prompt_eval_count or 0
-            usage.completion_tokens = final.eval_count or 0
-            if final.eval_duration:
-                usage.tokens_per_second = (final.eval_count or 0) / (final.eval_duration / 1e9)
-            usage.total_duration.CopyFrom(_duration((final.total_duration or 0) / 1e9))
-            usage.load_duration.CopyFrom(_duration((final.load_duration or 0) / 1e9))
-        if answer.first_token_at is not None:
-            usage.time_to_first_token.CopyFrom(_duration(answer.first_token_at - accepted))
-        return chat_pb2.Completed(
-            done_reason=done_reason,  # type: ignore[arg-type]
-            raw_done_reason=(final.done_reason or "") if final is not None else "cancelled",
-            usage=usage,
-            assistant_message_id=message_id,
-            incomplete=final is None,
-        )
-
-    def _record_answer(
+    def _finish_detached(
         self,
-        principal: Principal,
-        session_id: str,
-        message_id: str,
-        model: str,
-        answer: _Answer,
-        done_reason: int,
-        failure: BaseException | None,
+        generation: Generation,
+        producer: asyncio.Task[None],
+        stop_wait: asyncio.Future[Any],
+        claim: Claim | None,
     ) -> None:
-        incomplete = answer.final is None
-        metadata: dict[str, Any] = {"model": model}
-        if answer.final is not None:
-            metadata.update(
-                done_reason=answer.final.done_reason or "stop",
-                prompt_tokens=answer.final.prompt_eval_count or 0,
-                completion_tokens=answer.final.eval_count or 0,
-            )
-        elif isinstance(failure, OpsmeshError):
-            metadata["error"] = failure.message
-        elif failure is not None:
-            metadata["error"] = "cancelled by the client"
-        elif done_reason == chat_pb2.DONE_REASON_CANCELLED:
-            metadata["error"] = "stopped by the user"
-        thinking = "".join(answer.thinking)
-        if thinking:
-            metadata["thinking"] = thinking
+        """Lets a generation whose client left finish once its approvals are decided."""
+
+        async def finish() -> None:
+            failure: BaseException | None = None
+            try:
+                await asyncio.wait({producer, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if not producer.done():
+                    producer.cancel()
+                await asyncio.gather(producer, return_exceptions=True)
+                cancelled = producer.cancelled()
+                failure = asyncio.CancelledError() if cancelled else producer.exception()
+            finally:
+                stop_wait.cancel()
+                await self._finish(
+                    generation,
+                    failure=failure,
+                    stopped=stop_wait.done() and not stop_wait.cancelled(),
+                    claim=claim,
+                    transcript=None,
+                )
+
+        task = asyncio.create_task(finish(), name=f"detached-{generation.generation_id}")
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
+
+    async def _finish(
+        self,
+        generation: Generation,
+        *,
+        failure: BaseException | None,
+        stopped: bool,
+        claim: Claim | None,
+        transcript: _Transcript | None,
+    ) -> None:
+        """Records the answer once, whatever ended it, and releases what the generation held."""
+        principal = generation.principal
+        await self._stops.finished(generation.generation_id)
         self._writer.add(
             Message(
-                message_id=message_id,
-                session_id=session_id,
+                message_id=generation.assistant_message_id,
+                session_id=generation.session_id,
                 user_id=principal.user_id,
                 org_id=principal.org_id,
                 role="assistant",
-                content="".join(answer.text),
+                content="".join(generation.text),
                 timestamp=self._stamp(),
-                metadata=metadata,
-                incomplete=incomplete,
+                metadata=generation.metadata(failure, stopped),
+                incomplete=generation.final is None,
             )
         )
+        if claim is None:
+            return
+        try:
+            if transcript is not None and generation.final is not None:
+                await self._turns.complete(
+                    principal,
+                    generation.session_id,
+                    generation.client_message_id,
+                    claim,
+                    transcript.events,
+                )
+            else:
+                await self._turns.fail(
+                    principal, generation.session_id, generation.client_message_id, claim
+                )
+        except Exception as error:  # noqa: BLE001 - the turn record expires by itself
+            log.warning("could not record turn %s: %s", generation.client_message_id, error)
+
+    async def close(self) -> None:
+        """Ends generations still waiting for an approval (at shutdown)."""
+        for task in list(self._detached):
+            task.cancel()
+        await asyncio.gather(*self._detached, return_exceptions=True)
 
     async def StopGeneration(
         self, request: chat_pb2.StopGenerationRequest, context: Context
@@ -356,12 +444,46 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
     async def DecideToolCall(
         self, request: chat_pb2.DecideToolCallRequest, context: Context
     ) -> chat_pb2.DecideToolCallResponse:
-        _uuid(request.generation_id, "generation_id")
-        # Agents with tools (and so approvals) are not enabled yet: nothing ever waits.
-        raise NotFound(
-            f"no tool call {request.tool_call_id[:64]!r} waits for a decision in generation "
-            f"{request.generation_id}"
+        generation_id = _uuid(request.generation_id, "generation_id")
+        call_id = request.tool_call_id
+        if not call_id or len(call_id) > 64 or not call_id.isascii() or not call_id.isprintable():
+            raise InvalidArgument(
+                "tool_call_id must be the id of a ToolCall event", field="tool_call_id"
+            )
+        if len(request.reason) > 1000:
+            raise InvalidArgument("reason must be at most 1000 characters", field="reason")
+        outcome = await self._approvals.decide(
+            current_principal(),
+            generation_id,
+            call_id,
+            "approved" if request.approved else "rejected",
+            request.reason,
         )
+        if outcome in (0, -1):
+            # Another user's call is answered exactly like a call that does not exist.
+            raise NotFound(
+                f"no tool call {call_id!r} waits for a decision in generation {generation_id}"
+            )
+        return chat_pb2.DecideToolCallResponse(accepted=outcome == 1)
+
+    async def ListApprovals(
+        self, request: chat_pb2.ListApprovalsRequest, context: Context
+    ) -> chat_pb2.ListApprovalsResponse:
+        principal = current_principal()
+        session_id = _uuid(request.session_id, "session_id")
+        found = []
+        for pending in await self._approvals.pending(principal, session_id):
+            approval = chat_pb2.ApprovalRequired(
+                tool_call_id=pending.tool_call_id,
+                name=pending.name,
+                description=pending.description,
+            )
+            approval.arguments.update(pending.arguments)
+            approval.deadline.FromMilliseconds(pending.deadline_ms)
+            found.append(
+                chat_pb2.PendingApproval(generation_id=pending.generation_id, approval=approval)
+            )
+        return chat_pb2.ListApprovalsResponse(approvals=found)
 
     async def GetHistory(
         self, request: chat_pb2.GetHistoryRequest, context: Context

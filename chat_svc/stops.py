@@ -1,8 +1,9 @@
-"""StopGeneration across replicas: a stop request is published on Redis to whichever runs it.
+"""Signals across replicas: stop requests and tool-call decisions, published on Redis.
 
 Each running generation is registered (owner, with a TTL) so only its owner can
 stop it; every replica listens on one pattern subscription and sets the local
-event of the generation named in a message.
+event of the channel named in a message (a generation's stop, or the decision on
+one of its tool calls, see :mod:`chat_svc.approvals`).
 """
 
 from __future__ import annotations
@@ -33,9 +34,24 @@ class StopSignals:
     def _channel(self, generation_id: str) -> str:
         return f"{self._prefix}stop:{generation_id}"
 
+    def decision_channel(self, generation_id: str, tool_call_id: str) -> str:
+        return f"{self._prefix}decision:{generation_id}:{tool_call_id}"
+
+    def listen(self, channel: str) -> asyncio.Event:
+        """A local event set when a message arrives on ``channel`` (until :meth:`forget`)."""
+        return self._events.setdefault(channel, asyncio.Event())
+
+    def forget(self, channel: str) -> None:
+        self._events.pop(channel, None)
+
+    async def publish(self, channel: str) -> int:
+        with redis_errors():
+            receivers: int = await self._redis.publish(channel, b"1")
+        return receivers
+
     async def register(self, generation_id: str, owner: Principal, ttl: float) -> asyncio.Event:
         """Marks a generation as running; the event is set when someone stops it."""
-        event = self._events.setdefault(generation_id, asyncio.Event())
+        event = self.listen(self._channel(generation_id))
         with redis_errors():
             await self._redis.set(
                 self._owner_key(generation_id),
@@ -45,7 +61,7 @@ class StopSignals:
         return event
 
     async def finished(self, generation_id: str) -> None:
-        self._events.pop(generation_id, None)
+        self.forget(self._channel(generation_id))
         try:
             with redis_errors():
                 await self._redis.delete(self._owner_key(generation_id))
@@ -74,7 +90,7 @@ class StopSignals:
         while True:
             try:
                 pubsub = self._redis.pubsub()
-                await pubsub.psubscribe(self._channel("*"))
+                await pubsub.psubscribe(self._channel("*"), f"{self._prefix}decision:*")
                 self._subscribed.set()
                 failures = 0
                 async for message in pubsub.listen():
@@ -82,7 +98,7 @@ class StopSignals:
                         continue
                     channel = message["channel"]
                     channel = channel.decode() if isinstance(channel, bytes) else channel
-                    event = self._events.get(channel.rsplit(":", 1)[1])
+                    event = self._events.get(channel)
                     if event is not None:
                         event.set()
             except asyncio.CancelledError:

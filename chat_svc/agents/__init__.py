@@ -1,1 +1,1 @@
-"""AIOps agents: a system prompt, a declared tool set and limits, run through the model's tool calls."""
+"""AIOps agents: a system prompt, a tool set and limits each, run through model tool calls."""

@@ -41,6 +41,8 @@ class ToolContext:
     principal: Principal
     metadata: tuple[tuple[str, str], ...] = ()
     """Call metadata carrying the caller's identity (their bearer token or identity headers)."""
+    idempotency_key: str = ""
+    """Stable for one tool call of one generation: a retried effect is not done twice."""
 
     @property
     def org_id(self) -> str:
@@ -132,7 +134,7 @@ def tool(
 
 
 def _plain_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """pydantic's schema without $refs, titles or ``anyOf [X, null]``: what small models read best."""
+    """pydantic's schema without $refs, titles or ``anyOf [X, null]``: what small models read."""
     definitions = schema.get("$defs", {})
 
     def plain(node: Any) -> Any:

@@ -226,6 +226,26 @@ class DecideToolCallResponse(_message.Message):
     accepted: bool
     def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
 
+class ListApprovalsRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class PendingApproval(_message.Message):
+    __slots__ = ("generation_id", "approval")
+    GENERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_FIELD_NUMBER: _ClassVar[int]
+    generation_id: str
+    approval: ApprovalRequired
+    def __init__(self, generation_id: _Optional[str] = ..., approval: _Optional[_Union[ApprovalRequired, _Mapping]] = ...) -> None: ...
+
+class ListApprovalsResponse(_message.Message):
+    __slots__ = ("approvals",)
+    APPROVALS_FIELD_NUMBER: _ClassVar[int]
+    approvals: _containers.RepeatedCompositeFieldContainer[PendingApproval]
+    def __init__(self, approvals: _Optional[_Iterable[_Union[PendingApproval, _Mapping]]] = ...) -> None: ...
+
 class ChatMessage(_message.Message):
     __slots__ = ("id", "session_id", "user_id", "org_id", "role", "content", "created_at", "metadata", "incomplete")
     ID_FIELD_NUMBER: _ClassVar[int]

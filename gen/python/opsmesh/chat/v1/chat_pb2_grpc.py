@@ -53,6 +53,11 @@ class ChatServiceStub:
                 request_serializer=opsmesh_dot_chat_dot_v1_dot_chat__pb2.DecideToolCallRequest.SerializeToString,
                 response_deserializer=opsmesh_dot_chat_dot_v1_dot_chat__pb2.DecideToolCallResponse.FromString,
                 _registered_method=True)
+        self.ListApprovals = channel.unary_unary(
+                '/opsmesh.chat.v1.ChatService/ListApprovals',
+                request_serializer=opsmesh_dot_chat_dot_v1_dot_chat__pb2.ListApprovalsRequest.SerializeToString,
+                response_deserializer=opsmesh_dot_chat_dot_v1_dot_chat__pb2.ListApprovalsResponse.FromString,
+                _registered_method=True)
         self.GetHistory = channel.unary_unary(
                 '/opsmesh.chat.v1.ChatService/GetHistory',
                 request_serializer=opsmesh_dot_chat_dot_v1_dot_chat__pb2.GetHistoryRequest.SerializeToString,
@@ -97,6 +102,16 @@ class ChatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListApprovals(self, request, context):
+        """ListApprovals lists the caller's tool calls in a session that still wait
+        for a decision, e.g. for a client that reconnected: the generation keeps
+        waiting (until the deadline) when its stream is gone, and a decision made
+        then lets it finish; its answer lands in the history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetHistory(self, request, context):
         """GetHistory pages through a session's messages.
         """
@@ -129,6 +144,11 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.DecideToolCall,
                     request_deserializer=opsmesh_dot_chat_dot_v1_dot_chat__pb2.DecideToolCallRequest.FromString,
                     response_serializer=opsmesh_dot_chat_dot_v1_dot_chat__pb2.DecideToolCallResponse.SerializeToString,
+            ),
+            'ListApprovals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApprovals,
+                    request_deserializer=opsmesh_dot_chat_dot_v1_dot_chat__pb2.ListApprovalsRequest.FromString,
+                    response_serializer=opsmesh_dot_chat_dot_v1_dot_chat__pb2.ListApprovalsResponse.SerializeToString,
             ),
             'GetHistory': grpc.unary_unary_rpc_method_handler(
                     servicer.GetHistory,
@@ -226,6 +246,33 @@ class ChatService:
             '/opsmesh.chat.v1.ChatService/DecideToolCall',
             opsmesh_dot_chat_dot_v1_dot_chat__pb2.DecideToolCallRequest.SerializeToString,
             opsmesh_dot_chat_dot_v1_dot_chat__pb2.DecideToolCallResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApprovals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opsmesh.chat.v1.ChatService/ListApprovals',
+            opsmesh_dot_chat_dot_v1_dot_chat__pb2.ListApprovalsRequest.SerializeToString,
+            opsmesh_dot_chat_dot_v1_dot_chat__pb2.ListApprovalsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,12 @@ class ChatServiceStub:
     """DecideToolCall approves or rejects a tool call that waits for approval
     (tools that change anything never run without one).
     """
+    ListApprovals: _grpc.UnaryUnaryMultiCallable[_chat_pb2.ListApprovalsRequest, _chat_pb2.ListApprovalsResponse]
+    """ListApprovals lists the caller's tool calls in a session that still wait
+    for a decision, e.g. for a client that reconnected: the generation keeps
+    waiting (until the deadline) when its stream is gone, and a decision made
+    then lets it finish; its answer lands in the history.
+    """
     GetHistory: _grpc.UnaryUnaryMultiCallable[_chat_pb2.GetHistoryRequest, _chat_pb2.GetHistoryResponse]
     """GetHistory pages through a session's messages."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_chat_pb2.ListModelsRequest, _chat_pb2.ListModelsResponse]
@@ -76,6 +82,12 @@ class ChatServiceAsyncStub(ChatServiceStub):
     DecideToolCall: _aio.UnaryUnaryMultiCallable[_chat_pb2.DecideToolCallRequest, _chat_pb2.DecideToolCallResponse]  # type: ignore[assignment]
     """DecideToolCall approves or rejects a tool call that waits for approval
     (tools that change anything never run without one).
+    """
+    ListApprovals: _aio.UnaryUnaryMultiCallable[_chat_pb2.ListApprovalsRequest, _chat_pb2.ListApprovalsResponse]  # type: ignore[assignment]
+    """ListApprovals lists the caller's tool calls in a session that still wait
+    for a decision, e.g. for a client that reconnected: the generation keeps
+    waiting (until the deadline) when its stream is gone, and a decision made
+    then lets it finish; its answer lands in the history.
     """
     GetHistory: _aio.UnaryUnaryMultiCallable[_chat_pb2.GetHistoryRequest, _chat_pb2.GetHistoryResponse]  # type: ignore[assignment]
     """GetHistory pages through a session's messages."""
@@ -119,6 +131,18 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_chat_pb2.DecideToolCallResponse, _abc.Awaitable[_chat_pb2.DecideToolCallResponse]]:
         """DecideToolCall approves or rejects a tool call that waits for approval
         (tools that change anything never run without one).
+        """
+
+    @_abc_1.abstractmethod
+    def ListApprovals(
+        self,
+        request: _chat_pb2.ListApprovalsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.ListApprovalsResponse, _abc.Awaitable[_chat_pb2.ListApprovalsResponse]]:
+        """ListApprovals lists the caller's tool calls in a session that still wait
+        for a decision, e.g. for a client that reconnected: the generation keeps
+        waiting (until the deadline) when its stream is gone, and a decision made
+        then lets it finish; its answer lands in the history.
         """
 
     @_abc_1.abstractmethod

@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file opsmesh/chat/v1/chat.proto.
  */
 export const file_opsmesh_chat_v1_chat: GenFile = /*@__PURE__*/
-  fileDesc("ChpvcHNtZXNoL2NoYXQvdjEvY2hhdC5wcm90bxIPb3BzbWVzaC5jaGF0LnYxIoEBChFHZW5lcmF0aW9uT3B0aW9ucxIYCgt0ZW1wZXJhdHVyZRgBIAEoAUgAiAEBEhcKCm1heF90b2tlbnMYAiABKAVIAYgBARIRCgRzZWVkGAMgASgDSAKIAQFCDgoMX3RlbXBlcmF0dXJlQg0KC19tYXhfdG9rZW5zQgcKBV9zZWVkIr4BChFTdHJlYW1DaGF0UmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEg8KB21lc3NhZ2UYAiABKAkSDQoFbW9kZWwYAyABKAkSJQoFYWdlbnQYBCABKA4yFi5vcHNtZXNoLmNoYXQudjEuQWdlbnQSGQoRY2xpZW50X21lc3NhZ2VfaWQYBSABKAkSMwoHb3B0aW9ucxgGIAEoCzIiLm9wc21lc2guY2hhdC52MS5HZW5lcmF0aW9uT3B0aW9ucyLfAgoSU3RyZWFtQ2hhdFJlc3BvbnNlEhAKCHNlcXVlbmNlGAEgASgDEisKB3N0YXJ0ZWQYAiABKAsyGC5vcHNtZXNoLmNoYXQudjEuU3RhcnRlZEgAEiwKBWRlbHRhGAMgASgLMhsub3BzbWVzaC5jaGF0LnYxLlRva2VuRGVsdGFIABIuCgl0b29sX2NhbGwYBCABKAsyGS5vcHNtZXNoLmNoYXQudjEuVG9vbENhbGxIABIyCgt0b29sX3Jlc3VsdBgFIAEoCzIbLm9wc21lc2guY2hhdC52MS5Ub29sUmVzdWx0SAASPgoRYXBwcm92YWxfcmVxdWlyZWQYBiABKAsyIS5vcHNtZXNoLmNoYXQudjEuQXBwcm92YWxSZXF1aXJlZEgAEi8KCWNvbXBsZXRlZBgHIAEoCzIaLm9wc21lc2guY2hhdC52MS5Db21wbGV0ZWRIAEIHCgVldmVudCJ6CgdTdGFydGVkEhUKDWdlbmVyYXRpb25faWQYASABKAkSDQoFbW9kZWwYAiABKAkSFwoPdXNlcl9tZXNzYWdlX2lkGAMgASgJEhwKFGFzc2lzdGFudF9tZXNzYWdlX2lkGAQgASgJEhIKCnNlc3Npb25faWQYBSABKAkiRAoKVG9rZW5EZWx0YRIPCgdjb250ZW50GAEgASgJEhAKCHRoaW5raW5nGAIgASgJEhMKC3Rva2VuX2NvdW50GAMgASgFInUKCFRvb2xDYWxsEhQKDHRvb2xfY2FsbF9pZBgBIAEoCRIMCgRuYW1lGAIgASgJEioKCWFyZ3VtZW50cxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSGQoRcmVxdWlyZXNfYXBwcm92YWwYBCABKAgipwEKClRvb2xSZXN1bHQSFAoMdG9vbF9jYWxsX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSDwoHY29udGVudBgDIAEoCRIQCghpc19lcnJvchgEIAEoCBIlCgRkYXRhGAUgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIrCghkdXJhdGlvbhgGIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiKlAQoQQXBwcm92YWxSZXF1aXJlZBIUCgx0b29sX2NhbGxfaWQYASABKAkSDAoEbmFtZRgCIAEoCRIqCglhcmd1bWVudHMYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhMKC2Rlc2NyaXB0aW9uGAQgASgJEiwKCGRlYWRsaW5lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLxAQoFVXNhZ2USFQoNcHJvbXB0X3Rva2VucxgBIAEoBRIZChFjb21wbGV0aW9uX3Rva2VucxgCIAEoBRIZChF0b2tlbnNfcGVyX3NlY29uZBgDIAEoARI2ChN0aW1lX3RvX2ZpcnN0X3Rva2VuGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjEKDnRvdGFsX2R1cmF0aW9uGAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjAKDWxvYWRfZHVyYXRpb24YBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24irwEKCUNvbXBsZXRlZBIwCgtkb25lX3JlYXNvbhgBIAEoDjIbLm9wc21lc2guY2hhdC52MS5Eb25lUmVhc29uEhcKD3Jhd19kb25lX3JlYXNvbhgCIAEoCRIlCgV1c2FnZRgDIAEoCzIWLm9wc21lc2guY2hhdC52MS5Vc2FnZRIcChRhc3Npc3RhbnRfbWVzc2FnZV9pZBgEIAEoCRISCgppbmNvbXBsZXRlGAUgASgIIi4KFVN0b3BHZW5lcmF0aW9uUmVxdWVzdBIVCg1nZW5lcmF0aW9uX2lkGAEgASgJIikKFlN0b3BHZW5lcmF0aW9uUmVzcG9uc2USDwoHc3RvcHBlZBgBIAEoCCJmChVEZWNpZGVUb29sQ2FsbFJlcXVlc3QSFQoNZ2VuZXJhdGlvbl9pZBgBIAEoCRIUCgx0b29sX2NhbGxfaWQYAiABKAkSEAoIYXBwcm92ZWQYAyABKAgSDgoGcmVhc29uGAQgASgJIioKFkRlY2lkZVRvb2xDYWxsUmVzcG9uc2USEAoIYWNjZXB0ZWQYASABKAgi+gEKC0NoYXRNZXNzYWdlEgoKAmlkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSDwoHdXNlcl9pZBgDIAEoCRIOCgZvcmdfaWQYBCABKAkSKgoEcm9sZRgFIAEoDjIcLm9wc21lc2guY2hhdC52MS5NZXNzYWdlUm9sZRIPCgdjb250ZW50GAYgASgJEi4KCmNyZWF0ZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEikKCG1ldGFkYXRhGAggASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBISCgppbmNvbXBsZXRlGAkgASgIInwKEUdldEhpc3RvcnlSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkSLAoFb3JkZXIYBCABKA4yHS5vcHNtZXNoLmNoYXQudjEuSGlzdG9yeU9yZGVyIl0KEkdldEhpc3RvcnlSZXNwb25zZRIuCghtZXNzYWdlcxgBIAMoCzIcLm9wc21lc2guY2hhdC52MS5DaGF0TWVzc2FnZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiEwoRTGlzdE1vZGVsc1JlcXVlc3QiwwEKBU1vZGVsEgwKBG5hbWUYASABKAkSEgoKc2l6ZV9ieXRlcxgCIAEoAxIOCgZmYW1pbHkYAyABKAkSFgoOcGFyYW1ldGVyX3NpemUYBCABKAkSGgoScXVhbnRpemF0aW9uX2xldmVsGAUgASgJEi8KC21vZGlmaWVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdhbGxvd2VkGAcgASgIEhIKCmlzX2RlZmF1bHQYCCABKAgiPAoSTGlzdE1vZGVsc1Jlc3BvbnNlEiYKBm1vZGVscxgBIAMoCzIWLm9wc21lc2guY2hhdC52MS5Nb2RlbCplCgVBZ2VudBIVChFBR0VOVF9VTlNQRUNJRklFRBAAEhQKEEFHRU5UX01PTklUT1JJTkcQARIUChBBR0VOVF9PUEVSQVRJT05TEAISGQoVQUdFTlRfVFJPVUJMRVNIT09USU5HEAMqcgoKRG9uZVJlYXNvbhIbChdET05FX1JFQVNPTl9VTlNQRUNJRklFRBAAEhQKEERPTkVfUkVBU09OX1NUT1AQARIWChJET05FX1JFQVNPTl9MRU5HVEgQAhIZChVET05FX1JFQVNPTl9DQU5DRUxMRUQQAyqOAQoLTWVzc2FnZVJvbGUSHAoYTUVTU0FHRV9ST0xFX1VOU1BFQ0lGSUVEEAASFQoRTUVTU0FHRV9ST0xFX1VTRVIQARIaChZNRVNTQUdFX1JPTEVfQVNTSVNUQU5UEAISFwoTTUVTU0FHRV9ST0xFX1NZU1RFTRADEhUKEU1FU1NBR0VfUk9MRV9UT09MEAQqbQoMSGlzdG9yeU9yZGVyEh0KGUhJU1RPUllfT1JERVJfVU5TUEVDSUZJRUQQABIeChpISVNUT1JZX09SREVSX05FV0VTVF9GSVJTVBABEh4KGkhJU1RPUllfT1JERVJfT0xERVNUX0ZJUlNUEAIy2gMKC0NoYXRTZXJ2aWNlElcKClN0cmVhbUNoYXQSIi5vcHNtZXNoLmNoYXQudjEuU3RyZWFtQ2hhdFJlcXVlc3QaIy5vcHNtZXNoLmNoYXQudjEuU3RyZWFtQ2hhdFJlc3BvbnNlMAESYQoOU3RvcEdlbmVyYXRpb24SJi5vcHNtZXNoLmNoYXQudjEuU3RvcEdlbmVyYXRpb25SZXF1ZXN0Gicub3BzbWVzaC5jaGF0LnYxLlN0b3BHZW5lcmF0aW9uUmVzcG9uc2USYQoORGVjaWRlVG9vbENhbGwSJi5vcHNtZXNoLmNoYXQudjEuRGVjaWRlVG9vbENhbGxSZXF1ZXN0Gicub3BzbWVzaC5jaGF0LnYxLkRlY2lkZVRvb2xDYWxsUmVzcG9uc2USVQoKR2V0SGlzdG9yeRIiLm9wc21lc2guY2hhdC52MS5HZXRIaXN0b3J5UmVxdWVzdBojLm9wc21lc2guY2hhdC52MS5HZXRIaXN0b3J5UmVzcG9uc2USVQoKTGlzdE1vZGVscxIiLm9wc21lc2guY2hhdC52MS5MaXN0TW9kZWxzUmVxdWVzdBojLm9wc21lc2guY2hhdC52MS5MaXN0TW9kZWxzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChpvcHNtZXNoL2NoYXQvdjEvY2hhdC5wcm90bxIPb3BzbWVzaC5jaGF0LnYxIoEBChFHZW5lcmF0aW9uT3B0aW9ucxIYCgt0ZW1wZXJhdHVyZRgBIAEoAUgAiAEBEhcKCm1heF90b2tlbnMYAiABKAVIAYgBARIRCgRzZWVkGAMgASgDSAKIAQFCDgoMX3RlbXBlcmF0dXJlQg0KC19tYXhfdG9rZW5zQgcKBV9zZWVkIr4BChFTdHJlYW1DaGF0UmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEg8KB21lc3NhZ2UYAiABKAkSDQoFbW9kZWwYAyABKAkSJQoFYWdlbnQYBCABKA4yFi5vcHNtZXNoLmNoYXQudjEuQWdlbnQSGQoRY2xpZW50X21lc3NhZ2VfaWQYBSABKAkSMwoHb3B0aW9ucxgGIAEoCzIiLm9wc21lc2guY2hhdC52MS5HZW5lcmF0aW9uT3B0aW9ucyLfAgoSU3RyZWFtQ2hhdFJlc3BvbnNlEhAKCHNlcXVlbmNlGAEgASgDEisKB3N0YXJ0ZWQYAiABKAsyGC5vcHNtZXNoLmNoYXQudjEuU3RhcnRlZEgAEiwKBWRlbHRhGAMgASgLMhsub3BzbWVzaC5jaGF0LnYxLlRva2VuRGVsdGFIABIuCgl0b29sX2NhbGwYBCABKAsyGS5vcHNtZXNoLmNoYXQudjEuVG9vbENhbGxIABIyCgt0b29sX3Jlc3VsdBgFIAEoCzIbLm9wc21lc2guY2hhdC52MS5Ub29sUmVzdWx0SAASPgoRYXBwcm92YWxfcmVxdWlyZWQYBiABKAsyIS5vcHNtZXNoLmNoYXQudjEuQXBwcm92YWxSZXF1aXJlZEgAEi8KCWNvbXBsZXRlZBgHIAEoCzIaLm9wc21lc2guY2hhdC52MS5Db21wbGV0ZWRIAEIHCgVldmVudCJ6CgdTdGFydGVkEhUKDWdlbmVyYXRpb25faWQYASABKAkSDQoFbW9kZWwYAiABKAkSFwoPdXNlcl9tZXNzYWdlX2lkGAMgASgJEhwKFGFzc2lzdGFudF9tZXNzYWdlX2lkGAQgASgJEhIKCnNlc3Npb25faWQYBSABKAkiRAoKVG9rZW5EZWx0YRIPCgdjb250ZW50GAEgASgJEhAKCHRoaW5raW5nGAIgASgJEhMKC3Rva2VuX2NvdW50GAMgASgFInUKCFRvb2xDYWxsEhQKDHRvb2xfY2FsbF9pZBgBIAEoCRIMCgRuYW1lGAIgASgJEioKCWFyZ3VtZW50cxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSGQoRcmVxdWlyZXNfYXBwcm92YWwYBCABKAgipwEKClRvb2xSZXN1bHQSFAoMdG9vbF9jYWxsX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSDwoHY29udGVudBgDIAEoCRIQCghpc19lcnJvchgEIAEoCBIlCgRkYXRhGAUgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIrCghkdXJhdGlvbhgGIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiKlAQoQQXBwcm92YWxSZXF1aXJlZBIUCgx0b29sX2NhbGxfaWQYASABKAkSDAoEbmFtZRgCIAEoCRIqCglhcmd1bWVudHMYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhMKC2Rlc2NyaXB0aW9uGAQgASgJEiwKCGRlYWRsaW5lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLxAQoFVXNhZ2USFQoNcHJvbXB0X3Rva2VucxgBIAEoBRIZChFjb21wbGV0aW9uX3Rva2VucxgCIAEoBRIZChF0b2tlbnNfcGVyX3NlY29uZBgDIAEoARI2ChN0aW1lX3RvX2ZpcnN0X3Rva2VuGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjEKDnRvdGFsX2R1cmF0aW9uGAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjAKDWxvYWRfZHVyYXRpb24YBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24irwEKCUNvbXBsZXRlZBIwCgtkb25lX3JlYXNvbhgBIAEoDjIbLm9wc21lc2guY2hhdC52MS5Eb25lUmVhc29uEhcKD3Jhd19kb25lX3JlYXNvbhgCIAEoCRIlCgV1c2FnZRgDIAEoCzIWLm9wc21lc2guY2hhdC52MS5Vc2FnZRIcChRhc3Npc3RhbnRfbWVzc2FnZV9pZBgEIAEoCRISCgppbmNvbXBsZXRlGAUgASgIIi4KFVN0b3BHZW5lcmF0aW9uUmVxdWVzdBIVCg1nZW5lcmF0aW9uX2lkGAEgASgJIikKFlN0b3BHZW5lcmF0aW9uUmVzcG9uc2USDwoHc3RvcHBlZBgBIAEoCCJmChVEZWNpZGVUb29sQ2FsbFJlcXVlc3QSFQoNZ2VuZXJhdGlvbl9pZBgBIAEoCRIUCgx0b29sX2NhbGxfaWQYAiABKAkSEAoIYXBwcm92ZWQYAyABKAgSDgoGcmVhc29uGAQgASgJIioKFkRlY2lkZVRvb2xDYWxsUmVzcG9uc2USEAoIYWNjZXB0ZWQYASABKAgiKgoUTGlzdEFwcHJvdmFsc1JlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCSJdCg9QZW5kaW5nQXBwcm92YWwSFQoNZ2VuZXJhdGlvbl9pZBgBIAEoCRIzCghhcHByb3ZhbBgCIAEoCzIhLm9wc21lc2guY2hhdC52MS5BcHByb3ZhbFJlcXVpcmVkIkwKFUxpc3RBcHByb3ZhbHNSZXNwb25zZRIzCglhcHByb3ZhbHMYASADKAsyIC5vcHNtZXNoLmNoYXQudjEuUGVuZGluZ0FwcHJvdmFsIvoBCgtDaGF0TWVzc2FnZRIKCgJpZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEg8KB3VzZXJfaWQYAyABKAkSDgoGb3JnX2lkGAQgASgJEioKBHJvbGUYBSABKA4yHC5vcHNtZXNoLmNoYXQudjEuTWVzc2FnZVJvbGUSDwoHY29udGVudBgGIAEoCRIuCgpjcmVhdGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCghtZXRhZGF0YRgIIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSEgoKaW5jb21wbGV0ZRgJIAEoCCJ8ChFHZXRIaXN0b3J5UmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJEiwKBW9yZGVyGAQgASgOMh0ub3BzbWVzaC5jaGF0LnYxLkhpc3RvcnlPcmRlciJdChJHZXRIaXN0b3J5UmVzcG9uc2USLgoIbWVzc2FnZXMYASADKAsyHC5vcHNtZXNoLmNoYXQudjEuQ2hhdE1lc3NhZ2USFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIhMKEUxpc3RNb2RlbHNSZXF1ZXN0IsMBCgVNb2RlbBIMCgRuYW1lGAEgASgJEhIKCnNpemVfYnl0ZXMYAiABKAMSDgoGZmFtaWx5GAMgASgJEhYKDnBhcmFtZXRlcl9zaXplGAQgASgJEhoKEnF1YW50aXphdGlvbl9sZXZlbBgFIAEoCRIvCgttb2RpZmllZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHYWxsb3dlZBgHIAEoCBISCgppc19kZWZhdWx0GAggASgIIjwKEkxpc3RNb2RlbHNSZXNwb25zZRImCgZtb2RlbHMYASADKAsyFi5vcHNtZXNoLmNoYXQudjEuTW9kZWwqZQoFQWdlbnQSFQoRQUdFTlRfVU5TUEVDSUZJRUQQABIUChBBR0VOVF9NT05JVE9SSU5HEAESFAoQQUdFTlRfT1BFUkFUSU9OUxACEhkKFUFHRU5UX1RST1VCTEVTSE9PVElORxADKnIKCkRvbmVSZWFzb24SGwoXRE9ORV9SRUFTT05fVU5TUEVDSUZJRUQQABIUChBET05FX1JFQVNPTl9TVE9QEAESFgoSRE9ORV9SRUFTT05fTEVOR1RIEAISGQoVRE9ORV9SRUFTT05fQ0FOQ0VMTEVEEAMqjgEKC01lc3NhZ2VSb2xlEhwKGE1FU1NBR0VfUk9MRV9VTlNQRUNJRklFRBAAEhUKEU1FU1NBR0VfUk9MRV9VU0VSEAESGgoWTUVTU0FHRV9ST0xFX0FTU0lTVEFOVBACEhcKE01FU1NBR0VfUk9MRV9TWVNURU0QAxIVChFNRVNTQUdFX1JPTEVfVE9PTBAEKm0KDEhpc3RvcnlPcmRlchIdChlISVNUT1JZX09SREVSX1VOU1BFQ0lGSUVEEAASHgoaSElTVE9SWV9PUkRFUl9ORVdFU1RfRklSU1QQARIeChpISVNUT1JZX09SREVSX09MREVTVF9GSVJTVBACMroECgtDaGF0U2VydmljZRJXCgpTdHJlYW1DaGF0EiIub3BzbWVzaC5jaGF0LnYxLlN0cmVhbUNoYXRSZXF1ZXN0GiMub3BzbWVzaC5jaGF0LnYxLlN0cmVhbUNoYXRSZXNwb25zZTABEmEKDlN0b3BHZW5lcmF0aW9uEiYub3BzbWVzaC5jaGF0LnYxLlN0b3BHZW5lcmF0aW9uUmVxdWVzdBonLm9wc21lc2guY2hhdC52MS5TdG9wR2VuZXJhdGlvblJlc3BvbnNlEmEKDkRlY2lkZVRvb2xDYWxsEiYub3BzbWVzaC5jaGF0LnYxLkRlY2lkZVRvb2xDYWxsUmVxdWVzdBonLm9wc21lc2guY2hhdC52MS5EZWNpZGVUb29sQ2FsbFJlc3BvbnNlEl4KDUxpc3RBcHByb3ZhbHMSJS5vcHNtZXNoLmNoYXQudjEuTGlzdEFwcHJvdmFsc1JlcXVlc3QaJi5vcHNtZXNoLmNoYXQudjEuTGlzdEFwcHJvdmFsc1Jlc3BvbnNlElUKCkdldEhpc3RvcnkSIi5vcHNtZXNoLmNoYXQudjEuR2V0SGlzdG9yeVJlcXVlc3QaIy5vcHNtZXNoLmNoYXQudjEuR2V0SGlzdG9yeVJlc3BvbnNlElUKCkxpc3RNb2RlbHMSIi5vcHNtZXNoLmNoYXQudjEuTGlzdE1vZGVsc1JlcXVlc3QaIy5vcHNtZXNoLmNoYXQudjEuTGlzdE1vZGVsc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * GenerationOptions tune the model for one request; unset fields keep the
@@ -86,7 +86,10 @@ export type StreamChatRequest = Message<"opsmesh.chat.v1.StreamChatRequest"> & {
 
   /**
    * Optional client-chosen id (UUID) making a retried request safe: the same
-   * id for the same session is not answered twice.
+   * id for the same session is not answered twice. A retry after a complete
+   * answer replays that answer's events (same ids, no new model call); a retry
+   * while the first request still runs fails with ALREADY_EXISTS; a retry after
+   * a failed or cancelled answer runs again (the question is not stored twice).
    *
    * @generated from field: string client_message_id = 5;
    */
@@ -628,6 +631,76 @@ export const DecideToolCallResponseSchema: GenMessage<DecideToolCallResponse> = 
   messageDesc(file_opsmesh_chat_v1_chat, 13);
 
 /**
+ * ListApprovalsRequest names the session.
+ *
+ * @generated from message opsmesh.chat.v1.ListApprovalsRequest
+ */
+export type ListApprovalsRequest = Message<"opsmesh.chat.v1.ListApprovalsRequest"> & {
+  /**
+   * The chat session.
+   *
+   * @generated from field: string session_id = 1;
+   */
+  sessionId: string;
+};
+
+/**
+ * Describes the message opsmesh.chat.v1.ListApprovalsRequest.
+ * Use `create(ListApprovalsRequestSchema)` to create a new message.
+ */
+export const ListApprovalsRequestSchema: GenMessage<ListApprovalsRequest> = /*@__PURE__*/
+  messageDesc(file_opsmesh_chat_v1_chat, 14);
+
+/**
+ * PendingApproval is a tool call waiting for a decision.
+ *
+ * @generated from message opsmesh.chat.v1.PendingApproval
+ */
+export type PendingApproval = Message<"opsmesh.chat.v1.PendingApproval"> & {
+  /**
+   * The generation the call belongs to (for DecideToolCall).
+   *
+   * @generated from field: string generation_id = 1;
+   */
+  generationId: string;
+
+  /**
+   * What waits, as the stream announced it.
+   *
+   * @generated from field: opsmesh.chat.v1.ApprovalRequired approval = 2;
+   */
+  approval?: ApprovalRequired | undefined;
+};
+
+/**
+ * Describes the message opsmesh.chat.v1.PendingApproval.
+ * Use `create(PendingApprovalSchema)` to create a new message.
+ */
+export const PendingApprovalSchema: GenMessage<PendingApproval> = /*@__PURE__*/
+  messageDesc(file_opsmesh_chat_v1_chat, 15);
+
+/**
+ * ListApprovalsResponse lists what waits, earliest deadline first.
+ *
+ * @generated from message opsmesh.chat.v1.ListApprovalsResponse
+ */
+export type ListApprovalsResponse = Message<"opsmesh.chat.v1.ListApprovalsResponse"> & {
+  /**
+   * The waiting calls.
+   *
+   * @generated from field: repeated opsmesh.chat.v1.PendingApproval approvals = 1;
+   */
+  approvals: PendingApproval[];
+};
+
+/**
+ * Describes the message opsmesh.chat.v1.ListApprovalsResponse.
+ * Use `create(ListApprovalsResponseSchema)` to create a new message.
+ */
+export const ListApprovalsResponseSchema: GenMessage<ListApprovalsResponse> = /*@__PURE__*/
+  messageDesc(file_opsmesh_chat_v1_chat, 16);
+
+/**
  * ChatMessage is one message of a session's history.
  *
  * @generated from message opsmesh.chat.v1.ChatMessage
@@ -702,7 +775,7 @@ export type ChatMessage = Message<"opsmesh.chat.v1.ChatMessage"> & {
  * Use `create(ChatMessageSchema)` to create a new message.
  */
 export const ChatMessageSchema: GenMessage<ChatMessage> = /*@__PURE__*/
-  messageDesc(file_opsmesh_chat_v1_chat, 14);
+  messageDesc(file_opsmesh_chat_v1_chat, 17);
 
 /**
  * GetHistoryRequest pages through a session's messages.
@@ -744,7 +817,7 @@ export type GetHistoryRequest = Message<"opsmesh.chat.v1.GetHistoryRequest"> & {
  * Use `create(GetHistoryRequestSchema)` to create a new message.
  */
 export const GetHistoryRequestSchema: GenMessage<GetHistoryRequest> = /*@__PURE__*/
-  messageDesc(file_opsmesh_chat_v1_chat, 15);
+  messageDesc(file_opsmesh_chat_v1_chat, 18);
 
 /**
  * GetHistoryResponse is one page of messages.
@@ -772,7 +845,7 @@ export type GetHistoryResponse = Message<"opsmesh.chat.v1.GetHistoryResponse"> &
  * Use `create(GetHistoryResponseSchema)` to create a new message.
  */
 export const GetHistoryResponseSchema: GenMessage<GetHistoryResponse> = /*@__PURE__*/
-  messageDesc(file_opsmesh_chat_v1_chat, 16);
+  messageDesc(file_opsmesh_chat_v1_chat, 19);
 
 /**
  * ListModelsRequest has no parameters.
@@ -787,7 +860,7 @@ export type ListModelsRequest = Message<"opsmesh.chat.v1.ListModelsRequest"> & {
  * Use `create(ListModelsRequestSchema)` to create a new message.
  */
 export const ListModelsRequestSchema: GenMessage<ListModelsRequest> = /*@__PURE__*/
-  messageDesc(file_opsmesh_chat_v1_chat, 17);
+  messageDesc(file_opsmesh_chat_v1_chat, 20);
 
 /**
  * Model is a model the model server has.
@@ -857,7 +930,7 @@ export type Model = Message<"opsmesh.chat.v1.Model"> & {
  * Use `create(ModelSchema)` to create a new message.
  */
 export const ModelSchema: GenMessage<Model> = /*@__PURE__*/
-  messageDesc(file_opsmesh_chat_v1_chat, 18);
+  messageDesc(file_opsmesh_chat_v1_chat, 21);
 
 /**
  * ListModelsResponse lists the models.
@@ -878,10 +951,11 @@ export type ListModelsResponse = Message<"opsmesh.chat.v1.ListModelsResponse"> &
  * Use `create(ListModelsResponseSchema)` to create a new message.
  */
 export const ListModelsResponseSchema: GenMessage<ListModelsResponse> = /*@__PURE__*/
-  messageDesc(file_opsmesh_chat_v1_chat, 19);
+  messageDesc(file_opsmesh_chat_v1_chat, 22);
 
 /**
- * Agent selects the AIOps agent that answers, with its tools.
+ * Agent selects the AIOps agent that answers, with its tools. An agent whose
+ * tools are not configured in a deployment answers FAILED_PRECONDITION.
  *
  * @generated from enum opsmesh.chat.v1.Agent
  */
@@ -1086,6 +1160,19 @@ export const ChatService: GenService<{
     methodKind: "unary";
     input: typeof DecideToolCallRequestSchema;
     output: typeof DecideToolCallResponseSchema;
+  },
+  /**
+   * ListApprovals lists the caller's tool calls in a session that still wait
+   * for a decision, e.g. for a client that reconnected: the generation keeps
+   * waiting (until the deadline) when its stream is gone, and a decision made
+   * then lets it finish; its answer lands in the history.
+   *
+   * @generated from rpc opsmesh.chat.v1.ChatService.ListApprovals
+   */
+  listApprovals: {
+    methodKind: "unary";
+    input: typeof ListApprovalsRequestSchema;
+    output: typeof ListApprovalsResponseSchema;
   },
   /**
    * GetHistory pages through a session's messages.
