@@ -36,6 +36,12 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def history_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The one chDB path of this process (chDB runs one engine, on one path, per process)."""
+    return f"chdb://{tmp_path_factory.mktemp('chdb')}/history"
+
+
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A Redis of this test's own, for tests that stop and restart it."""

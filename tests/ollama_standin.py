@@ -4,6 +4,12 @@ Tests script it: the tokens and their rate, a model load delay before the first
 token, 503s (queue full) before a stream starts, an ``{"error": ...}`` line
 after N tokens (with HTTP 200, as Ollama does), a stall, a truncated stream,
 unknown models. It records every request and when each client hung up.
+
+Tool calling is replayed as a model does it: a scripted :class:`Reply` (or a
+``responder`` that reads the request's messages and tools) may carry
+``tool_calls``, sent the way Ollama streams them (a ``message.tool_calls`` chunk
+with ``function.index``, then the final ``done`` line with ``done_reason: stop``);
+the next request carries the ``tool`` messages back.
 """
 
 from __future__ import annotations
@@ -11,11 +17,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+
+
+@dataclass
+class Reply:
+    """One scripted model turn: text tokens, then tool calls (name, arguments)."""
+
+    tokens: list[str] = field(default_factory=list)
+    tool_calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 @dataclass
@@ -28,6 +43,10 @@ class Scenario:
     error_after: int | None = None
     stall_after: int | None = None
     truncate_after: int | None = None
+    script: list[Reply] = field(default_factory=list)
+    """Replies for the next requests, in order (before ``responder`` and ``tokens``)."""
+    responder: Callable[[dict[str, Any]], Reply] | None = None
+    """Decides each reply from the request body (messages, tools), like a model would."""
 
 
 @dataclass
@@ -100,12 +119,13 @@ class OllamaStandIn:
                 {"error": f'model "{body.get("model")}" not found, try pulling it first'},
                 status=404,
             )
+        reply = self._reply(body)
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         try:
             await asyncio.sleep(scenario.load_seconds)
             began = time.monotonic_ns()
-            for index, token in enumerate(scenario.tokens):
+            for index, token in enumerate(reply.tokens):
                 if index == scenario.error_after:
                     await self._line(
                         response,
@@ -131,6 +151,23 @@ class OllamaStandIn:
                     },
                 )
                 await asyncio.sleep(scenario.seconds_per_token)
+            if reply.tool_calls:
+                await self._line(
+                    response,
+                    {
+                        "model": body["model"],
+                        "created_at": _now(),
+                        "message": {
+                            "role": "assistant",
+                            "content": "",
+                            "tool_calls": [
+                                {"function": {"index": i, "name": name, "arguments": arguments}}
+                                for i, (name, arguments) in enumerate(reply.tool_calls)
+                            ],
+                        },
+                        "done": False,
+                    },
+                )
             elapsed = time.monotonic_ns() - began
             await self._line(
                 response,
@@ -144,7 +181,7 @@ class OllamaStandIn:
                     "load_duration": int(scenario.load_seconds * 1e9),
                     "prompt_eval_count": 12,
                     "prompt_eval_duration": 1_000_000,
-                    "eval_count": len(scenario.tokens),
+                    "eval_count": len(reply.tokens) + len(reply.tool_calls),
                     "eval_duration": max(elapsed, 1),
                 },
             )
@@ -154,6 +191,13 @@ class OllamaStandIn:
             seen.hung_up = time.monotonic()
             raise
         return response
+
+    def _reply(self, body: dict[str, Any]) -> Reply:
+        if self.scenario.script:
+            return self.scenario.script.pop(0)
+        if self.scenario.responder is not None:
+            return self.scenario.responder(body)
+        return Reply(tokens=list(self.scenario.tokens))
 
     @staticmethod
     async def _line(response: web.StreamResponse, payload: dict[str, Any]) -> None:

@@ -30,12 +30,6 @@ from tests.helpers import assert_eventually, identity
 from tests.ollama_standin import OllamaStandIn, Scenario
 
 
-@pytest.fixture(scope="session")
-def history_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
-    # chDB runs one engine, on one path, per process: every chat test shares it.
-    return f"chdb://{tmp_path_factory.mktemp('chdb')}/history"
-
-
 @dataclass
 class ChatStack:
     stub: chat_pb2_grpc.ChatServiceStub
