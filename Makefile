@@ -104,6 +104,7 @@ bench: $(STAMP) $(UI_BUILD) ## run the benchmarks (bench/*.py; installs the Cele
 	$(PY) bench/task_bench.py || true
 	$(PY) bench/notify_bench.py || true
 	$(PY) bench/chat_bench.py || true
+	$(PY) bench/agent_bench.py || true
 	$(PY) bench/ui_stream_bench.py || true
 	$(PY) bench/edge_bench.py
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from grpc import aio
 
-from chat_svc.agents.catalog import build_agents
+from chat_svc.agents.catalog import Agent, build_agents
 from chat_svc.agents.operations import operations_tools
 from chat_svc.approvals import Approvals
 from chat_svc.config import ChatSettings
@@ -30,6 +30,7 @@ async def build_runner(
     *,
     authenticator: Authenticator | None = None,
     options: RunnerOptions | None = None,
+    agents: Mapping[int, Agent] | None = None,
 ) -> ServiceRunner:
     """A ready-to-start server; migrates the history schema first."""
     history = HistoryStore(settings.history_dsn)
@@ -44,7 +45,7 @@ async def build_runner(
     if settings.task_address:
         channels.append(aio.insecure_channel(settings.task_address))
         tasks = task_pb2_grpc.TaskServiceStub(channels[-1])
-    agents = build_agents(
+    agents = agents or build_agents(
         {"operations": operations_tools(tasks)},
         limits=settings.agent_limits,
         missing={

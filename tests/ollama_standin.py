@@ -53,8 +53,12 @@ class Scenario:
 class Seen:
     body: dict[str, Any]
     started: float
+    arrived: float = 0.0
+    """time.perf_counter() when the request arrived (its body read)."""
     hung_up: float | None = None
     finished: bool = False
+    finished_at: float | None = None
+    """time.perf_counter() when the final line was written, for the tool-round bench."""
     emitted: list[float] = field(default_factory=list)
     """Wall-clock time (time.time()) each token was written, for latency benches."""
 
@@ -108,7 +112,7 @@ class OllamaStandIn:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        seen = Seen(body=body, started=time.monotonic())
+        seen = Seen(body=body, started=time.monotonic(), arrived=time.perf_counter())
         self.requests.append(seen)
         scenario = self.scenario
         if scenario.refuse_next:
@@ -186,6 +190,7 @@ class OllamaStandIn:
                 },
             )
             seen.finished = True
+            seen.finished_at = time.perf_counter()
             await response.write_eof()
         except (asyncio.CancelledError, ConnectionResetError):
             seen.hung_up = time.monotonic()
