@@ -19,7 +19,6 @@ Prints p50/p99 of both, the time the mesh adds, and the ratio.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import re
 import sys
@@ -42,6 +41,7 @@ from opsmesh.task.v1 import task_pb2, task_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the Ollama stand-in lives with the tests
 from tests.ollama_standin import OllamaStandIn, Reply  # noqa: E402
+
 METADATA = ((USER_HEADER, "bench"), (ORG_HEADER, "bench-org"))
 
 
