@@ -1,4 +1,4 @@
-"""Real Redis, Redis Sentinel and NATS servers as child processes.
+"""Real Redis, Redis Sentinel, NATS, Prometheus and Alertmanager servers as child processes.
 
 Used by the test fixtures (ephemeral ports, temporary folders) and by the dev
 stack (fixed ports, detached). Readiness is read from each server's own log
@@ -16,12 +16,23 @@ import socket
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import jinja2
 
 _INSTALL_HINTS = {
     "redis-server": "apt-get install redis-server",
     "nats-server": "apt-get install nats-server",
+    "prometheus": "apt-get install prometheus",
+    "promtool": "apt-get install prometheus",
+    "prometheus-alertmanager": "apt-get install prometheus-alertmanager",
+    "amtool": "apt-get install prometheus-alertmanager",
 }
+
+MONITORING_DIR = Path(__file__).resolve().parent.parent / "deploy" / "monitoring"
+"""The Prometheus and Alertmanager templates and the mesh's alert rules."""
+MESH_RULES = MONITORING_DIR / "rules" / "opsmesh.rules.yml"
 
 
 class ServerStartError(RuntimeError):
@@ -277,6 +288,164 @@ class NatsServer(_Server):
             detach=self._detach,
         )
         match = self.process.start()
+        self.port = int(match.group(1))
+        return self
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScrapeTarget:
+    """One endpoint Prometheus scrapes; ``labels`` are added to all its series."""
+
+    job: str
+    address: str
+    """host:port"""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    metrics_path: str = "/metrics"
+
+
+def _template(name: str) -> jinja2.Template:
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(MONITORING_DIR),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,  # noqa: S701 - YAML, every value goes through tojson
+    )
+    return environment.get_template(name)
+
+
+def render_prometheus_config(
+    *,
+    targets: Sequence[ScrapeTarget],
+    rule_files: Sequence[Path] = (),
+    alertmanagers: Sequence[str] = (),
+    scrape_interval: str = "15s",
+    evaluation_interval: str = "15s",
+) -> str:
+    """prometheus.yml from ``deploy/monitoring/prometheus.yml.j2``."""
+    return _template("prometheus.yml.j2").render(
+        scrape_targets=[
+            {
+                "job": t.job,
+                "address": t.address,
+                "labels": dict(t.labels),
+                "metrics_path": t.metrics_path,
+            }
+            for t in targets
+        ],
+        rule_files=[str(path) for path in rule_files],
+        alertmanagers=list(alertmanagers),
+        scrape_interval=scrape_interval,
+        evaluation_interval=evaluation_interval,
+    )
+
+
+def render_alertmanager_config(
+    *,
+    webhook_url: str,
+    token_file: Path | None = None,
+    group_wait: str = "30s",
+    group_interval: str = "5m",
+    repeat_interval: str = "4h",
+) -> str:
+    """alertmanager.yml from ``deploy/monitoring/alertmanager.yml.j2``.
+
+    ``token_file`` holds notify_svc's OPSMESH_ALERT_WEBHOOK_TOKEN, sent as a bearer token.
+    """
+    return _template("alertmanager.yml.j2").render(
+        webhook_url=webhook_url,
+        token_file=str(token_file) if token_file is not None else "",
+        group_wait=group_wait,
+        group_interval=group_interval,
+        repeat_interval=repeat_interval,
+    )
+
+
+# Both print the address they bound ("Listening on" address=127.0.0.1:PORT), so port 0
+# lets them pick a free port without a probe-then-bind race.
+_LISTENING = r'msg="Listening on" address=[^\s]*:(\d+)'
+
+
+class PrometheusServer(_Server):
+    """``prometheus`` on loopback with its TSDB in ``workdir``, reloadable (/-/reload)."""
+
+    def __init__(
+        self, workdir: Path, config: str, *, port: int | None = None, detach: bool = False
+    ) -> None:
+        self.workdir = workdir
+        self.config = config
+        self.port = port or 0
+        self._detach = detach
+        self.process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "prometheus.yml"
+
+    def start(self, timeout: float = 30.0) -> PrometheusServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config)
+        self.process = ManagedProcess(
+            "prometheus",
+            [
+                find_binary("prometheus"),
+                f"--config.file={self.config_path}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--web.enable-lifecycle",
+            ],
+            log_path=self.workdir / "prometheus.log",
+            ready=re.compile(_LISTENING + r"(?s:.*)Server is ready to receive web requests"),
+            detach=self._detach,
+        )
+        match = self.process.start(timeout)
+        self.port = int(match.group(1))
+        return self
+
+
+class AlertmanagerServer(_Server):
+    """``prometheus-alertmanager`` on loopback, clustering off, state in ``workdir``.
+
+    Its configuration is reloadable with ``POST /-/reload`` (always on in Alertmanager).
+    """
+
+    def __init__(
+        self, workdir: Path, config: str, *, port: int | None = None, detach: bool = False
+    ) -> None:
+        self.workdir = workdir
+        self.config = config
+        self.port = port or 0
+        self._detach = detach
+        self.process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "alertmanager.yml"
+
+    def start(self, timeout: float = 30.0) -> AlertmanagerServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config)
+        self.process = ManagedProcess(
+            "alertmanager",
+            [
+                find_binary("prometheus-alertmanager"),
+                f"--config.file={self.config_path}",
+                f"--storage.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--cluster.listen-address=",  # no gossip port (9094) to collide on
+            ],
+            log_path=self.workdir / "alertmanager.log",
+            ready=re.compile(_LISTENING),
+            detach=self._detach,
+        )
+        match = self.process.start(timeout)
         self.port = int(match.group(1))
         return self
 

@@ -30,12 +30,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devtools.edge import DEFAULT_PORTS, envoy_process, render
 from devtools.servers import (
+    MESH_RULES,
+    AlertmanagerServer,
     ManagedProcess,
     NatsServer,
+    PrometheusServer,
     RedisServer,
+    ScrapeTarget,
     ServerStartError,
     free_port,
     pid_alive,
+    render_alertmanager_config,
+    render_prometheus_config,
 )
 
 
@@ -61,7 +67,21 @@ SERVICES = (
 )
 
 
-FIXED_PORTS = ("REDIS", "NATS", "SMTP", "WEBHOOK", "SESSION_HTTP", "EDGE", "EDGE_ADMIN", "WEB")
+FIXED_PORTS = (
+    "REDIS",
+    "NATS",
+    "SMTP",
+    "WEBHOOK",
+    "SESSION_HTTP",
+    "EDGE",
+    "EDGE_ADMIN",
+    "WEB",
+    "PROMETHEUS",
+    "ALERTMANAGER",
+)
+DEV_ALERT_ORG = "dev"
+DEV_ALERT_EMAILS = "oncall@example.com"
+"""Where the dev stack's alerts go (the mail sink catches them: make mail)."""
 
 
 def port_variable(service: str, what: str = "") -> str:
@@ -88,6 +108,8 @@ class StackConfig:
     edge_port: int = 8080
     edge_admin_port: int = 9901
     web_port: int = 8095
+    prometheus_port: int = 19090
+    alertmanager_port: int = 19093
     web_root: Path = Path("ui/dist")
     services: tuple[ServiceSpec, ...] = ()
 
@@ -102,6 +124,11 @@ class StackConfig:
     @property
     def mail_dir(self) -> Path:
         return self.run_dir / "mail"
+
+    @property
+    def alert_token_file(self) -> Path:
+        """notify_svc's Alertmanager webhook token (OPSMESH_ALERT_WEBHOOK_TOKEN)."""
+        return self.run_dir / "alert-webhook-token"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], root: Path) -> StackConfig:
@@ -123,6 +150,8 @@ class StackConfig:
             edge_port=port("OPSMESH_DEV_EDGE_PORT", 8080),
             edge_admin_port=port("OPSMESH_DEV_EDGE_ADMIN_PORT", 9901),
             web_port=port("OPSMESH_DEV_WEB_PORT", 8095),
+            prometheus_port=port("OPSMESH_DEV_PROMETHEUS_PORT", 19090),
+            alertmanager_port=port("OPSMESH_DEV_ALERTMANAGER_PORT", 19093),
             web_root=Path(environ.get("OPSMESH_WEB_ROOT") or root / "ui" / "dist"),
             services=tuple(
                 ServiceSpec(
@@ -216,6 +245,11 @@ def _service_env(config: StackConfig, port: int, metrics_port: int) -> dict[str,
         OPSMESH_TASK_ADDR=f"127.0.0.1:{config.port_of('task_svc')}",
         OPSMESH_NOTIFY_ADDR=f"127.0.0.1:{config.port_of('notify_svc')}",
         OPSMESH_SESSION_ADDR=f"127.0.0.1:{config.port_of('session_svc')}",
+        OPSMESH_PROMETHEUS_URL=f"http://127.0.0.1:{config.prometheus_port}",
+        OPSMESH_ALERTMANAGER_URL=f"http://127.0.0.1:{config.alertmanager_port}",
+        OPSMESH_ALERT_WEBHOOK_TOKEN=_alert_token(config),
+        OPSMESH_ALERT_ORG=os.environ.get("OPSMESH_ALERT_ORG", DEV_ALERT_ORG),
+        OPSMESH_ALERT_EMAILS=os.environ.get("OPSMESH_ALERT_EMAILS", DEV_ALERT_EMAILS),
         OPSMESH_HISTORY_DSN=os.environ.get(
             "OPSMESH_HISTORY_DSN", f"chdb://{config.run_dir / 'chat-history'}"
         ),
@@ -229,18 +263,7 @@ def up(config: StackConfig) -> int:
         print("the dev stack is already up ('make down' stops it):")
         _print(running)
         return 0
-    wanted = {
-        "redis": config.redis_port,
-        "nats": config.nats_port,
-        "mail sink": config.smtp_port,
-        "notify webhooks": config.webhook_port,
-        "session identity (JWKS)": config.session_http_port,
-        "envoy": config.edge_port,
-        "envoy admin": config.edge_admin_port,
-        "web client": config.web_port,
-    }
-    wanted.update({spec.name: spec.grpc_port for spec in config.services})
-    taken = [f"{name} port {port}" for name, port in wanted.items() if _port_taken(port)]
+    taken = _ports_in_use(config)
     if taken:
         print(
             f"cannot start: {', '.join(taken)} already in use by another program "
@@ -250,130 +273,263 @@ def up(config: StackConfig) -> int:
         return 1
     started: list[Component] = []
     try:
-        redis = RedisServer(config.run_dir / "redis", port=config.redis_port, detach=True).start()
-        assert redis.process is not None
-        started.append(
-            Component("redis", redis.process.pid, redis.url, str(redis.process.log_path))
-        )
-        _save(config, started)
-
-        nats = NatsServer(config.run_dir / "nats", port=config.nats_port, detach=True).start()
-        assert nats.process is not None
-        started.append(
-            Component(
-                "nats", nats.process.pid, nats.url + " (JetStream)", str(nats.process.log_path)
-            )
-        )
-        _save(config, started)
-
-        sink = ManagedProcess(
-            "mail_sink",
-            [
-                sys.executable,
-                "-m",
-                "devtools.mailsink",
-                "serve",
-                str(config.mail_dir),
-                "--port",
-                str(config.smtp_port),
-            ],
-            log_path=config.run_dir / "logs" / "mail_sink.log",
-            ready=re.compile(r"mail sink listening"),
-            detach=True,
-        )
-        sink.start()
-        started.append(
-            Component(
-                "mail_sink",
-                sink.pid,
-                f"smtp://127.0.0.1:{config.smtp_port} (make mail lists it)",
-                str(sink.log_path),
-            )
-        )
-        _save(config, started)
-
-        for spec in config.services:
-            process = ManagedProcess(
-                spec.name,
-                [sys.executable, "-m", spec.module],
-                log_path=config.run_dir / "logs" / f"{spec.name}.log",
-                ready=re.compile(spec.ready),
-                env=_service_env(config, spec.grpc_port, spec.metrics_port),
-                detach=True,
-            )
-            process.start()
-            component = Component(
-                spec.name,
-                process.pid,
-                f"grpc 127.0.0.1:{spec.grpc_port}  metrics "
-                f"http://127.0.0.1:{spec.metrics_port}/metrics",
-                str(process.log_path),
-                grpc_port=spec.grpc_port,
-            )
-            started.append(component)
-            _save(config, started)
-            _wait_serving(component, process, timeout=15)
-        if not (config.web_root / "index.html").is_file():
-            raise ServerStartError(
-                "webui", f"no web client build in {config.web_root} (make up builds it)"
-            )
-        web = ManagedProcess(
-            "webui",
-            [sys.executable, "-m", "webui"],
-            log_path=config.run_dir / "logs" / "webui.log",
-            ready=re.compile(r"serving the web client"),
-            env=dict(
-                os.environ,
-                OPSMESH_WEB_PORT=str(config.web_port),
-                OPSMESH_WEB_ROOT=str(config.web_root),
-            ),
-            detach=True,
-        )
-        web.start()
-        started.append(
-            Component(
-                "webui",
-                web.pid,
-                f"http://127.0.0.1:{config.web_port} ({config.web_root})",
-                str(web.log_path),
-            )
-        )
-        _save(config, started)
-        edge_config = config.run_dir / "envoy.yaml"
-        edge_config.write_text(
-            render(
-                {
-                    "edge": config.edge_port,
-                    "admin": config.edge_admin_port,
-                    "session_http": config.session_http_port,
-                    "web": config.web_port,
-                    **{
-                        spec.name.removesuffix("_svc"): spec.grpc_port
-                        for spec in config.services
-                        if spec.name.removesuffix("_svc") in DEFAULT_PORTS
-                    },
-                },
-                issuer=config.public_url,
-            )
-        )
-        envoy = envoy_process(edge_config, config.run_dir / "logs" / "envoy.log", detach=True)
-        envoy.start(timeout=30)
-        _wait_edge_live(config.edge_admin_port, envoy)
-        started.append(
-            Component(
-                "envoy",
-                envoy.pid,
-                f"http://127.0.0.1:{config.edge_port} (gRPC, grpc-web, OAuth)  "
-                f"admin :{config.edge_admin_port}",
-                str(envoy.log_path),
-            )
-        )
-        _save(config, started)
+        for step in (
+            _start_stores,
+            _start_mail_sink,
+            _start_monitoring,
+            _start_services,
+            _start_web,
+            _start_edge,
+        ):
+            step(config, started)
     except ServerStartError as error:
         print(f"make up failed: {error}", file=sys.stderr)
         _stop(started)
         config.state_file.unlink(missing_ok=True)
         return 1
+    _welcome(config, started)
+    return 0
+
+
+def _ports_in_use(config: StackConfig) -> list[str]:
+    """The stack's ports that another program already holds, named."""
+    wanted = {
+        "redis": config.redis_port,
+        "nats": config.nats_port,
+        "mail sink": config.smtp_port,
+        "notify webhooks": config.webhook_port,
+        "session identity (JWKS)": config.session_http_port,
+        "envoy": config.edge_port,
+        "envoy admin": config.edge_admin_port,
+        "web client": config.web_port,
+        "prometheus": config.prometheus_port,
+        "alertmanager": config.alertmanager_port,
+    }
+    wanted.update({spec.name: spec.grpc_port for spec in config.services})
+    return [f"{name} port {port}" for name, port in wanted.items() if _port_taken(port)]
+
+
+def _started(config: StackConfig, started: list[Component], component: Component) -> None:
+    """Records a component at once, so a failure later still stops it."""
+    started.append(component)
+    _save(config, started)
+
+
+def _start_stores(config: StackConfig, started: list[Component]) -> None:
+    redis = RedisServer(config.run_dir / "redis", port=config.redis_port, detach=True).start()
+    assert redis.process is not None
+    _started(
+        config,
+        started,
+        Component("redis", redis.process.pid, redis.url, str(redis.process.log_path)),
+    )
+    nats = NatsServer(config.run_dir / "nats", port=config.nats_port, detach=True).start()
+    assert nats.process is not None
+    _started(
+        config,
+        started,
+        Component("nats", nats.process.pid, nats.url + " (JetStream)", str(nats.process.log_path)),
+    )
+
+
+def _start_mail_sink(config: StackConfig, started: list[Component]) -> None:
+    sink = ManagedProcess(
+        "mail_sink",
+        [
+            sys.executable,
+            "-m",
+            "devtools.mailsink",
+            "serve",
+            str(config.mail_dir),
+            "--port",
+            str(config.smtp_port),
+        ],
+        log_path=config.run_dir / "logs" / "mail_sink.log",
+        ready=re.compile(r"mail sink listening"),
+        detach=True,
+    )
+    sink.start()
+    _started(
+        config,
+        started,
+        Component(
+            "mail_sink",
+            sink.pid,
+            f"smtp://127.0.0.1:{config.smtp_port} (make mail lists it)",
+            str(sink.log_path),
+        ),
+    )
+
+
+def prometheus_config(config: StackConfig) -> str:
+    """Prometheus for the stack: every service's metrics (labelled ``service``), the mesh's
+    alert rules, alerts to the stack's Alertmanager; it also scrapes itself and Alertmanager."""
+    targets = [
+        ScrapeTarget(
+            job="opsmesh",
+            address=f"127.0.0.1:{spec.metrics_port}",
+            labels={"service": spec.name},
+        )
+        for spec in config.services
+    ]
+    targets += [
+        ScrapeTarget(job=name, address=f"127.0.0.1:{port}", labels={"service": name})
+        for name, port in (
+            ("prometheus", config.prometheus_port),
+            ("alertmanager", config.alertmanager_port),
+        )
+    ]
+    return render_prometheus_config(
+        targets=targets,
+        rule_files=[MESH_RULES],
+        alertmanagers=[f"127.0.0.1:{config.alertmanager_port}"],
+    )
+
+
+def alertmanager_config(config: StackConfig) -> str:
+    """Alertmanager for the stack: every alert to notify_svc's webhook, with its bearer token."""
+    return render_alertmanager_config(
+        webhook_url=f"http://127.0.0.1:{config.webhook_port}/webhooks/alertmanager",
+        token_file=config.alert_token_file,
+    )
+
+
+def _alert_token(config: StackConfig) -> str:
+    """The bearer token Alertmanager shows notify_svc (made once, kept in the run folder)."""
+    token_file = config.alert_token_file
+    if not token_file.exists():
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        token_file.write_text(secrets.token_urlsafe(24))
+        token_file.chmod(0o600)
+    return token_file.read_text().strip()
+
+
+def _start_monitoring(config: StackConfig, started: list[Component]) -> None:
+    _alert_token(config)
+    alertmanager = AlertmanagerServer(
+        config.run_dir / "alertmanager",
+        alertmanager_config(config),
+        port=config.alertmanager_port,
+        detach=True,
+    ).start()
+    assert alertmanager.process is not None
+    _started(
+        config,
+        started,
+        Component(
+            "alertmanager",
+            alertmanager.process.pid,
+            f"{alertmanager.url} (alerts → notify_svc webhook)",
+            str(alertmanager.process.log_path),
+        ),
+    )
+    prometheus = PrometheusServer(
+        config.run_dir / "prometheus",
+        prometheus_config(config),
+        port=config.prometheus_port,
+        detach=True,
+    ).start()
+    assert prometheus.process is not None
+    _started(
+        config,
+        started,
+        Component(
+            "prometheus",
+            prometheus.process.pid,
+            f"{prometheus.url} (scrapes every service, mesh alert rules)",
+            str(prometheus.process.log_path),
+        ),
+    )
+
+
+def _start_services(config: StackConfig, started: list[Component]) -> None:
+    for spec in config.services:
+        process = ManagedProcess(
+            spec.name,
+            [sys.executable, "-m", spec.module],
+            log_path=config.run_dir / "logs" / f"{spec.name}.log",
+            ready=re.compile(spec.ready),
+            env=_service_env(config, spec.grpc_port, spec.metrics_port),
+            detach=True,
+        )
+        process.start()
+        component = Component(
+            spec.name,
+            process.pid,
+            f"grpc 127.0.0.1:{spec.grpc_port}  metrics "
+            f"http://127.0.0.1:{spec.metrics_port}/metrics",
+            str(process.log_path),
+            grpc_port=spec.grpc_port,
+        )
+        _started(config, started, component)
+        _wait_serving(component, process, timeout=15)
+
+
+def _start_web(config: StackConfig, started: list[Component]) -> None:
+    if not (config.web_root / "index.html").is_file():
+        raise ServerStartError(
+            "webui", f"no web client build in {config.web_root} (make up builds it)"
+        )
+    web = ManagedProcess(
+        "webui",
+        [sys.executable, "-m", "webui"],
+        log_path=config.run_dir / "logs" / "webui.log",
+        ready=re.compile(r"serving the web client"),
+        env=dict(
+            os.environ,
+            OPSMESH_WEB_PORT=str(config.web_port),
+            OPSMESH_WEB_ROOT=str(config.web_root),
+        ),
+        detach=True,
+    )
+    web.start()
+    _started(
+        config,
+        started,
+        Component(
+            "webui",
+            web.pid,
+            f"http://127.0.0.1:{config.web_port} ({config.web_root})",
+            str(web.log_path),
+        ),
+    )
+
+
+def _start_edge(config: StackConfig, started: list[Component]) -> None:
+    edge_config = config.run_dir / "envoy.yaml"
+    edge_config.write_text(
+        render(
+            {
+                "edge": config.edge_port,
+                "admin": config.edge_admin_port,
+                "session_http": config.session_http_port,
+                "web": config.web_port,
+                **{
+                    spec.name.removesuffix("_svc"): spec.grpc_port
+                    for spec in config.services
+                    if spec.name.removesuffix("_svc") in DEFAULT_PORTS
+                },
+            },
+            issuer=config.public_url,
+        )
+    )
+    envoy = envoy_process(edge_config, config.run_dir / "logs" / "envoy.log", detach=True)
+    envoy.start(timeout=30)
+    _wait_edge_live(config.edge_admin_port, envoy)
+    _started(
+        config,
+        started,
+        Component(
+            "envoy",
+            envoy.pid,
+            f"http://127.0.0.1:{config.edge_port} (gRPC, grpc-web, OAuth)  "
+            f"admin :{config.edge_admin_port}",
+            str(envoy.log_path),
+        ),
+    )
+
+
+def _welcome(config: StackConfig, started: Sequence[Component]) -> None:
     user, password = _seed_dev_user(config)
     print(f"opsmesh dev stack is up (state and logs in {config.run_dir}):")
     _print(started)
@@ -389,7 +545,6 @@ def up(config: StackConfig) -> int:
         f"\nchat uses the Ollama server at {ollama} (set OLLAMA_HOST to change it)"
         f"\ntry:  grpcurl -plaintext localhost:{first} list\nstop: make down"
     )
-    return 0
 
 
 def _wait_edge_live(admin_port: int, process: ManagedProcess, timeout: float = 20) -> None:
