@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 from grpc import aio
 
-from chat_svc.agents.catalog import Agent, build_agents
-from chat_svc.agents.operations import operations_tools
+from chat_svc.agents.catalog import Agent
+from chat_svc.agents.wiring import AgentDependencies
 from chat_svc.approvals import Approvals
 from chat_svc.config import ChatSettings
 from chat_svc.history import HistoryStore, HistoryWriter
@@ -22,7 +22,6 @@ from mesh.redisconn import connect_redis
 from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
 from opsmesh.chat.v1 import chat_pb2_grpc
 from opsmesh.session.v1 import session_pb2_grpc
-from opsmesh.task.v1 import task_pb2_grpc
 
 
 async def build_runner(
@@ -40,20 +39,7 @@ async def build_runner(
     redis = connect_redis(settings.redis)
     stops = StopSignals(redis)
     session_channel = aio.insecure_channel(settings.session_address)
-    channels = [session_channel]
-    tasks = None
-    if settings.task_address:
-        channels.append(aio.insecure_channel(settings.task_address))
-        tasks = task_pb2_grpc.TaskServiceStub(channels[-1])
-    agents = agents or build_agents(
-        {"operations": operations_tools(tasks)},
-        limits=settings.agent_limits,
-        missing={
-            "operations": "OPSMESH_TASK_ADDR is not set",
-            "monitoring": "OPSMESH_PROMETHEUS_URL / OPSMESH_ALERTMANAGER_URL are not set",
-            "troubleshooting": "OPSMESH_LOGS_SOURCE is not set",
-        },
-    )
+    dependencies = AgentDependencies.open(settings)
     service = ChatService(
         settings=settings,
         models=models,
@@ -63,7 +49,7 @@ async def build_runner(
         sessions=session_pb2_grpc.SessionServiceStub(session_channel),
         approvals=Approvals(redis, stops),
         turns=Turns(redis),
-        agents=agents,
+        agents=agents or dependencies.agents,
     )
 
     async def started() -> None:
@@ -71,8 +57,8 @@ async def build_runner(
         stops.start()
 
     async def close_channels() -> None:
-        for channel in channels:
-            await channel.close(None)
+        await session_channel.close(None)
+        await dependencies.close()
 
     base = options or RunnerOptions()
     return ServiceRunner(

@@ -24,6 +24,7 @@ from opsmesh.session.v1 import session_pb2, session_pb2_grpc
 from opsmesh.task.v1 import task_pb2
 from tests.conftest import FAST_HEALTH
 from tests.helpers import assert_eventually, identity
+from tests.monitoring_fixtures import Monitoring, monitoring  # noqa: F401 - a fixture
 from tests.ollama_standin import OllamaStandIn, Reply
 from tests.taskkit import TaskStack, task_stack
 from tests.test_chat import ChatStack, chat_settings, collect, new_session
@@ -577,3 +578,59 @@ async def test_parallel_decisions_accept_exactly_one(agents: AgentStack) -> None
     events += [event async for event in call]
     assert sum(e.HasField("tool_result") for e in events) == 1
     assert len(await org_tasks(agents)) <= 1
+
+
+async def test_which_alerts_are_firing_reads_the_real_prometheus_and_alertmanager(
+    agents: AgentStack,
+    monitoring: Monitoring,  # noqa: F811 - the fixture
+) -> None:
+    settings = replace(
+        agents.settings,
+        prometheus_url=monitoring.prometheus_url,
+        alertmanager_url=monitoring.alertmanager_url,
+    )
+    runner = await build_runner(settings, options=FAST_HEALTH)
+    await runner.start()
+    acme = identity(f"u{uuid.uuid4().hex[:8]}", "acme")
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            agents.ollama.scenario.script = [
+                Reply(
+                    tool_calls=[
+                        ("list_alerts", {}),
+                        (
+                            "prometheus_query_range",
+                            {"query": "opsmesh_demo_queue_depth", "range": "5m"},
+                        ),
+                    ]
+                ),
+                Reply(tokens=["DemoAcmeBacklog is firing."]),
+            ]
+            session_id = (
+                await agents.sessions.CreateSession(
+                    session_pb2.CreateSessionRequest(), metadata=acme
+                )
+            ).session.id
+            events = await collect(
+                stub.StreamChat(
+                    ask(session_id, "which alerts are firing?", agent=pb.AGENT_MONITORING),
+                    metadata=acme,
+                )
+            )
+    finally:
+        await runner.stop()
+    alerts, series = (e.tool_result for e in events if e.HasField("tool_result"))
+    assert not alerts.is_error, alerts.content
+    for name in monitoring.acme_alerts:
+        assert name in alerts.content
+    for name in (*monitoring.globex_alerts, *monitoring.platform_alerts, *monitoring.acme_silenced):
+        assert name not in alerts.content
+    assert not series.is_error, series.content
+    assert series.data["kind"] == "timeseries"
+    labels = [dict(item["labels"]) for item in series.data["series"]]
+    assert labels
+    assert {label.get("org_id") for label in labels} == {"acme"}
+    assert not any(e.HasField("approval_required") for e in events)
+    offered = {t["function"]["name"] for t in agents.ollama.requests[-2].body["tools"]}
+    assert {"list_alerts", "prometheus_query", "prometheus_query_range"} <= offered

@@ -1,0 +1,58 @@
+"""The agents' dependencies from settings: clients opened once, closed at shutdown."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from grpc import aio
+
+from chat_svc.agents.catalog import Agent, build_agents
+from chat_svc.agents.monitoring import monitoring_tools
+from chat_svc.agents.operations import operations_tools
+from chat_svc.config import ChatSettings
+from chat_svc.monitoring import AlertmanagerClient, PrometheusClient
+from opsmesh.task.v1 import task_pb2_grpc
+
+_MISSING = {
+    "operations": "OPSMESH_TASK_ADDR is not set",
+    "monitoring": "OPSMESH_PROMETHEUS_URL and OPSMESH_ALERTMANAGER_URL are not set",
+    "troubleshooting": "OPSMESH_LOGS_SOURCE is not set",
+}
+
+
+@dataclass
+class AgentDependencies:
+    """What the agents' tools talk to; ``close`` releases every client this opened."""
+
+    agents: dict[int, Agent]
+    _closers: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, settings: ChatSettings) -> AgentDependencies:
+        closers: list[Any] = []
+        tasks = None
+        if settings.task_address:
+            channel = aio.insecure_channel(settings.task_address)
+            closers.append(lambda: channel.close(None))
+            tasks = task_pb2_grpc.TaskServiceStub(channel)
+        prometheus = alertmanager = None
+        if settings.prometheus_url:
+            prometheus = PrometheusClient(settings.prometheus_url)
+            closers.append(prometheus.aclose)
+        if settings.alertmanager_url:
+            alertmanager = AlertmanagerClient(settings.alertmanager_url)
+            closers.append(alertmanager.aclose)
+        agents = build_agents(
+            {
+                "operations": operations_tools(tasks),
+                "monitoring": monitoring_tools(prometheus, alertmanager),
+            },
+            limits=settings.agent_limits,
+            missing=_MISSING,
+        )
+        return cls(agents, closers)
+
+    async def close(self) -> None:
+        for close in self._closers:
+            await close()
