@@ -296,7 +296,8 @@ def _alertmanager_tools(alertmanager: AlertmanagerClient) -> list[Tool[Any]]:
                 for m in silence.get("matchers", [])
             )
             lines.append(
-                f"- {silence.get('status', {}).get('state', '?')} until {silence.get('endsAt')} "
+                f"- silence {silence.get('id', '?')}: "
+                f"{silence.get('status', {}).get('state', '?')} until {silence.get('endsAt')} "
                 f"by {silence.get('createdBy', '?')}: {matchers} "
                 f"({silence.get('comment', '')})"
             )
