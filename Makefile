@@ -97,6 +97,12 @@ test: $(STAMP) lint gen-check ui-check $(UI_BUILD) ## lint, gen-check, UI checks
 	$(BIN)/coverage erase
 	$(BIN)/pytest --cov --cov-report=term $(PYTEST_ARGS)
 
+.PHONY: eval
+eval: $(STAMP) ## the agents' evaluation against a real model: make eval MODEL=llama3.2:3b [OLLAMA_HOST=...]
+	@test -n "$(MODEL)" || { echo "usage: make eval MODEL=<model> (Ollama at OLLAMA_HOST, default http://127.0.0.1:11434)"; exit 2; }
+	OPSMESH_EVAL_MODEL="$(MODEL)" OPSMESH_EVAL_OLLAMA_HOST="$${OLLAMA_HOST:-http://127.0.0.1:11434}" \
+	  $(BIN)/pytest tests/evals -k model_evaluation -s -p no:cacheprovider
+
 .PHONY: bench
 bench: $(STAMP) $(UI_BUILD) ## run the benchmarks (bench/*.py; installs the Celery baseline)
 	$(PY) -m pip install --quiet -e '.[bench]'

@@ -247,6 +247,8 @@ def _service_env(config: StackConfig, port: int, metrics_port: int) -> dict[str,
         OPSMESH_SESSION_ADDR=f"127.0.0.1:{config.port_of('session_svc')}",
         OPSMESH_PROMETHEUS_URL=f"http://127.0.0.1:{config.prometheus_port}",
         OPSMESH_ALERTMANAGER_URL=f"http://127.0.0.1:{config.alertmanager_port}",
+        # The troubleshooting agent reads the services' own JSON logs of this stack.
+        OPSMESH_LOGS_SOURCE=f"files://{config.run_dir / 'logs'}",
         OPSMESH_ALERT_WEBHOOK_TOKEN=_alert_token(config),
         OPSMESH_ALERT_ORG=os.environ.get("OPSMESH_ALERT_ORG", DEV_ALERT_ORG),
         OPSMESH_ALERT_EMAILS=os.environ.get("OPSMESH_ALERT_EMAILS", DEV_ALERT_EMAILS),
