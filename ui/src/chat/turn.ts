@@ -1,9 +1,33 @@
 import type { JsonObject } from "@bufbuild/protobuf";
-import { timestampDate } from "@bufbuild/protobuf/wkt";
+import { timestampDate, type Duration } from "@bufbuild/protobuf/wkt";
 import { DoneReason, type StreamChatResponse } from "@gen/opsmesh/chat/v1/chat_pb.js";
 import type { Problem } from "../api/errors";
 
 export type Decision = "approved" | "rejected";
+/** How an approval ended: the user's decision, or the deadline passing without one. */
+export type ApprovalOutcome = Decision | "expired";
+
+export interface ToolApproval {
+  readonly description: string;
+  readonly deadline?: Date;
+  /** Set once the server accepted the decision (or, from history, as it was stored). */
+  readonly decision?: ApprovalOutcome;
+  /** The decision the user sent and the server has not answered yet. */
+  readonly deciding?: Decision;
+  /** Why the decision did not take (the server refused it, or the call failed). */
+  readonly failure?: string;
+  /** The reason given with a rejection (history). */
+  readonly reason?: string;
+}
+
+export interface ToolOutcome {
+  readonly content: string;
+  readonly isError: boolean;
+  /** Structured result (e.g. kind "timeseries"), when the tool has one. */
+  readonly data?: JsonObject;
+  /** How long the tool ran, in milliseconds. */
+  readonly durationMs?: number;
+}
 
 /** A tool the agent called during a turn, with its approval and its result as they arrive. */
 export interface ToolActivity {
@@ -11,12 +35,28 @@ export interface ToolActivity {
   readonly name: string;
   readonly arguments: JsonObject;
   readonly requiresApproval: boolean;
-  readonly approval?: {
-    readonly description: string;
-    readonly deadline?: Date;
-    readonly decision?: Decision;
-  };
-  readonly result?: { readonly content: string; readonly isError: boolean };
+  readonly approval?: ToolApproval;
+  readonly result?: ToolOutcome;
+}
+
+export type ToolStatus = "awaiting-approval" | "running" | "done" | "failed" | "rejected";
+
+/** Where a tool call stands; `now` decides whether an undecided approval has expired. */
+export function toolStatus(tool: ToolActivity, now: number = Date.now()): ToolStatus {
+  const approval = tool.approval;
+  if (approval?.decision === "rejected" || approval?.decision === "expired") return "rejected";
+  const undecided = !!approval && !approval.decision;
+  const expired = undecided && !approval.deciding && !!approval.deadline && now >= approval.deadline.getTime();
+  // Past the deadline without a decision the server rejects the call: its error result says so.
+  if (expired && (!tool.result || tool.result.isError)) return "rejected";
+  if (tool.result) return tool.result.isError ? "failed" : "done";
+  if (undecided) return "awaiting-approval";
+  return "running";
+}
+
+export function durationMs(duration: Duration | undefined): number | undefined {
+  if (!duration) return undefined;
+  return Number(duration.seconds) * 1000 + duration.nanos / 1e6;
 }
 
 export type TurnStatus = "waiting" | "streaming" | "done" | "stopped" | "failed";
@@ -31,6 +71,8 @@ export interface Turn {
   readonly tools: readonly ToolActivity[];
   readonly generationId?: string;
   readonly model?: string;
+  /** The agent the user chose for this turn, by its label. */
+  readonly agent?: string;
   readonly incomplete?: boolean;
   readonly completionTokens?: number;
   readonly problem?: Problem;
@@ -96,7 +138,12 @@ export function applyEvent(turn: Turn, response: StreamChatResponse): Turn {
       });
       return updateTool(withTool, result.toolCallId, (tool) => ({
         ...tool,
-        result: { content: result.content, isError: result.isError },
+        result: {
+          content: result.content,
+          isError: result.isError,
+          ...(result.data ? { data: result.data } : {}),
+          ...(result.duration ? { durationMs: durationMs(result.duration) } : {}),
+        },
       }));
     }
     case "completed": {
@@ -113,11 +160,24 @@ export function applyEvent(turn: Turn, response: StreamChatResponse): Turn {
   }
 }
 
-/** The user's decision on a tool call, shown at once (the server confirms via the stream). */
-export function decide(turn: Turn, toolCallId: string, decision: Decision): Turn {
+/** The user sent a decision on a tool call: the card disables its buttons until the server answers. */
+export function startDecision(turn: Turn, toolCallId: string, decision: Decision): Turn {
   return updateTool(turn, toolCallId, (tool) =>
-    tool.approval ? { ...tool, approval: { ...tool.approval, decision } } : tool,
+    tool.approval ? { ...tool, approval: { ...tool.approval, deciding: decision, failure: undefined } } : tool,
   );
+}
+
+/** The server's answer to a decision: taken, or refused with a reason. */
+export function finishDecision(
+  turn: Turn,
+  toolCallId: string,
+  outcome: { decision: Decision } | { failure: string },
+): Turn {
+  return updateTool(turn, toolCallId, (tool) => {
+    if (!tool.approval) return tool;
+    const { deciding: _sent, ...approval } = tool.approval;
+    return { ...tool, approval: { ...approval, ...outcome } };
+  });
 }
 
 export function fail(turn: Turn, problem: Problem): Turn {

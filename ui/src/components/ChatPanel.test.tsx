@@ -82,7 +82,7 @@ describe("ChatPanel", () => {
     expect(decisions).toEqual([{ toolCallId: "c1", approved: true }]);
     expect(screen.getByTestId("answer-text").textContent).toBe("Checking the workspace.");
     expect(screen.getByText("task t-1 queued")).toBeTruthy();
-    expect(screen.getByText("You approved this call.")).toBeTruthy();
+    expect(screen.getByTestId("approval-outcome").textContent).toBe("Approved");
     expect(screen.queryByRole("button", { name: "Approve" })).toBeNull();
     expect(onError).not.toHaveBeenCalled();
   });

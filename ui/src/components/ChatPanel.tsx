@@ -12,7 +12,9 @@ import type { StreamChatRequestSchema } from "@gen/opsmesh/chat/v1/chat_pb.js";
 import { describeError } from "../api/errors";
 import type { Api } from "../api/transport";
 import type { AuthClient } from "../auth/auth";
-import { applyEvent, decide, fail, newTurn, type Decision, type Turn } from "../chat/turn";
+import { answerDetails } from "../chat/history";
+import { applyEvent, fail, finishDecision, newTurn, startDecision, type Decision, type Turn } from "../chat/turn";
+import { AnswerText, preloadMarkdown } from "./AnswerText";
 import { ProblemNotice } from "./ProblemNotice";
 import { ToolCard } from "./ToolCard";
 
@@ -26,6 +28,40 @@ const AGENTS: { value: Agent; label: string }[] = [
   { value: Agent.OPERATIONS, label: "Operations" },
   { value: Agent.TROUBLESHOOTING, label: "Troubleshooting" },
 ];
+
+const AGENT_NAMES: Record<string, string> = {
+  monitoring: "Monitoring",
+  operations: "Operations",
+  troubleshooting: "Troubleshooting",
+};
+
+/** Why a decision did not take, when DecideToolCall answered accepted=false. */
+const NOT_WAITING = "the call no longer waits for a decision (decided before, or timed out)";
+
+function speaker(agent: string | undefined, model: string | undefined): string {
+  return ["Assistant", agent, model].filter(Boolean).join(" · ");
+}
+
+/** A stored message: an assistant's answer shows its tool cards first, then its text. */
+function HistoryMessage({ message }: { message: ChatMessage }) {
+  const role = roleName(message.role);
+  const details = message.role === MessageRole.ASSISTANT ? answerDetails(message.metadata) : undefined;
+  const agent = details?.agent ? (AGENT_NAMES[details.agent] ?? details.agent) : undefined;
+  return (
+    <article className={`message message-${role.toLowerCase()}`} data-testid="history-message">
+      <h2 className="speaker">{details ? speaker(agent, details.model) : role}</h2>
+      {details?.tools.map((tool) => <ToolCard key={tool.id} tool={tool} />)}
+      {details ? (
+        <div className="text markdown">
+          <AnswerText text={message.content} streaming={false} />
+        </div>
+      ) : (
+        <p className="text">{message.content}</p>
+      )}
+      {message.incomplete ? <p className="muted">(stopped before the end)</p> : null}
+    </article>
+  );
+}
 
 function roleName(role: MessageRole): string {
   switch (role) {
@@ -88,6 +124,7 @@ export function ChatPanel({
   );
 
   useEffect(() => {
+    preloadMarkdown();
     void loadHistory("");
     return () => abortRef.current?.abort();
   }, [loadHistory]);
@@ -112,7 +149,8 @@ export function ChatPanel({
 
   const send = async (text: string) => {
     const key = crypto.randomUUID();
-    setTurns((all) => [...all, newTurn(key, text)]);
+    const agentName = agent === Agent.UNSPECIFIED ? undefined : AGENTS.find((a) => a.value === agent)?.label;
+    setTurns((all) => [...all, { ...newTurn(key, text), ...(agentName ? { agent: agentName } : {}) }]);
     const controller = new AbortController();
     abortRef.current = controller;
     const request: MessageInitShape<typeof StreamChatRequestSchema> = {
@@ -179,18 +217,15 @@ export function ChatPanel({
     window.setTimeout(() => controller.abort(), STOP_GRACE_MS);
   };
 
-  const onDecide = async (turn: Turn, toolCallId: string, decision: Decision) => {
-    if (!turn.generationId) return;
-    update(turn.key, (t) => decide(t, toolCallId, decision));
+  const onDecide = async (generationId: string, key: string, toolCallId: string, decision: Decision) => {
+    update(key, (t) => startDecision(t, toolCallId, decision));
     try {
-      const reply = await api.chat.decideToolCall({
-        generationId: turn.generationId,
-        toolCallId,
-        approved: decision === "approved",
-      });
-      if (!reply.accepted) onError(new Error("That tool call no longer waits for a decision."));
+      const reply = await api.chat.decideToolCall({ generationId, toolCallId, approved: decision === "approved" });
+      update(key, (t) => finishDecision(t, toolCallId, reply.accepted ? { decision } : { failure: NOT_WAITING }));
     } catch (error) {
-      onError(error);
+      const problem = describeError(error);
+      update(key, (t) => finishDecision(t, toolCallId, { failure: problem.detail || problem.title }));
+      if (problem.signIn) onError(error);
     }
   };
 
@@ -206,47 +241,47 @@ export function ChatPanel({
           <p className="muted">No messages yet. Ask about alerts, workspaces or logs.</p>
         ) : null}
         {history.map((message) => (
-          <article
-            key={message.id}
-            className={`message message-${roleName(message.role).toLowerCase()}`}
-            data-testid="history-message"
-          >
-            <h2 className="speaker">{roleName(message.role)}</h2>
-            <p className="text">{message.content}</p>
-            {message.incomplete ? <p className="muted">(stopped before the end)</p> : null}
-          </article>
+          <HistoryMessage key={message.id} message={message} />
         ))}
-        {turns.map((turn) => (
-          <div key={turn.key} className="turn">
-            <article className="message message-you">
-              <h2 className="speaker">You</h2>
-              <p className="text">{turn.question}</p>
-            </article>
-            <article
-              className="message message-assistant"
-              aria-busy={turn.status === "waiting" || turn.status === "streaming"}
-              data-testid="answer"
-              data-status={turn.status}
-            >
-              <h2 className="speaker">Assistant{turn.model ? ` · ${turn.model}` : ""}</h2>
-              {turn.thinking ? (
-                <details>
-                  <summary>Reasoning</summary>
-                  <p className="text muted">{turn.thinking}</p>
-                </details>
-              ) : null}
-              {turn.tools.map((tool) => (
-                <ToolCard key={tool.id} tool={tool} onDecide={(d) => void onDecide(turn, tool.id, d)} />
-              ))}
-              <p className="text" data-testid="answer-text">
-                {turn.answer}
-                {turn.status === "waiting" ? <span className="muted">Thinking…</span> : null}
-              </p>
-              {turn.status === "stopped" ? <p className="muted">Stopped.</p> : null}
-              {turn.problem && !turn.problem.cancelled ? <ProblemNotice problem={turn.problem} /> : null}
-            </article>
-          </div>
-        ))}
+        {turns.map((turn) => {
+          const live = turn.status === "waiting" || turn.status === "streaming";
+          const generationId = live ? turn.generationId : undefined;
+          return (
+            <div key={turn.key} className="turn">
+              <article className="message message-you">
+                <h2 className="speaker">You</h2>
+                <p className="text">{turn.question}</p>
+              </article>
+              <article
+                className="message message-assistant"
+                aria-busy={live}
+                data-testid="answer"
+                data-status={turn.status}
+              >
+                <h2 className="speaker">{speaker(turn.agent, turn.model)}</h2>
+                {turn.thinking ? (
+                  <details>
+                    <summary>Reasoning</summary>
+                    <p className="text muted">{turn.thinking}</p>
+                  </details>
+                ) : null}
+                {turn.tools.map((tool) => (
+                  <ToolCard
+                    key={tool.id}
+                    tool={tool}
+                    onDecide={generationId ? (d) => void onDecide(generationId, turn.key, tool.id, d) : undefined}
+                  />
+                ))}
+                <div className="text markdown" data-testid="answer-text">
+                  <AnswerText text={turn.answer} streaming={live} />
+                  {turn.status === "waiting" ? <span className="muted">Thinking…</span> : null}
+                </div>
+                {turn.status === "stopped" ? <p className="muted">Stopped.</p> : null}
+                {turn.problem && !turn.problem.cancelled ? <ProblemNotice problem={turn.problem} /> : null}
+              </article>
+            </div>
+          );
+        })}
         <div ref={endRef} />
       </div>
       <p className="sr-only" aria-live="polite">
