@@ -1,6 +1,6 @@
 import type { JsonObject } from "@bufbuild/protobuf";
 import { timestampDate, type Duration } from "@bufbuild/protobuf/wkt";
-import { DoneReason, type StreamChatResponse } from "@gen/opsmesh/chat/v1/chat_pb.js";
+import { DoneReason, type ApprovalRequired, type StreamChatResponse } from "@gen/opsmesh/chat/v1/chat_pb.js";
 import type { Problem } from "../api/errors";
 
 export type Decision = "approved" | "rejected";
@@ -120,13 +120,7 @@ export function applyEvent(turn: Turn, response: StreamChatResponse): Turn {
         arguments: ask.arguments ?? {},
         requiresApproval: true,
       });
-      return updateTool(withTool, ask.toolCallId, (tool) => ({
-        ...tool,
-        approval: {
-          description: ask.description,
-          ...(ask.deadline ? { deadline: timestampDate(ask.deadline) } : {}),
-        },
-      }));
+      return updateTool(withTool, ask.toolCallId, (tool) => ({ ...tool, approval: askedApproval(ask) }));
     }
     case "toolResult": {
       const result = event.value;
@@ -160,11 +154,43 @@ export function applyEvent(turn: Turn, response: StreamChatResponse): Turn {
   }
 }
 
+/** The approval a tool call waits for, as ApprovalRequired announces it (stream or ListApprovals). */
+export function askedApproval(ask: ApprovalRequired): ToolApproval {
+  return {
+    description: ask.description,
+    ...(ask.deadline ? { deadline: timestampDate(ask.deadline) } : {}),
+  };
+}
+
+/** A tool call waiting for a decision, rebuilt from its ApprovalRequired (e.g. after a reload). */
+export function waitingTool(ask: ApprovalRequired): ToolActivity {
+  return {
+    id: ask.toolCallId,
+    name: ask.name || "tool",
+    arguments: ask.arguments ?? {},
+    requiresApproval: true,
+    approval: askedApproval(ask),
+  };
+}
+
+/** The user sent a decision: the card disables its buttons until the server answers. */
+export function startToolDecision(tool: ToolActivity, decision: Decision): ToolActivity {
+  return tool.approval ? { ...tool, approval: { ...tool.approval, deciding: decision, failure: undefined } } : tool;
+}
+
+/** The server's answer to a decision: taken, or refused with a reason. */
+export function finishToolDecision(
+  tool: ToolActivity,
+  outcome: { decision: Decision } | { failure: string },
+): ToolActivity {
+  if (!tool.approval) return tool;
+  const { deciding: _sent, ...approval } = tool.approval;
+  return { ...tool, approval: { ...approval, ...outcome } };
+}
+
 /** The user sent a decision on a tool call: the card disables its buttons until the server answers. */
 export function startDecision(turn: Turn, toolCallId: string, decision: Decision): Turn {
-  return updateTool(turn, toolCallId, (tool) =>
-    tool.approval ? { ...tool, approval: { ...tool.approval, deciding: decision, failure: undefined } } : tool,
-  );
+  return updateTool(turn, toolCallId, (tool) => startToolDecision(tool, decision));
 }
 
 /** The server's answer to a decision: taken, or refused with a reason. */
@@ -173,11 +199,7 @@ export function finishDecision(
   toolCallId: string,
   outcome: { decision: Decision } | { failure: string },
 ): Turn {
-  return updateTool(turn, toolCallId, (tool) => {
-    if (!tool.approval) return tool;
-    const { deciding: _sent, ...approval } = tool.approval;
-    return { ...tool, approval: { ...approval, ...outcome } };
-  });
+  return updateTool(turn, toolCallId, (tool) => finishToolDecision(tool, outcome));
 }
 
 export function fail(turn: Turn, problem: Problem): Turn {

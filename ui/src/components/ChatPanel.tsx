@@ -1,4 +1,4 @@
-import { useCallback, useEffect, useRef, useState, type FormEvent, type KeyboardEvent } from "react";
+import { useCallback, useEffect, useId, useMemo, useRef, useState, type FormEvent, type KeyboardEvent } from "react";
 import { Code, ConnectError } from "@connectrpc/connect";
 import {
   Agent,
@@ -13,7 +13,28 @@ import { describeError } from "../api/errors";
 import type { Api } from "../api/transport";
 import type { AuthClient } from "../auth/auth";
 import { answerDetails } from "../chat/history";
-import { applyEvent, fail, finishDecision, newTurn, startDecision, type Decision, type Turn } from "../chat/turn";
+import {
+  ANSWER_POLL,
+  findAnswer,
+  nextDelay,
+  pendingCalls,
+  settled,
+  toolCallIds,
+  withAnswer,
+  type PendingCall,
+} from "../chat/pending";
+import {
+  applyEvent,
+  fail,
+  finishDecision,
+  finishToolDecision,
+  newTurn,
+  startDecision,
+  startToolDecision,
+  type Decision,
+  type ToolActivity,
+  type Turn,
+} from "../chat/turn";
 import { AnswerText, preloadMarkdown } from "./AnswerText";
 import { ProblemNotice } from "./ProblemNotice";
 import { ToolCard } from "./ToolCard";
@@ -42,15 +63,60 @@ function speaker(agent: string | undefined, model: string | undefined): string {
   return ["Assistant", agent, model].filter(Boolean).join(" · ");
 }
 
+/** Waits `ms`, or less when `signal` aborts. */
+function sleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      window.clearTimeout(timer);
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    const timer = window.setTimeout(done, ms);
+    signal.addEventListener("abort", done);
+  });
+}
+
+/** A tool call of an earlier generation waiting for a decision: the approval card, then how its answer comes on. */
+function PendingCard({ call, onDecide }: { call: PendingCall; onDecide: (call: PendingCall, decision: Decision) => void }) {
+  return (
+    <div className="pending-call" data-testid="pending-call">
+      <ToolCard tool={call.tool} onDecide={call.phase === "open" ? (d) => onDecide(call, d) : undefined} />
+      <p className="muted" aria-live="polite" data-testid="pending-answer">
+        {call.phase === "answering" ? "Waiting for the answer…" : null}
+        {call.phase === "late" ? "The answer has not arrived yet; it will show in the history when it does." : null}
+      </p>
+    </div>
+  );
+}
+
 /** A stored message: an assistant's answer shows its tool cards first, then its text. */
-function HistoryMessage({ message }: { message: ChatMessage }) {
+function HistoryMessage({
+  message,
+  pending,
+  decided,
+  onDecide,
+}: {
+  message: ChatMessage;
+  /** Calls waiting for a decision, by tool call id: shown with their Approve / Reject buttons. */
+  pending: ReadonlyMap<string, PendingCall>;
+  /** Decisions made here, by tool call id, that the stored log may not have yet. */
+  decided: ReadonlyMap<string, Decision>;
+  onDecide: (call: PendingCall, decision: Decision) => void;
+}) {
   const role = roleName(message.role);
   const details = message.role === MessageRole.ASSISTANT ? answerDetails(message.metadata) : undefined;
   const agent = details?.agent ? (AGENT_NAMES[details.agent] ?? details.agent) : undefined;
   return (
     <article className={`message message-${role.toLowerCase()}`} data-testid="history-message">
       <h2 className="speaker">{details ? speaker(agent, details.model) : role}</h2>
-      {details?.tools.map((tool) => <ToolCard key={tool.id} tool={tool} />)}
+      {details?.tools.map((tool) => {
+        const call = pending.get(tool.id);
+        return call ? (
+          <PendingCard key={tool.id} call={call} onDecide={onDecide} />
+        ) : (
+          <ToolCard key={tool.id} tool={settled(tool, decided.get(tool.id))} />
+        );
+      })}
       {details ? (
         <div className="text markdown">
           <AnswerText text={message.content} streaming={false} />
@@ -97,8 +163,15 @@ export function ChatPanel({
   const [agent, setAgent] = useState<Agent>(Agent.UNSPECIFIED);
   const [models, setModels] = useState<Model[]>([]);
   const [model, setModel] = useState("");
+  const [pending, setPending] = useState<PendingCall[]>([]);
+  const [decided, setDecided] = useState<ReadonlyMap<string, Decision>>(new Map());
   const abortRef = useRef<AbortController | null>(null);
   const endRef = useRef<HTMLDivElement | null>(null);
+  /** The messages shown, for the answer polls to tell new ones from known ones. */
+  const historyRef = useRef<ChatMessage[]>([]);
+  /** The answer polls running for this session; aborted when the session changes or the panel goes. */
+  const pollsRef = useRef(new Set<AbortController>());
+  const pendingHeading = useId();
 
   const running = turns.find((t) => t.status === "waiting" || t.status === "streaming");
 
@@ -112,7 +185,11 @@ export function ChatPanel({
           order: HistoryOrder.NEWEST_FIRST,
         });
         const older = [...page.messages].reverse();
-        setHistory((known) => (pageToken ? [...older, ...known] : older));
+        setHistory((known) => {
+          if (!pageToken) return older;
+          const shown = new Set(known.map((m) => m.id)); // an answer added meanwhile may be on this page too
+          return [...older.filter((m) => !shown.has(m.id)), ...known];
+        });
         setOlderPage(page.nextPageToken);
       } catch (error) {
         onError(error);
@@ -124,10 +201,39 @@ export function ChatPanel({
   );
 
   useEffect(() => {
+    historyRef.current = history;
+  }, [history]);
+
+  useEffect(() => {
     preloadMarkdown();
-    void loadHistory("");
-    return () => abortRef.current?.abort();
-  }, [loadHistory]);
+    // The history first, so the waiting calls can join the answers they belong to.
+    const controller = new AbortController();
+    setPending([]);
+    setDecided(new Map());
+    void (async () => {
+      await loadHistory("");
+      if (controller.signal.aborted) return;
+      try {
+        const reply = await api.chat.listApprovals({ sessionId }, { signal: controller.signal });
+        if (!controller.signal.aborted) setPending(pendingCalls(reply.approvals));
+      } catch (error) {
+        // Without the list the chat still works: the calls show as waiting, without buttons.
+        if (!controller.signal.aborted && describeError(error).signIn) onError(error);
+      }
+    })();
+    return () => {
+      controller.abort(); // a late answer is for the session that was open, not this one
+      abortRef.current?.abort();
+    };
+  }, [loadHistory, api, sessionId, onError]);
+
+  useEffect(() => {
+    const polls = pollsRef.current;
+    return () => {
+      for (const poll of polls) poll.abort(); // the session changed, or the panel went
+      polls.clear();
+    };
+  }, [sessionId]);
 
   useEffect(() => {
     api.chat
@@ -217,6 +323,80 @@ export function ChatPanel({
     window.setTimeout(() => controller.abort(), STOP_GRACE_MS);
   };
 
+  /** After a decision on an earlier generation: looks at the newest history until its answer shows. */
+  const awaitAnswer = async (toolCallId: string) => {
+    const poll = new AbortController();
+    pollsRef.current.add(poll);
+    const known = new Set(historyRef.current.map((m) => m.id));
+    const until = Date.now() + ANSWER_POLL.limitMs;
+    try {
+      for (let delay: number = ANSWER_POLL.firstMs; Date.now() < until; delay = nextDelay(delay)) {
+        await sleep(Math.min(delay, Math.max(0, until - Date.now())), poll.signal);
+        if (poll.signal.aborted) return;
+        try {
+          const page = await api.chat.getHistory(
+            { sessionId, pageSize: HISTORY_PAGE, order: HistoryOrder.NEWEST_FIRST },
+            { signal: poll.signal },
+          );
+          if (poll.signal.aborted) return;
+          const fresh = [...page.messages].reverse();
+          const answer = findAnswer(fresh, toolCallId, known);
+          if (answer) {
+            setHistory((shown) => withAnswer(shown, fresh, answer));
+            setPending((all) => all.filter((call) => call.tool.id !== toolCallId));
+            return;
+          }
+        } catch (error) {
+          if (poll.signal.aborted) return;
+          if (describeError(error).signIn) {
+            onError(error);
+            break;
+          }
+          // anything else may pass: look again
+        }
+      }
+      setPending((all) => all.map((call) => (call.tool.id === toolCallId ? { ...call, phase: "late" } : call)));
+    } finally {
+      pollsRef.current.delete(poll);
+    }
+  };
+
+  const onDecidePending = async (call: PendingCall, decision: Decision) => {
+    const toolCallId = call.tool.id;
+    const change = (edit: (tool: ToolActivity) => ToolActivity, phase?: PendingCall["phase"]) =>
+      setPending((all) =>
+        all.map((c) => (c.tool.id === toolCallId ? { ...c, tool: edit(c.tool), ...(phase ? { phase } : {}) } : c)),
+      );
+    change((tool) => startToolDecision(tool, decision));
+    try {
+      const reply = await api.chat.decideToolCall({
+        generationId: call.generationId,
+        toolCallId,
+        approved: decision === "approved",
+      });
+      if (!reply.accepted) {
+        change((tool) => finishToolDecision(tool, { failure: NOT_WAITING }));
+        return;
+      }
+      change((tool) => finishToolDecision(tool, { decision }), "answering");
+      setDecided((all) => new Map(all).set(toolCallId, decision));
+      void awaitAnswer(toolCallId);
+    } catch (error) {
+      const problem = describeError(error);
+      change((tool) => finishToolDecision(tool, { failure: problem.detail || problem.title }));
+      if (problem.signIn) onError(error);
+    }
+  };
+
+  const decidePending = (call: PendingCall, decision: Decision) => void onDecidePending(call, decision);
+
+  /** The waiting calls by tool call id, and those whose answer is not in the history shown. */
+  const pendingById = useMemo(() => new Map(pending.map((call) => [call.tool.id, call])), [pending]);
+  const unplaced = useMemo(() => {
+    const placed = new Set(history.flatMap(toolCallIds));
+    return pending.filter((call) => !placed.has(call.tool.id));
+  }, [history, pending]);
+
   const onDecide = async (generationId: string, key: string, toolCallId: string, decision: Decision) => {
     update(key, (t) => startDecision(t, toolCallId, decision));
     try {
@@ -237,12 +417,28 @@ export function ChatPanel({
             Load earlier messages
           </button>
         ) : null}
-        {historyLoaded && history.length === 0 && turns.length === 0 ? (
+        {historyLoaded && history.length === 0 && turns.length === 0 && pending.length === 0 ? (
           <p className="muted">No messages yet. Ask about alerts, workspaces or logs.</p>
         ) : null}
         {history.map((message) => (
-          <HistoryMessage key={message.id} message={message} />
+          <HistoryMessage
+            key={message.id}
+            message={message}
+            pending={pendingById}
+            decided={decided}
+            onDecide={decidePending}
+          />
         ))}
+        {unplaced.length ? (
+          <article className="message message-assistant" aria-labelledby={pendingHeading} data-testid="pending-block">
+            <h2 className="speaker" id={pendingHeading}>
+              Waiting for your decision
+            </h2>
+            {unplaced.map((call) => (
+              <PendingCard key={call.tool.id} call={call} onDecide={decidePending} />
+            ))}
+          </article>
+        ) : null}
         {turns.map((turn) => {
           const live = turn.status === "waiting" || turn.status === "streaming";
           const generationId = live ? turn.generationId : undefined;
