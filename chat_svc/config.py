@@ -63,5 +63,16 @@ class ChatSettings:
             alertmanager_url=env.string("OPSMESH_ALERTMANAGER_URL", "").rstrip("/"),
             logs_source=env.string("OPSMESH_LOGS_SOURCE", ""),
         )
+        logs = settings.logs_source
+        if logs.startswith("chdb://") and logs.split("?")[0] != dsn.split("?")[0]:
+            # chDB runs one engine on one path per process.
+            env.problem(
+                f"OPSMESH_LOGS_SOURCE={logs!r}: an embedded chDB log source must be the history's "
+                f"own path ({dsn!r})"
+            )
+        if logs and not logs.startswith(
+            ("files://", "chdb://", "http://", "https://", "clickhouse://", "clickhouses://")
+        ):
+            env.problem(f"OPSMESH_LOGS_SOURCE={logs!r}: expected files://DIR or a ClickHouse DSN")
         env.check()
         return settings

@@ -9,7 +9,7 @@ import traceback
 from datetime import UTC, datetime
 from typing import Any
 
-from mesh.context import request_id_var
+from mesh.context import principal_var, request_id_var
 from mesh.settings import ServerSettings
 
 # Attributes every LogRecord has; anything else was passed through ``extra=``.
@@ -19,7 +19,12 @@ _STANDARD_ATTRS = frozenset(
 
 
 class JsonFormatter(logging.Formatter):
-    """Formats records as JSON with time, level, logger, message, request_id and extras."""
+    """Formats records as JSON with time, level, logger, message, request_id and extras.
+
+    The caller's ``org_id`` and ``user_id`` (from the RPC's principal) go on every line, so a
+    log reader can show an organization its own lines and nobody else's. An ``org_id`` or
+    ``task_id`` passed through ``extra=`` (a worker acting for a task's org) wins.
+    """
 
     def __init__(self, *, service: str) -> None:
         super().__init__()
@@ -36,6 +41,10 @@ class JsonFormatter(logging.Formatter):
         request_id = request_id_var.get()
         if request_id is not None:
             entry["request_id"] = request_id
+        principal = principal_var.get()
+        if principal is not None:
+            entry["org_id"] = principal.org_id
+            entry["user_id"] = principal.user_id
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
                 entry[key] = value

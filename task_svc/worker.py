@@ -280,6 +280,7 @@ class Worker:
             await message.ack()
         except PermanentError as error:
             outcome = "failed"
+            log.error("task %s failed: %s", task.id, error, extra=_task_extra(context))
             await self._finish(context, states.FAILED, str(error))
             await message.ack()
         except asyncio.CancelledError:
@@ -293,6 +294,13 @@ class Worker:
             retries = context.task.retry_count + 1
             if retries >= policy.max_attempts:
                 outcome = "dead_letter"
+                log.error(
+                    "task %s failed for good after %d attempts: %s",
+                    task.id,
+                    policy.max_attempts,
+                    detail,
+                    extra=_task_extra(context),
+                )
                 await self._finish(
                     context,
                     states.FAILED,
@@ -302,6 +310,14 @@ class Worker:
             else:
                 outcome = "retrying"
                 delay = backoff(retries, policy)
+                log.warning(
+                    "task %s attempt %d failed, retrying in %.1fs: %s",
+                    task.id,
+                    context.attempt,
+                    delay,
+                    detail,
+                    extra=_task_extra(context),
+                )
                 await self._finish(context, states.RETRYING, detail, retry=True)
                 await message.nak(delay=delay)
         else:
@@ -354,6 +370,11 @@ class Worker:
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
+
+
+def _task_extra(context: _Context) -> dict[str, object]:
+    """Log fields that tie a line to its task and organization (a worker has no caller)."""
+    return {"task_id": context.task.id, "org_id": context.task.org_id, "attempt": context.attempt}
 
 
 class _Skip(Exception):

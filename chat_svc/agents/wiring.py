@@ -10,7 +10,9 @@ from grpc import aio
 from chat_svc.agents.catalog import Agent, build_agents
 from chat_svc.agents.monitoring import monitoring_tools
 from chat_svc.agents.operations import operations_tools
+from chat_svc.agents.troubleshooting import troubleshooting_tools
 from chat_svc.config import ChatSettings
+from chat_svc.logsources import open_log_source
 from chat_svc.monitoring import AlertmanagerClient, PrometheusClient
 from opsmesh.task.v1 import task_pb2_grpc
 
@@ -43,10 +45,14 @@ class AgentDependencies:
         if settings.alertmanager_url:
             alertmanager = AlertmanagerClient(settings.alertmanager_url)
             closers.append(alertmanager.aclose)
+        logs = open_log_source(settings.logs_source)
+        if logs is not None:
+            closers.append(logs.close)
         agents = build_agents(
             {
                 "operations": operations_tools(tasks),
                 "monitoring": monitoring_tools(prometheus, alertmanager),
+                "troubleshooting": troubleshooting_tools(logs, tasks),
             },
             limits=settings.agent_limits,
             missing=_MISSING,
