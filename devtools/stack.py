@@ -444,6 +444,12 @@ def _start_monitoring(config: StackConfig, started: list[Component]) -> None:
     )
 
 
+# Services that verify the caller's access token themselves (roles, revocation) rather than
+# believe identity headers: chat's agents decide what a caller may see by its roles, so they
+# must come from the signed token. chat_svc forwards the verified identity to the services it calls.
+JWT_VERIFYING: dict[str, dict[str, str]] = {"chat_svc": {"OPSMESH_AUTH_MODE": "jwt"}}
+
+
 def _start_services(config: StackConfig, started: list[Component]) -> None:
     for spec in config.services:
         process = ManagedProcess(
@@ -451,7 +457,8 @@ def _start_services(config: StackConfig, started: list[Component]) -> None:
             [sys.executable, "-m", spec.module],
             log_path=config.run_dir / "logs" / f"{spec.name}.log",
             ready=re.compile(spec.ready),
-            env=_service_env(config, spec.grpc_port, spec.metrics_port),
+            env=_service_env(config, spec.grpc_port, spec.metrics_port)
+            | JWT_VERIFYING.get(spec.name, {}),
             detach=True,
         )
         process.start()

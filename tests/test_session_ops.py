@@ -289,12 +289,44 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
         gone = grpcurl("opsmesh.session.v1.SessionService/GetSession", data={"sessionId": sid})
         assert "NotFound" in gone.stderr
 
-        # Chat runs; with no Ollama reachable it says exactly what is missing.
+        token = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "session_svc.tokens",
+                "issue",
+                "--user",
+                "dev",
+                "--org",
+                "devorg",
+            ],
+            env={
+                **env,
+                "OPSMESH_JWT_KEYS_DIR": str(tmp_path / "run" / "keys"),
+                "OPSMESH_JWT_ISSUER": f"http://localhost:{port('EDGE')}",
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+            cwd=ROOT,
+        ).stdout.strip()
+        bearer = [f"authorization: Bearer {token}"]
+
+        # Chat verifies tokens itself: identity headers from a process that skips the edge
+        # are refused; with a token it runs, and with no Ollama it says exactly what is missing.
         chat = f"localhost:{port('CHAT')}"
+        spoofed = grpcurl(
+            "opsmesh.chat.v1.ChatService/StreamChat",
+            data={"sessionId": sid, "message": "hello"},
+            at=chat,
+        )
+        assert "Unauthenticated" in spoofed.stderr, spoofed.stderr
         answer = grpcurl(
             "opsmesh.chat.v1.ChatService/StreamChat",
             data={"sessionId": sid, "message": "hello"},
             at=chat,
+            headers=bearer,
         )
         assert "NotFound" in answer.stderr, answer.stderr  # the session was expired above
         live = json.loads(
@@ -304,6 +336,7 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
             "opsmesh.chat.v1.ChatService/StreamChat",
             data={"sessionId": live["session"]["id"], "message": "hello"},
             at=chat,
+            headers=bearer,
         )
         assert "Unavailable" in answer.stderr, answer.stderr
         assert "the model server at http://127.0.0.1:9 is unreachable" in answer.stderr
@@ -332,35 +365,13 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
         assert "no Kubernetes cluster is configured" in updates[-1]["task"]["error"]
 
         # Through the Envoy edge: a token from the operator command, verified by Envoy.
-        token = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "session_svc.tokens",
-                "issue",
-                "--user",
-                "dev",
-                "--org",
-                "devorg",
-            ],
-            env={
-                **env,
-                "OPSMESH_JWT_KEYS_DIR": str(tmp_path / "run" / "keys"),
-                "OPSMESH_JWT_ISSUER": f"http://localhost:{port('EDGE')}",
-            },
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-            cwd=ROOT,
-        ).stdout.strip()
         edge = f"localhost:{port('EDGE')}"
         list_sessions = "opsmesh.session.v1.SessionService/ListSessions"
         through = grpcurl(
             list_sessions,
             data={},
             at=edge,
-            headers=[f"authorization: Bearer {token}"],
+            headers=bearer,
             protos=PROTO_ARGS,
         )
         assert through.returncode == 0, through.stderr

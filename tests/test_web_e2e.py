@@ -14,11 +14,12 @@ import shutil
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from devtools.stack import free_ports_environment
-from tests.ollama_standin import OllamaStandIn, Scenario
+from tests.ollama_standin import OllamaStandIn, Reply, Scenario
 from tests.webclient import ROOT, ensure_built
 
 CHROMIUM = os.environ.get("OPSMESH_E2E_CHROMIUM", "/usr/bin/chromium")
@@ -41,19 +42,41 @@ async def run(*argv: str, env: dict[str, str], limit: float) -> tuple[int, str]:
     return process.returncode or 0, output.decode(errors="replace")
 
 
+PLAIN = Reply(tokens=[f" t{i}" for i in range(100)])
+
+
+def model(body: dict[str, Any]) -> Reply:
+    """Answers like a tool-calling model: the agents' scenarios call tools, the rest stream text."""
+    last = body["messages"][-1]
+    if last["role"] == "tool":
+        found = [m["content"].splitlines()[0] for m in body["messages"] if m["role"] == "tool"]
+        return Reply(tokens=["**From the tools:**\n\n", *(f"- {line}\n" for line in found)])
+    question = last["content"].lower()
+    if body.get("tools") and "alerts" in question:
+        return Reply(
+            tool_calls=[
+                ("list_alerts", {}),
+                ("prometheus_query_range", {"query": "up", "range": "15m", "step": "15s"}),
+            ]
+        )
+    if body.get("tools") and "provision" in question:
+        return Reply(tool_calls=[("provision_workspace", {"workspace": "team-x"})])
+    return PLAIN
+
+
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[dict[str, str]]:
     if shutil.which(CHROMIUM) is None:
         pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run installs it)")
     ensure_built()
-    model = OllamaStandIn()
+    standin = OllamaStandIn()
     # 100 tokens at 40 ms: long enough to press Stop, short enough to wait for a whole answer.
-    model.scenario = Scenario(tokens=[f" t{i}" for i in range(100)], seconds_per_token=0.04)
-    await model.start()
+    standin.scenario = Scenario(seconds_per_token=0.04, responder=model)
+    await standin.start()
     env = dict(
         os.environ,
         OPSMESH_RUN_DIR=str(tmp_path / "run"),
-        OLLAMA_HOST=model.url,
+        OLLAMA_HOST=standin.url,
         OPSMESH_LOG_FORMAT="text",
     )
     env.update(free_ports_environment())
@@ -70,7 +93,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[dict[str, str]]:
         )
     finally:
         await run(sys.executable, "-m", "devtools.stack", "down", env=env, limit=60)
-        await model.stop()
+        await standin.stop()
 
 
 async def test_the_web_client_in_a_real_browser(stack: dict[str, str]) -> None:
@@ -82,6 +105,10 @@ async def test_the_web_client_in_a_real_browser(stack: dict[str, str]) -> None:
     assert " passed" in report
     assert " failed" not in report
     shots = ROOT / "build" / "e2e" / "screenshots"
-    assert {"01-signed-in.png", "02-streaming.png", "03-history.png"} <= {
-        p.name for p in shots.iterdir()
-    }
+    assert {
+        "01-signed-in.png",
+        "02-streaming.png",
+        "03-history.png",
+        "agents-01-monitoring.png",
+        "agents-04-approved.png",
+    } <= {p.name for p in shots.iterdir()}

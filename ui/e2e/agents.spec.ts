@@ -2,10 +2,8 @@ import AxeBuilder from "@axe-core/playwright";
 import type { Locator, Page } from "@playwright/test";
 import { expect, newChat, screenshot, signIn, test } from "./fixtures";
 
-// The agents' scenarios: tool cards, a chart, an approval. They need the agents in chat_svc (and the
-// model server's scripted answers for them); until the stack has them, set OPSMESH_E2E_AGENTS=1 to
-// run this file.
-test.skip(!process.env.OPSMESH_E2E_AGENTS, "set OPSMESH_E2E_AGENTS=1 once the agents are in the stack");
+// The agents' scenarios: tool cards, a chart, an approval, against the stack's real Prometheus,
+// Alertmanager and task service (the model server replays a tool-calling model's calls).
 test.describe.configure({ mode: "serial" });
 
 /** Answers with tool calls take longer than plain ones. */
