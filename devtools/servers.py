@@ -365,8 +365,11 @@ def render_alertmanager_config(
 _LISTENING = r'msg="Listening on" address=[^\s]*:(\d+)'
 
 
-class PrometheusServer(_Server):
-    """``prometheus`` on loopback with its TSDB in ``workdir``, reloadable (/-/reload)."""
+class _HttpServer(_Server):
+    """An HTTP server on loopback configured by one file in ``workdir``; port 0 picks a free one."""
+
+    name = ""
+    config_name = ""
 
     def __init__(
         self, workdir: Path, config: str, *, port: int | None = None, detach: bool = False
@@ -383,70 +386,68 @@ class PrometheusServer(_Server):
 
     @property
     def config_path(self) -> Path:
-        return self.workdir / "prometheus.yml"
+        return self.workdir / self.config_name
 
-    def start(self, timeout: float = 30.0) -> PrometheusServer:
+    def _argv(self) -> list[str]:
+        raise NotImplementedError
+
+    _ready = _LISTENING
+
+    def _launch(self, timeout: float) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config)
         self.process = ManagedProcess(
-            "prometheus",
-            [
-                find_binary("prometheus"),
-                f"--config.file={self.config_path}",
-                f"--storage.tsdb.path={self.workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--web.enable-lifecycle",
-            ],
-            log_path=self.workdir / "prometheus.log",
-            ready=re.compile(_LISTENING + r"(?s:.*)Server is ready to receive web requests"),
+            self.name,
+            self._argv(),
+            log_path=self.workdir / f"{self.name}.log",
+            ready=re.compile(self._ready),
             detach=self._detach,
         )
-        match = self.process.start(timeout)
-        self.port = int(match.group(1))
+        # The real port comes from the server's own "Listening on" line (no free-port race).
+        self.port = int(self.process.start(timeout).group(1))
+
+
+class PrometheusServer(_HttpServer):
+    """``prometheus`` on loopback with its TSDB in ``workdir``, reloadable (/-/reload)."""
+
+    name = "prometheus"
+    config_name = "prometheus.yml"
+    _ready = _LISTENING + r"(?s:.*)Server is ready to receive web requests"
+
+    def _argv(self) -> list[str]:
+        return [
+            find_binary("prometheus"),
+            f"--config.file={self.config_path}",
+            f"--storage.tsdb.path={self.workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--web.enable-lifecycle",
+        ]
+
+    def start(self, timeout: float = 30.0) -> PrometheusServer:
+        self._launch(timeout)
         return self
 
 
-class AlertmanagerServer(_Server):
+class AlertmanagerServer(_HttpServer):
     """``prometheus-alertmanager`` on loopback, clustering off, state in ``workdir``.
 
     Its configuration is reloadable with ``POST /-/reload`` (always on in Alertmanager).
     """
 
-    def __init__(
-        self, workdir: Path, config: str, *, port: int | None = None, detach: bool = False
-    ) -> None:
-        self.workdir = workdir
-        self.config = config
-        self.port = port or 0
-        self._detach = detach
-        self.process: ManagedProcess | None = None
+    name = "alertmanager"
+    config_name = "alertmanager.yml"
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def config_path(self) -> Path:
-        return self.workdir / "alertmanager.yml"
+    def _argv(self) -> list[str]:
+        return [
+            find_binary("prometheus-alertmanager"),
+            f"--config.file={self.config_path}",
+            f"--storage.path={self.workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--cluster.listen-address=",  # no gossip port (9094) to collide on
+        ]
 
     def start(self, timeout: float = 30.0) -> AlertmanagerServer:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(self.config)
-        self.process = ManagedProcess(
-            "alertmanager",
-            [
-                find_binary("prometheus-alertmanager"),
-                f"--config.file={self.config_path}",
-                f"--storage.path={self.workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--cluster.listen-address=",  # no gossip port (9094) to collide on
-            ],
-            log_path=self.workdir / "alertmanager.log",
-            ready=re.compile(_LISTENING),
-            detach=self._detach,
-        )
-        match = self.process.start(timeout)
-        self.port = int(match.group(1))
+        self._launch(timeout)
         return self
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -70,6 +71,18 @@ async def agents(
         finally:
             await runner.stop()
             await ollama.stop()
+
+
+@asynccontextmanager
+async def replica(settings: Any) -> AsyncIterator[chat_pb2_grpc.ChatServiceStub]:
+    """Another chat_svc with these settings, on the same Redis and history."""
+    runner = await build_runner(settings, options=FAST_HEALTH)
+    await runner.start()
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel:
+            yield chat_pb2_grpc.ChatServiceStub(channel)
+    finally:
+        await runner.stop()
 
 
 def ask(
@@ -211,81 +224,66 @@ async def test_a_rejected_call_never_runs_and_the_model_is_told_why(agents: Agen
 async def test_an_undecided_call_expires_and_late_decisions_are_not_accepted(
     agents: AgentStack,
 ) -> None:
-    runner = await build_runner(
-        replace(agents.settings, agent_limits=AgentLimits(approval_timeout=1.0)),
-        options=FAST_HEALTH,
-    )
-    await runner.start()
-    try:
-        async with aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel:
-            stub = chat_pb2_grpc.ChatServiceStub(channel)
-            agents.ollama.scenario.script = [
-                PROVISION,
-                Reply(tokens=["No decision, nothing done."]),
-            ]
-            session_id = await new_session(agents)
-            events = await collect(
-                stub.StreamChat(ask(session_id, "provision"), metadata=agents.who)
-            )
-            result = next(e.tool_result for e in events if e.HasField("tool_result"))
-            assert result.is_error
-            assert "deadline" in result.content
-            late = await stub.DecideToolCall(
-                pb.DecideToolCallRequest(
-                    generation_id=events[0].started.generation_id,
-                    tool_call_id=events[1].tool_call.tool_call_id,
-                    approved=True,
-                ),
-                metadata=agents.who,
-            )
-            assert not late.accepted
-            assert await org_tasks(agents) == []
-    finally:
-        await runner.stop()
-
-
-async def test_decisions_come_from_any_replica_and_only_from_the_owner(agents: AgentStack) -> None:
-    other_replica = await build_runner(agents.settings, options=FAST_HEALTH)
-    await other_replica.start()
-    try:
-        async with aio.insecure_channel(f"127.0.0.1:{other_replica.port}") as channel:
-            replica = chat_pb2_grpc.ChatServiceStub(channel)
-            agents.ollama.scenario.script = [PROVISION, Reply(tokens=["Done."])]
-            session_id = await new_session(agents)
-            call = agents.stub.StreamChat(ask(session_id, "provision"), metadata=agents.who)
-            events: list[pb.StreamChatResponse] = []
-            await read_until(call, "approval_required", events)
-            decision = pb.DecideToolCallRequest(
+    async with replica(
+        replace(agents.settings, agent_limits=AgentLimits(approval_timeout=1.0))
+    ) as stub:
+        agents.ollama.scenario.script = [
+            PROVISION,
+            Reply(tokens=["No decision, nothing done."]),
+        ]
+        session_id = await new_session(agents)
+        events = await collect(stub.StreamChat(ask(session_id, "provision"), metadata=agents.who))
+        result = next(e.tool_result for e in events if e.HasField("tool_result"))
+        assert result.is_error
+        assert "deadline" in result.content
+        late = await stub.DecideToolCall(
+            pb.DecideToolCallRequest(
                 generation_id=events[0].started.generation_id,
                 tool_call_id=events[1].tool_call.tool_call_id,
                 approved=True,
-            )
-            for stranger in (
-                identity("mallory", dict(agents.who)["x-opsmesh-org-id"]),
-                identity(dict(agents.who)["x-opsmesh-user-id"], "evilcorp"),
-            ):
-                with pytest.raises(aio.AioRpcError) as caught:
-                    await replica.DecideToolCall(decision, metadata=stranger)
-                assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-            for bad, field in (
-                (pb.DecideToolCallRequest(generation_id="nope", tool_call_id="x"), "generation_id"),
-                (pb.DecideToolCallRequest(generation_id=str(uuid.uuid4())), "tool_call_id"),
-                (
-                    pb.DecideToolCallRequest(
-                        generation_id=str(uuid.uuid4()), tool_call_id="x", reason="r" * 2000
-                    ),
-                    "reason",
+            ),
+            metadata=agents.who,
+        )
+        assert not late.accepted
+        assert await org_tasks(agents) == []
+
+
+async def test_decisions_come_from_any_replica_and_only_from_the_owner(agents: AgentStack) -> None:
+    async with replica(agents.settings) as other:
+        agents.ollama.scenario.script = [PROVISION, Reply(tokens=["Done."])]
+        session_id = await new_session(agents)
+        call = agents.stub.StreamChat(ask(session_id, "provision"), metadata=agents.who)
+        events: list[pb.StreamChatResponse] = []
+        await read_until(call, "approval_required", events)
+        decision = pb.DecideToolCallRequest(
+            generation_id=events[0].started.generation_id,
+            tool_call_id=events[1].tool_call.tool_call_id,
+            approved=True,
+        )
+        for stranger in (
+            identity("mallory", dict(agents.who)["x-opsmesh-org-id"]),
+            identity(dict(agents.who)["x-opsmesh-user-id"], "evilcorp"),
+        ):
+            with pytest.raises(aio.AioRpcError) as caught:
+                await other.DecideToolCall(decision, metadata=stranger)
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        for bad, field in (
+            (pb.DecideToolCallRequest(generation_id="nope", tool_call_id="x"), "generation_id"),
+            (pb.DecideToolCallRequest(generation_id=str(uuid.uuid4())), "tool_call_id"),
+            (
+                pb.DecideToolCallRequest(
+                    generation_id=str(uuid.uuid4()), tool_call_id="x", reason="r" * 2000
                 ),
-            ):
-                with pytest.raises(aio.AioRpcError) as caught:
-                    await replica.DecideToolCall(bad, metadata=agents.who)
-                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
-            assert (await replica.DecideToolCall(decision, metadata=agents.who)).accepted
-            events += [event async for event in call]
-            assert events[-1].HasField("completed")
-            assert len(await org_tasks(agents)) == 1
-    finally:
-        await other_replica.stop()
+                "reason",
+            ),
+        ):
+            with pytest.raises(aio.AioRpcError) as caught:
+                await other.DecideToolCall(bad, metadata=agents.who)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert (await other.DecideToolCall(decision, metadata=agents.who)).accepted
+        events += [event async for event in call]
+        assert events[-1].HasField("completed")
+        assert len(await org_tasks(agents)) == 1
 
 
 async def test_an_approval_survives_the_client_leaving_and_the_answer_lands_in_history(
@@ -435,22 +433,15 @@ async def test_tool_output_is_bounded_before_the_model_reads_it(agents: AgentSta
             ),
             metadata=agents.who,
         )
-    runner = await build_runner(
-        replace(agents.settings, agent_limits=AgentLimits(max_tool_output_chars=300)),
-        options=FAST_HEALTH,
-    )
-    await runner.start()
-    try:
-        async with aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel:
-            stub = chat_pb2_grpc.ChatServiceStub(channel)
-            agents.ollama.scenario.script = [
-                Reply(tool_calls=[("list_tasks", {"limit": 30})]),
-                Reply(tokens=["Many."]),
-            ]
-            session_id = await new_session(agents)
-            events = await collect(stub.StreamChat(ask(session_id, "tasks?"), metadata=agents.who))
-    finally:
-        await runner.stop()
+    async with replica(
+        replace(agents.settings, agent_limits=AgentLimits(max_tool_output_chars=300))
+    ) as stub:
+        agents.ollama.scenario.script = [
+            Reply(tool_calls=[("list_tasks", {"limit": 30})]),
+            Reply(tokens=["Many."]),
+        ]
+        session_id = await new_session(agents)
+        events = await collect(stub.StreamChat(ask(session_id, "tasks?"), metadata=agents.who))
     result = next(e.tool_result for e in events if e.HasField("tool_result"))
     assert len(result.content) < 360
     assert "[cut:" in result.content
@@ -540,19 +531,23 @@ async def test_a_retry_while_the_first_still_runs_is_refused_and_a_failed_one_ru
 
 
 async def test_an_agent_without_its_dependencies_is_refused_precisely(agents: AgentStack) -> None:
-    session_id = await new_session(agents)
-    for agent in (pb.AGENT_MONITORING, pb.AGENT_TROUBLESHOOTING):
-        if agent in (pb.AGENT_MONITORING,) and agents.settings.prometheus_url:
-            continue
+    bare = replace(agents.settings, task_address="", prometheus_url="", alertmanager_url="")
+    async with replica(bare) as stub:
+        session_id = await new_session(agents)
+        for agent, setting in (
+            (pb.AGENT_MONITORING, "OPSMESH_PROMETHEUS_URL"),
+            (pb.AGENT_OPERATIONS, "OPSMESH_TASK_ADDR"),
+            (pb.AGENT_TROUBLESHOOTING, "OPSMESH_LOGS_SOURCE"),
+        ):
+            with pytest.raises(aio.AioRpcError) as caught:
+                await collect(
+                    stub.StreamChat(ask(session_id, "hi", agent=agent), metadata=agents.who)
+                )
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert setting in (caught.value.details() or "")
         with pytest.raises(aio.AioRpcError) as caught:
-            await collect(
-                agents.stub.StreamChat(ask(session_id, "hi", agent=agent), metadata=agents.who)
-            )
-        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "not available" in (caught.value.details() or "")
-    with pytest.raises(aio.AioRpcError) as caught:
-        await collect(agents.stub.StreamChat(ask(session_id, "hi", agent=42), metadata=agents.who))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            await collect(stub.StreamChat(ask(session_id, "hi", agent=42), metadata=agents.who))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_parallel_decisions_accept_exactly_one(agents: AgentStack) -> None:
@@ -589,37 +584,29 @@ async def test_which_alerts_are_firing_reads_the_real_prometheus_and_alertmanage
         prometheus_url=monitoring.prometheus_url,
         alertmanager_url=monitoring.alertmanager_url,
     )
-    runner = await build_runner(settings, options=FAST_HEALTH)
-    await runner.start()
     acme = identity(f"u{uuid.uuid4().hex[:8]}", "acme")
-    try:
-        async with aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel:
-            stub = chat_pb2_grpc.ChatServiceStub(channel)
-            agents.ollama.scenario.script = [
-                Reply(
-                    tool_calls=[
-                        ("list_alerts", {}),
-                        (
-                            "prometheus_query_range",
-                            {"query": "opsmesh_demo_queue_depth", "range": "5m"},
-                        ),
-                    ]
-                ),
-                Reply(tokens=["DemoAcmeBacklog is firing."]),
-            ]
-            session_id = (
-                await agents.sessions.CreateSession(
-                    session_pb2.CreateSessionRequest(), metadata=acme
-                )
-            ).session.id
-            events = await collect(
-                stub.StreamChat(
-                    ask(session_id, "which alerts are firing?", agent=pb.AGENT_MONITORING),
-                    metadata=acme,
-                )
+    async with replica(settings) as stub:
+        agents.ollama.scenario.script = [
+            Reply(
+                tool_calls=[
+                    ("list_alerts", {}),
+                    (
+                        "prometheus_query_range",
+                        {"query": "opsmesh_demo_queue_depth", "range": "5m"},
+                    ),
+                ]
+            ),
+            Reply(tokens=["DemoAcmeBacklog is firing."]),
+        ]
+        session_id = (
+            await agents.sessions.CreateSession(session_pb2.CreateSessionRequest(), metadata=acme)
+        ).session.id
+        events = await collect(
+            stub.StreamChat(
+                ask(session_id, "which alerts are firing?", agent=pb.AGENT_MONITORING),
+                metadata=acme,
             )
-    finally:
-        await runner.stop()
+        )
     alerts, series = (e.tool_result for e in events if e.HasField("tool_result"))
     assert not alerts.is_error, alerts.content
     for name in monitoring.acme_alerts:

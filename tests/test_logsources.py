@@ -659,9 +659,9 @@ async def test_explain_task_failure_correlates_record_attempts_and_logs(
         eve = ToolContext(
             principal=Principal("eve", "evilcorp"), metadata=identity("eve", "evilcorp")
         )
-        with pytest.raises(ToolFailure, match="no task"):
+        with pytest.raises(ToolFailure, match="not found"):
             await call(explain, eve, {"task_id": task.id})
-        with pytest.raises(ToolFailure, match="no task"):
+        with pytest.raises(ToolFailure, match="not found"):
             await call(explain, context, {"task_id": str(uuid.uuid4())})
         evil_search = await call(tools["search_logs"], eve, {"task_id": task.id})
         assert "No matching lines." in evil_search.text

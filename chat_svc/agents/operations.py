@@ -90,12 +90,27 @@ def _task_line(task: task_pb2.Task) -> str:
 def _failure(error: aio.AioRpcError, what: str) -> ToolFailure:
     code = error.code()
     if code == grpc.StatusCode.NOT_FOUND:
-        return ToolFailure(f"{what}: not found")
+        return ToolFailure(f"{what}: not found in the user's organization")
     if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
         return ToolFailure(f"{what}: the user may not do this ({error.details()})")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return ToolFailure(f"{what}: refused: {error.details()}")
     return ToolFailure(f"{what}: the task service is unavailable ({code.name})")
+
+
+async def read_task(
+    tasks: task_pb2_grpc.TaskServiceAsyncStub, task_id: str, context: ToolContext
+) -> task_pb2.Task:
+    """One task as the calling user may see it, or ToolFailure saying why not."""
+    try:
+        reply = await tasks.GetTask(
+            task_pb2.GetTaskRequest(task_id=task_id),
+            metadata=context.metadata,
+            timeout=_TASK_CALL_SECONDS,
+        )
+    except aio.AioRpcError as error:
+        raise _failure(error, f"task {task_id}") from None
+    return reply.task
 
 
 def operations_tools(tasks: task_pb2_grpc.TaskServiceAsyncStub | None) -> list[Tool[Any]]:
@@ -194,21 +209,13 @@ def operations_tools(tasks: task_pb2_grpc.TaskServiceAsyncStub | None) -> list[T
     @tool()
     async def get_task(args: TaskArgs, context: ToolContext) -> ToolOutput:
         """Reads one task: type, status, progress, error and attempts."""
-        try:
-            reply = await tasks.GetTask(
-                task_pb2.GetTaskRequest(task_id=args.task_id),
-                metadata=context.metadata,
-                timeout=_TASK_CALL_SECONDS,
-            )
-        except aio.AioRpcError as error:
-            raise _failure(error, f"task {args.task_id}") from None
-        facts = describe_task(reply.task)
+        task = await read_task(tasks, args.task_id, context)
+        facts = describe_task(task)
         attempts = [
-            f"  attempt {a.number} on {a.worker or '?'}: {a.error or 'ok'}"
-            for a in reply.task.attempts
+            f"  attempt {a.number} on {a.worker or '?'}: {a.error or 'ok'}" for a in task.attempts
         ]
         return ToolOutput(
-            text="\n".join([_task_line(reply.task), *attempts]),
+            text="\n".join([_task_line(task), *attempts]),
             data={"kind": "task", "task": facts},
         )
 

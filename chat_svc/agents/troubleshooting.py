@@ -15,11 +15,9 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-import grpc
-from grpc import aio
 from pydantic import BaseModel, ConfigDict, Field
 
-from chat_svc.agents.operations import describe_task
+from chat_svc.agents.operations import describe_task, read_task
 from chat_svc.agents.tools import Tool, ToolContext, ToolFailure, ToolOutput, tool
 from chat_svc.logpatterns import LogPattern, mine_patterns
 from chat_svc.logsources import LogQuery, LogRecord, LogSource, level_rank
@@ -36,7 +34,6 @@ TOP_PATTERNS = 15
 TASK_LOG_MARGIN = timedelta(minutes=5)
 """Log lines this long before a task was created and after it last changed still count."""
 PLATFORM_ROLES = ("admin", "operator")
-_TASK_CALL_SECONDS = 5.0
 _RELATIVE = r"^([0-9]{1,6}[smhd]){1,4}$"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SERVICE = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -223,22 +220,7 @@ def _task_failure_tool(
     async def explain_task_failure(args: TaskFailureArgs, context: ToolContext) -> ToolOutput:
         """Explains why a task failed or is retrying: its record (type, status, error, every
         attempt with its error), the log lines that mention it and their patterns, together."""
-        try:
-            reply = await tasks.GetTask(
-                task_pb2.GetTaskRequest(task_id=args.task_id),
-                metadata=context.metadata,
-                timeout=_TASK_CALL_SECONDS,
-            )
-        except aio.AioRpcError as error:
-            code = error.code()
-            if code == grpc.StatusCode.NOT_FOUND:
-                raise ToolFailure(f"no task {args.task_id} in the user's organization") from None
-            if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-                raise ToolFailure(f"task {args.task_id}: the user may not read it") from None
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise ToolFailure(f"task {args.task_id}: {error.details()}") from None
-            raise ToolFailure(f"the task service is unavailable ({code.name})") from None
-        task = reply.task
+        task = await read_task(tasks, args.task_id, context)
         facts = describe_task(task)
         attempts: list[dict[str, Any]] = [
             {
