@@ -1,16 +1,4 @@
-import AxeBuilder from "@axe-core/playwright";
-import type { Page } from "@playwright/test";
-import { expect, newChat, signIn, test } from "./fixtures";
-
-/** No WCAG 2.1 A/AA violation that axe can find on the page as it is now. */
-async function expectAccessible(page: Page): Promise<void> {
-  const { violations } = await new AxeBuilder({ page })
-    .withTags(["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"])
-    .setLegacyMode(true)
-    .analyze();
-  const found = violations.map((v) => `${v.id} (${v.impact ?? "?"}): ${v.nodes.map((n) => n.target.join(" ")).join(", ")}`);
-  expect(found, "accessibility violations").toEqual([]);
-}
+import { expect, expectAccessible, newChat, signIn, test } from "./fixtures";
 
 test("every screen passes axe's WCAG 2.1 AA checks", async ({ page }) => {
   await page.goto("/");

@@ -1,6 +1,5 @@
-import AxeBuilder from "@axe-core/playwright";
 import type { Locator, Page } from "@playwright/test";
-import { expect, newChat, screenshot, signIn, test } from "./fixtures";
+import { expect, expectAccessible, newChat, screenshot, signIn, test } from "./fixtures";
 
 // The agents' scenarios: tool cards, a chart, an approval, against the stack's real Prometheus,
 // Alertmanager and task service (the model server replays a tool-calling model's calls).
@@ -9,14 +8,6 @@ test.describe.configure({ mode: "serial" });
 /** Answers with tool calls take longer than plain ones. */
 const ANSWER_TIMEOUT = 90_000;
 
-async function expectAccessible(page: Page): Promise<void> {
-  const { violations } = await new AxeBuilder({ page })
-    .withTags(["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"])
-    .setLegacyMode(true)
-    .analyze();
-  const found = violations.map((v) => `${v.id} (${v.impact ?? "?"}): ${v.nodes.map((n) => n.target.join(" ")).join(", ")}`);
-  expect(found, "accessibility violations").toEqual([]);
-}
 
 async function ask(page: Page, agent: string, question: string): Promise<Locator> {
   await page.getByRole("combobox", { name: "Agent" }).selectOption({ label: agent });

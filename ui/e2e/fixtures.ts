@@ -1,3 +1,4 @@
+import AxeBuilder from "@axe-core/playwright";
 import { test as base, expect, type Page } from "@playwright/test";
 import { mkdirSync } from "node:fs";
 import { fileURLToPath } from "node:url";
@@ -50,4 +51,14 @@ export async function newChat(page: Page, how: "click" | "keyboard" = "click"): 
     await button.click();
   }
   await expect(page.getByLabel("Message")).toBeFocused();
+}
+
+/** No WCAG 2.1 A/AA violation that axe can find on the page as it is now. */
+export async function expectAccessible(page: Page): Promise<void> {
+  const { violations } = await new AxeBuilder({ page })
+    .withTags(["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"])
+    .setLegacyMode(true)
+    .analyze();
+  const found = violations.map((v) => `${v.id} (${v.impact ?? "?"}): ${v.nodes.map((n) => n.target.join(" ")).join(", ")}`);
+  expect(found, "accessibility violations").toEqual([]);
 }
