@@ -16,6 +16,7 @@ from grpc import aio
 from ollama._types import ChatRequest
 
 from chat_svc.agents.catalog import AgentLimits
+from chat_svc.agents.wiring import AgentDependencies
 from chat_svc.server import build_runner
 from devtools.servers import NatsServer, RedisServer
 from mesh.server import ServiceRunner
@@ -621,3 +622,51 @@ async def test_which_alerts_are_firing_reads_the_real_prometheus_and_alertmanage
     assert not any(e.HasField("approval_required") for e in events)
     offered = {t["function"]["name"] for t in agents.ollama.requests[-2].body["tools"]}
     assert {"list_alerts", "prometheus_query", "prometheus_query_range"} <= offered
+
+
+async def test_each_agent_gets_the_tools_its_settings_allow(agents: AgentStack) -> None:
+    full = replace(
+        agents.settings,
+        prometheus_url="http://127.0.0.1:9",
+        alertmanager_url="http://127.0.0.1:9",
+        logs_source="files:///nonexistent",
+    )
+    dependencies = AgentDependencies.open(full)
+    try:
+        names = {
+            agent.name: {tool.name for tool in agent.tools}
+            for agent in dependencies.agents.values()
+        }
+    finally:
+        await dependencies.close()
+    assert names["monitoring"] == {
+        "prometheus_query",
+        "prometheus_query_range",
+        "prometheus_series",
+        "prometheus_label_values",
+        "list_alerts",
+        "list_silences",
+        "list_alert_rules",
+    }
+    assert names["operations"] == {
+        "provision_workspace",
+        "deprovision_workspace",
+        "workspace_status",
+        "get_task",
+        "list_tasks",
+    }
+    # Troubleshooting correlates logs, the task's record and the metrics around it.
+    assert names["troubleshooting"] == {
+        "search_logs",
+        "log_patterns",
+        "explain_task_failure",
+        "prometheus_query",
+        "prometheus_query_range",
+    }
+    state_changing = {
+        tool.name
+        for agent in dependencies.agents.values()
+        for tool in agent.tools
+        if tool.changes_state
+    }
+    assert state_changing == {"provision_workspace", "deprovision_workspace"}

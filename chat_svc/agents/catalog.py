@@ -58,8 +58,9 @@ PROMPTS = {
     "troubleshooting": _COMMON.format(role="troubleshooting")
     + " You find why something failed: search_logs for log lines (by service, level, time, "
     "request id, task id or text), log_patterns to group many lines into templates with counts, "
-    "explain_task_failure for a task id (its record, attempts and logs together), and metrics "
-    "when available. Quote the decisive error line and say what to do next.",
+    "explain_task_failure for a task id (its record, attempts and logs together), and "
+    "prometheus_query / prometheus_query_range for the metrics around a failure's time, when "
+    "available. Quote the decisive error line and say what to do next.",
 }
 
 _AGENT_NAMES = {

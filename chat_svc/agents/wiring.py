@@ -10,6 +10,7 @@ from grpc import aio
 from chat_svc.agents.catalog import Agent, build_agents
 from chat_svc.agents.monitoring import monitoring_tools
 from chat_svc.agents.operations import operations_tools
+from chat_svc.agents.tools import Tool
 from chat_svc.agents.troubleshooting import troubleshooting_tools
 from chat_svc.config import ChatSettings
 from chat_svc.logsources import open_log_source
@@ -21,6 +22,12 @@ _MISSING = {
     "monitoring": "OPSMESH_PROMETHEUS_URL and OPSMESH_ALERTMANAGER_URL are not set",
     "troubleshooting": "OPSMESH_LOGS_SOURCE is not set",
 }
+
+
+def _metrics(prometheus: PrometheusClient | None) -> list[Tool[Any]]:
+    """The metric queries, so troubleshooting can look at the metrics around a failure."""
+    wanted = {"prometheus_query", "prometheus_query_range"}
+    return [tool for tool in monitoring_tools(prometheus, None) if tool.name in wanted]
 
 
 @dataclass
@@ -52,7 +59,7 @@ class AgentDependencies:
             {
                 "operations": operations_tools(tasks),
                 "monitoring": monitoring_tools(prometheus, alertmanager),
-                "troubleshooting": troubleshooting_tools(logs, tasks),
+                "troubleshooting": troubleshooting_tools(logs, tasks) + _metrics(prometheus),
             },
             limits=settings.agent_limits,
             missing=_MISSING,
