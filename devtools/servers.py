@@ -32,7 +32,8 @@ _INSTALL_HINTS = {
 
 MONITORING_DIR = Path(__file__).resolve().parent.parent / "deploy" / "monitoring"
 """The Prometheus and Alertmanager templates and the mesh's alert rules."""
-MESH_RULES = MONITORING_DIR / "rules" / "opsmesh.rules.yml"
+# One rules file for the dev stack, the tests and the Kubernetes base (a kustomize ConfigMap).
+MESH_RULES = MONITORING_DIR.parent / "k8s" / "base" / "monitoring" / "opsmesh.rules.yml"
 
 
 class ServerStartError(RuntimeError):

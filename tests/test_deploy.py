@@ -51,3 +51,15 @@ def test_config_maps_that_pods_read_are_part_of_the_base() -> None:
                 ref = variable.get("valueFrom", {}).get("configMapKeyRef")
                 if ref:
                     assert ref["key"] in config_maps[ref["name"]]["data"]
+
+
+def test_the_cluster_gets_the_alert_rules_the_dev_stack_loads() -> None:
+    from devtools.servers import MESH_RULES
+
+    kustomization = DEPLOY / "base" / "monitoring" / "kustomization.yaml"
+    (generator,) = yaml.safe_load(kustomization.read_text())["configMapGenerator"]
+    shipped = [kustomization.parent / name for name in generator["files"]]
+    assert [path.resolve() for path in shipped] == [MESH_RULES.resolve()]
+    groups = yaml.safe_load(MESH_RULES.read_text())["groups"]
+    alerts = {rule["alert"] for group in groups for rule in group["rules"]}
+    assert {"OpsmeshServiceDown", "OpsmeshTaskDeadLetters", "OpsmeshEmailDeliveryFailing"} <= alerts
