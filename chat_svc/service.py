@@ -336,7 +336,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                 generation.awaiting_approval and not producer.done()
             ):
                 detached = True
-                self._finish_detached(generation, producer, stop_wait, claim)
+                self._finish_detached(generation, producer, stop_wait, claim, transcript)
             raise
         finally:
             if not detached:
@@ -357,11 +357,17 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         producer: asyncio.Task[None],
         stop_wait: asyncio.Future[Any],
         claim: Claim | None,
+        transcript: _Transcript | None,
     ) -> None:
-        """Lets a generation whose client left finish once its approvals are decided."""
+        """Lets a generation whose client left finish once its approvals are decided.
+
+        What it says meanwhile goes on into the transcript, so a retry of the message
+        replays the whole answer instead of asking the model again.
+        """
 
         async def finish() -> None:
             failure: BaseException | None = None
+            whole = False
             try:
                 await asyncio.wait({producer, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
                 if not producer.done():
@@ -369,6 +375,12 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                 await asyncio.gather(producer, return_exceptions=True)
                 cancelled = producer.cancelled()
                 failure = asyncio.CancelledError() if cancelled else producer.exception()
+                if transcript is not None and failure is None:
+                    while (kind := generation.feed.take()) is not None:
+                        transcript.add(chat_pb2.StreamChatResponse(**kind))
+                    done = generation.completed(generation.done_reason())
+                    transcript.add(chat_pb2.StreamChatResponse(completed=done))
+                    whole = True
             finally:
                 stop_wait.cancel()
                 await self._finish(
@@ -376,7 +388,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                     failure=failure,
                     stopped=stop_wait.done() and not stop_wait.cancelled(),
                     claim=claim,
-                    transcript=None,
+                    transcript=transcript if whole else None,
                 )
 
         task = asyncio.create_task(finish(), name=f"detached-{generation.generation_id}")

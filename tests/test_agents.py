@@ -292,7 +292,8 @@ async def test_an_approval_survives_the_client_leaving_and_the_answer_lands_in_h
 ) -> None:
     agents.ollama.scenario.script = [PROVISION, Reply(tokens=["Provisioning started."])]
     session_id = await new_session(agents)
-    call = agents.stub.StreamChat(ask(session_id, "provision"), metadata=agents.who)
+    request = ask(session_id, "provision", client_message_id=str(uuid.uuid4()))
+    call = agents.stub.StreamChat(request, metadata=agents.who)
     events: list[pb.StreamChatResponse] = []
     await read_until(call, "approval_required", events)
     call.cancel()  # the browser tab is closed
@@ -342,6 +343,19 @@ async def test_an_approval_survives_the_client_leaving_and_the_answer_lands_in_h
             pb.ListApprovalsRequest(session_id=session_id), metadata=agents.who
         )
     ).approvals
+
+    # The client retries its message: the whole answer is replayed, nothing runs twice.
+    asked = len(agents.ollama.requests)
+    replayed = await assert_eventually(
+        lambda: collect(agents.stub.StreamChat(request, metadata=agents.who))
+    )
+    assert kinds(replayed)[:3] == ["started", "tool_call", "approval_required"]
+    assert kinds(replayed)[-1] == "completed"
+    assert "tool_result" in kinds(replayed)
+    assert answer_text(replayed) == "Provisioning started."
+    assert replayed[0].started == events[0].started
+    assert len(agents.ollama.requests) == asked
+    assert len(await org_tasks(agents)) == 1
 
 
 async def test_cancelling_a_plain_tool_round_stops_the_generation(agents: AgentStack) -> None:
