@@ -23,6 +23,7 @@ DEFAULT_PORTS = {
     "notify": 50053,
     "task": 50054,
     "ratelimit": 50055,
+    "edgeinfo": 50057,
     "web": 8095,
 }
 DEFAULT_ISSUER = "http://localhost:8080"

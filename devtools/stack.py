@@ -64,6 +64,8 @@ SERVICES = (
     ("notify_svc", "notify_svc", 50053, 9153, r"serving opsmesh\.notify\.v1\.NotificationService"),
     ("ratelimit_svc", "ratelimit_svc", 50055, 9155, r"serving envoy\.service\.ratelimit"),
     ("task_worker", "task_svc.worker", 50056, 9156, r"worker \S+ consuming"),
+    # Last: its health ("" = every public service SERVING) is what the edge answers.
+    ("edgeinfo_svc", "edgeinfo_svc", 50057, 9157, r"serving health and reflection"),
 )
 
 
@@ -245,6 +247,7 @@ def _service_env(config: StackConfig, port: int, metrics_port: int) -> dict[str,
         OPSMESH_TASK_ADDR=f"127.0.0.1:{config.port_of('task_svc')}",
         OPSMESH_NOTIFY_ADDR=f"127.0.0.1:{config.port_of('notify_svc')}",
         OPSMESH_SESSION_ADDR=f"127.0.0.1:{config.port_of('session_svc')}",
+        OPSMESH_CHAT_ADDR=f"127.0.0.1:{config.port_of('chat_svc')}",
         OPSMESH_PROMETHEUS_URL=f"http://127.0.0.1:{config.prometheus_port}",
         OPSMESH_ALERTMANAGER_URL=f"http://127.0.0.1:{config.alertmanager_port}",
         # The troubleshooting agent reads the services' own JSON logs of this stack.
@@ -552,7 +555,10 @@ def _welcome(config: StackConfig, started: Sequence[Component]) -> None:
     ollama = os.environ.get("OLLAMA_HOST", "http://127.0.0.1:11434")
     print(
         f"\nchat uses the Ollama server at {ollama} (set OLLAMA_HOST to change it)"
-        f"\ntry:  grpcurl -plaintext localhost:{first} list\nstop: make down"
+        f"\ntry:  grpcurl -plaintext localhost:{first} list"
+        f"\n      grpcurl -plaintext -H 'authorization: Bearer <token>' "
+        f"localhost:{config.edge_port} list   (every public service, through the edge)"
+        "\nstop: make down"
     )
 
 

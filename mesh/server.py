@@ -22,12 +22,12 @@ from typing import Any
 from grpc import aio
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from mesh.auth import Authenticator
 from mesh.health import HealthMonitor, Probe
 from mesh.metrics import RpcMetrics
+from mesh.reflection import enable_reflection
 from mesh.rpc import RpcInterceptor
 from mesh.settings import ServerSettings, SettingsError
 
@@ -82,7 +82,11 @@ class ServiceRunner:
         probes: Sequence[Probe] = (),
         options: RunnerOptions | None = None,
         registry: CollectorRegistry | None = None,
+        health: Any = None,
+        reflected: Sequence[str] = (),
     ) -> None:
+        """``health``: the ``grpc.health.v1`` servicer (default: a status board the probes
+        set); ``reflected``: more service names reflection lists than the registrations'."""
         self._settings = settings
         self._registrations = tuple(registrations)
         self._options = options or RunnerOptions()
@@ -104,7 +108,8 @@ class ServiceRunner:
             options=limits,
         )
         # grpc-stubs' grpc_health stubs predate the asyncio servicer.
-        self._health = grpc_health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._health = health or grpc_health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._reflected = tuple(reflected)
         self._monitor = HealthMonitor(
             self._health,
             service_names=[r.service_name for r in self._registrations],
@@ -124,11 +129,11 @@ class ServiceRunner:
             registration.add_to_server(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         names = [r.service_name for r in self._registrations]
-        reflection.enable_server_reflection(
+        enable_reflection(
             (
                 *names,
+                *self._reflected,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
             ),
             self._server,
         )
@@ -149,7 +154,7 @@ class ServiceRunner:
             self.metrics_port = self._metrics_server.server_port
         log.info(
             "serving %s on %s:%d",
-            ", ".join(names),
+            ", ".join(names) or "health and reflection",
             self._settings.host,
             self.port,
             extra={"grpc_port": self.port, "metrics_port": self.metrics_port},

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import shutil
 import struct
+import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
 from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
+from chat_svc.config import ChatSettings
+from chat_svc.model import ModelSettings
+from chat_svc.server import build_runner as build_chat
 from devtools.edge import envoy_process, free_edge_ports, render
 from devtools.servers import RedisServer
+from edgeinfo_svc.health import EdgeHealth
+from edgeinfo_svc.server import CHAT, NOTIFY, PUBLIC_SERVICES, SESSION, TASK, EdgeInfoSettings
+from edgeinfo_svc.server import build_runner as build_edgeinfo
 from mesh.auth import AuthSettings
 from mesh.context import Principal
 from mesh.redisconn import RedisSettings
@@ -40,6 +52,7 @@ class Edge:
     http: httpx.AsyncClient
     ring: KeyRing
     issuer: str
+    ports: dict[str, int] = field(default_factory=dict)
 
     def token(self, user: str = "ada", org: str = "acme") -> str:
         return issue_access_token(
@@ -81,7 +94,26 @@ async def edge(request, redis_server: RedisServer, tmp_path: Path) -> AsyncItera
         ),
         options=FAST_HEALTH,
     )
-    runners: list[ServiceRunner] = [session, ratelimit]
+    # Reflection and health at the edge; only the session service runs behind it here (the
+    # others' ports are free: down until a test starts one there).
+    edgeinfo = build_edgeinfo(
+        EdgeInfoSettings(
+            server=ServerSettings(port=ports["edgeinfo"]),
+            backends={
+                name: f"127.0.0.1:{ports[key]}"
+                for name, key in (
+                    (SESSION, "session"),
+                    (CHAT, "chat"),
+                    (TASK, "task"),
+                    (NOTIFY, "notify"),
+                )
+            },
+            health_timeout=0.5,
+            watch_interval=0.1,
+        ),
+        options=FAST_HEALTH,
+    )
+    runners: list[ServiceRunner] = [session, ratelimit, edgeinfo]
     for runner in runners:
         await runner.start()
     config = tmp_path / "envoy.yaml"
@@ -101,7 +133,9 @@ async def edge(request, redis_server: RedisServer, tmp_path: Path) -> AsyncItera
     try:
         await assert_eventually(live, timeout=20)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['edge']}") as http:
-            yield Edge(f"127.0.0.1:{ports['edge']}", http, KeyRing(tmp_path / "keys"), issuer)
+            yield Edge(
+                f"127.0.0.1:{ports['edge']}", http, KeyRing(tmp_path / "keys"), issuer, ports
+            )
     finally:
         envoy.stop()
         for runner in runners:
@@ -287,3 +321,238 @@ async def test_per_endpoint_limit_on_the_login_page_answers_429_with_reset(edge)
     limited = await edge.http.get("/oauth/authorize", params={"client_id": "x"})
     assert limited.status_code == 429
     assert int(limited.headers["x-ratelimit-reset"]) > 0
+
+
+GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+HAVE_GRPCURL = Path(GRPCURL).exists()
+needs_grpcurl = pytest.mark.skipif(
+    not HAVE_GRPCURL, reason="grpcurl is not installed (make install)"
+)
+REFLECTION_SERVICES = {
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+}
+
+
+async def grpcurl(
+    edge: Edge, *args: str, data: str | None = None, token: str | None = None
+) -> tuple[int, str, str]:
+    """Real grpcurl through the edge, with no .proto files: everything comes from reflection.
+    (A subprocess of the event loop: the services of the test answer from this loop.)"""
+    auth = ["-H", f"authorization: Bearer {token}"] if token else []
+    body = ["-d", data] if data is not None else []
+    process = await asyncio.create_subprocess_exec(
+        GRPCURL,
+        "-plaintext",
+        *auth,
+        *body,
+        edge.grpc_address,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+@needs_grpcurl
+async def test_grpcurl_through_the_edge_lists_describes_and_calls_every_public_service(
+    edge,
+) -> None:
+    token = edge.token()
+    code, out, err = await grpcurl(edge, "list", token=token)
+    assert code == 0, err
+    assert set(out.split()) == {*PUBLIC_SERVICES, "grpc.health.v1.Health", *REFLECTION_SERVICES}
+    assert "envoy.service.ratelimit.v3.RateLimitService" not in out
+
+    code, out, err = await grpcurl(edge, "describe", "opsmesh.chat.v1.ChatService", token=token)
+    assert code == 0, err
+    assert "rpc StreamChat ( .opsmesh.chat.v1.StreamChatRequest )" in out
+    assert "returns ( stream .opsmesh.chat.v1.StreamChatResponse )" in out
+    # Worker-only RPCs are part of their service's contract.
+    code, out, err = await grpcurl(
+        edge, "describe", "opsmesh.notify.v1.NotificationService", token=token
+    )
+    assert "rpc DeliverNotification" in out, err
+    code, out, err = await grpcurl(
+        edge, "describe", "opsmesh.task.v1.WatchTaskRequest", token=token
+    )
+    assert code == 0, err
+    assert "string task_id = 1;" in out
+
+    # A call whose request JSON is built from reflection alone (no -proto flags).
+    code, out, err = await grpcurl(
+        edge, "opsmesh.session.v1.SessionService/ListSessions", data="{}", token=token
+    )
+    assert code == 0, err
+    assert json.loads(out) == {}
+    code, out, err = await grpcurl(
+        edge,
+        "opsmesh.session.v1.SessionService/CreateSession",
+        data='{"title": "via the edge"}',
+        token=token,
+    )
+    assert code == 0, err
+    assert json.loads(out)["session"]["title"] == "via the edge"
+
+
+@needs_grpcurl
+async def test_reflection_through_the_edge_needs_a_token(edge) -> None:
+    code, _, err = await grpcurl(edge, "list")
+    assert code != 0
+    assert "Unauthenticated" in err, err
+    forged = edge.token()[:-4] + "AAAA"
+    code, _, err = await grpcurl(edge, "describe", "opsmesh.chat.v1.ChatService", token=forged)
+    assert code != 0
+    assert "Unauthenticated" in err, err
+
+
+async def reflect(
+    edge: Edge, version: str, request: reflection_pb2.ServerReflectionRequest, token: str
+) -> reflection_pb2.ServerReflectionResponse:
+    """One reflection request through the edge on ``grpc.reflection.<version>`` (v1 and
+    v1alpha share their messages on the wire)."""
+    metadata = (("authorization", f"Bearer {token}"),)
+    async with aio.insecure_channel(edge.grpc_address) as channel:
+        call = channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )(iter([request]), metadata=metadata, timeout=10)
+        replies = [reply async for reply in call]
+    return replies[0]
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+async def test_reflection_v1_and_v1alpha_answer_through_the_edge(edge, version) -> None:
+    listed = await reflect(
+        edge, version, reflection_pb2.ServerReflectionRequest(list_services=""), edge.token()
+    )
+    names = {s.name for s in listed.list_services_response.service}
+    assert names == {*PUBLIC_SERVICES, "grpc.health.v1.Health", *REFLECTION_SERVICES}
+    found = await reflect(
+        edge,
+        version,
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol=f"grpc.reflection.{version}.ServerReflection"
+        ),
+        edge.token(),
+    )
+    files = found.file_descriptor_response.file_descriptor_proto
+    assert files, found
+    # Without a token Envoy refuses the stream before it reaches edgeinfo_svc.
+    async with aio.insecure_channel(edge.grpc_address) as channel:
+        call = channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )(timeout=10)
+        assert await call.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def health(edge: Edge, service: str) -> int:
+    """Health/Check through the edge, without a token (load balancers have none)."""
+    async with aio.insecure_channel(edge.grpc_address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5
+        )
+    return int(reply.status)
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_health_through_the_edge_answers_for_each_service(
+    edge, redis_server: RedisServer, history_dsn: str
+) -> None:
+    assert await health(edge, SESSION) == SERVING
+    # Nothing runs at chat's, task's and notify's addresses yet.
+    for name in (CHAT, TASK, NOTIFY):
+        assert await health(edge, name) == NOT_SERVING
+    # The edge as a whole: SERVING only while every public service is.
+    assert await health(edge, "") == NOT_SERVING
+    with pytest.raises(aio.AioRpcError) as unknown:
+        await health(edge, "opsmesh.nope.v1.NopeService")
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(aio.AioRpcError) as internal:
+        await health(edge, "envoy.service.ratelimit.v3.RateLimitService")
+    assert internal.value.code() == grpc.StatusCode.NOT_FOUND
+
+    chat = await build_chat(
+        ChatSettings(
+            server=ServerSettings(port=edge.ports["chat"], drain_delay=1.5, grace_period=0.5),
+            model=ModelSettings(host="http://127.0.0.1:9"),
+            redis=RedisSettings(url=redis_server.url),
+            history_dsn=history_dsn,
+            session_address=f"127.0.0.1:{edge.ports['session']}",
+        ),
+        options=FAST_HEALTH,
+    )
+    await chat.start()
+    stopping: asyncio.Task[None] | None = None
+    try:
+
+        async def chat_serving() -> None:
+            assert await health(edge, CHAT) == SERVING
+
+        await assert_eventually(chat_serving, timeout=10)
+        if HAVE_GRPCURL:
+            # The issue's command; grpcurl needs the token for reflection (Health itself is
+            # public: load balancers call it natively, as health() does).
+            code, out, err = await grpcurl(
+                edge,
+                "grpc.health.v1.Health/Check",
+                data=json.dumps({"service": CHAT}),
+                token=edge.token(),
+            )
+            assert code == 0, err
+            assert json.loads(out) == {"status": "SERVING"}
+
+        # Draining: chat still answers, NOT_SERVING, before it refuses new RPCs; then gone.
+        stopping = asyncio.create_task(chat.stop())
+        await asyncio.sleep(0.2)
+        assert await health(edge, CHAT) == NOT_SERVING
+        await stopping
+        assert await health(edge, CHAT) == NOT_SERVING
+        assert await health(edge, SESSION) == SERVING
+    finally:
+        if stopping is None:
+            await chat.stop()
+
+
+async def test_edge_health_watch_sends_each_change(edge) -> None:
+    async with aio.insecure_channel(edge.grpc_address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=SESSION), timeout=10)
+        first = await watch.read()
+        assert first.status == SERVING
+        watch.cancel()
+        unknown = stub.Watch(health_pb2.HealthCheckRequest(service="no.Such"), timeout=10)
+        assert (await unknown.read()).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        unknown.cancel()
+
+
+async def test_edge_health_maps_each_answer_precisely(edge) -> None:
+    """The aggregation on its own: all serving → SERVING; a backend that answers something
+    other than health for the name (a wrong address) → UNKNOWN; draining → NOT_SERVING."""
+    session = f"127.0.0.1:{edge.ports['session']}"
+    board = EdgeHealth({SESSION: session}, timeout=0.5)
+    try:
+        assert await board.status_of("") == NOT_SERVING  # not started yet
+        await board.set("", SERVING)
+        assert await board.status_of("") == SERVING
+        assert await board.status_of(CHAT) is None
+        await board.enter_graceful_shutdown()
+        assert await board.status_of("") == NOT_SERVING
+        assert await board.status_of(SESSION) == SERVING
+    finally:
+        await board.close()
+    # Chat's name pointed at the session server: it answers NOT_FOUND for a name it does
+    # not serve; the edge cannot tell chat's health.
+    wrong = EdgeHealth({CHAT: session}, timeout=0.5)
+    try:
+        assert await wrong.status_of(CHAT) == health_pb2.HealthCheckResponse.UNKNOWN
+    finally:
+        await wrong.close()

@@ -182,8 +182,6 @@ def test_bad_configuration_fails_fast_with_every_problem_named() -> None:
     assert "Traceback" not in result.stderr
 
 
-# Through Envoy grpcurl reads the contract from the .proto files (reflection is per service).
-PROTO_ARGS = ("-import-path", str(ROOT / "proto"), "-proto", "opsmesh/session/v1/session.proto")
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 
 
@@ -223,12 +221,11 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
         data: dict[str, object] | None = None,
         at: str = address,
         headers: Sequence[str] = ("x-opsmesh-user-id: dev", "x-opsmesh-org-id: devorg"),
-        protos: Sequence[str] = (),
     ) -> subprocess.CompletedProcess[str]:
         flags = [flag for header in headers for flag in ("-H", header)]
         body = ["-d", json.dumps(data)] if data is not None else []
         return subprocess.run(
-            [GRPCURL, "-plaintext", *protos, *flags, *body, at, *args],
+            [GRPCURL, "-plaintext", *flags, *body, at, *args],
             capture_output=True,
             text=True,
             timeout=30,
@@ -372,10 +369,25 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
             data={},
             at=edge,
             headers=bearer,
-            protos=PROTO_ARGS,
         )
         assert through.returncode == 0, through.stderr
-        refused = grpcurl(list_sessions, data={}, at=edge, headers=[], protos=PROTO_ARGS)
+        # Reflection through the edge: every public service, and each one's health by name.
+        listed = grpcurl("list", at=edge, headers=bearer)
+        assert listed.returncode == 0, listed.stderr
+        assert {
+            "opsmesh.session.v1.SessionService",
+            "opsmesh.chat.v1.ChatService",
+            "opsmesh.task.v1.TaskService",
+            "opsmesh.notify.v1.NotificationService",
+        } <= set(listed.stdout.split())
+        chat_health = grpcurl(
+            "grpc.health.v1.Health/Check",
+            data={"service": "opsmesh.chat.v1.ChatService"},
+            at=edge,
+            headers=bearer,
+        )
+        assert json.loads(chat_health.stdout) == {"status": "SERVING"}, chat_health.stderr
+        refused = grpcurl(list_sessions, data={}, at=edge, headers=[])
         assert "Unauthenticated" in refused.stderr
 
         # An invitation sent with grpcurl lands in the dev mail sink with both parts.

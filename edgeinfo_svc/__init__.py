@@ -1,0 +1,1 @@
+"""opsmesh edge info: reflection for every public service and per-service health, for the edge."""

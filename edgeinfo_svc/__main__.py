@@ -1,0 +1,4 @@
+from edgeinfo_svc.server import main
+
+if __name__ == "__main__":
+    main()
