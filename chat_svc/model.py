@@ -29,6 +29,7 @@ from mesh.errors import (
     Unavailable,
 )
 from mesh.settings import EnvReader
+from opsmesh.errors.v1 import errors_pb2
 
 log = logging.getLogger("opsmesh.model")
 
@@ -147,7 +148,7 @@ class ModelServer:
                     raise FailedPrecondition(
                         f"model {model!r} is not on the model server ({error.error}); pull it "
                         f"with `ollama pull {model}`",
-                        reason="MODEL_NOT_FOUND",
+                        reason=errors_pb2.ERROR_REASON_MODEL_NOT_FOUND,
                     ) from error
                 if error.status_code in (429, 503) and attempt <= self.settings.retries:
                     await asyncio.sleep(_backoff(attempt, self.settings))
@@ -155,7 +156,7 @@ class ModelServer:
                 if error.status_code in (429, 503):
                     raise ResourceExhausted(
                         f"the model server is busy ({error.status_code}); try again shortly",
-                        reason="MODEL_SERVER_BUSY",
+                        reason=errors_pb2.ERROR_REASON_MODEL_SERVER_BUSY,
                         retry_after=_backoff(attempt, self.settings),
                     ) from error
                 raise Unavailable(f"the model server failed: {error.error}") from error

@@ -7,6 +7,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 from mesh.errors import Unauthenticated
+from opsmesh.errors.v1 import errors_pb2
 
 request_id_var: ContextVar[str | None] = ContextVar("opsmesh_request_id", default=None)
 
@@ -46,11 +47,11 @@ _ROLE = re.compile(r"[a-z][a-z0-9_:.-]{0,63}")
 
 def parse_identifier(value: str | None, what: str) -> str:
     if not value:
-        raise Unauthenticated(f"missing {what}", reason="MISSING_CREDENTIALS")
+        raise Unauthenticated(f"missing {what}", reason=errors_pb2.ERROR_REASON_MISSING_CREDENTIALS)
     if _IDENTIFIER.fullmatch(value) is None:
         raise Unauthenticated(
             f"malformed {what}: expected 1-128 characters of letters, digits and ._@+-",
-            reason="MALFORMED_CREDENTIALS",
+            reason=errors_pb2.ERROR_REASON_MALFORMED_CREDENTIALS,
         )
     return value
 
@@ -61,5 +62,7 @@ def parse_roles(value: str | None) -> frozenset[str]:
     roles = frozenset(role.strip() for role in value.split(",") if role.strip())
     for role in roles:
         if _ROLE.fullmatch(role) is None:
-            raise Unauthenticated(f"malformed role {role!r}", reason="MALFORMED_CREDENTIALS")
+            raise Unauthenticated(
+                f"malformed role {role!r}", reason=errors_pb2.ERROR_REASON_MALFORMED_CREDENTIALS
+            )
     return roles

@@ -21,7 +21,7 @@ from grpc import aio
 
 from mesh.auth import Authenticator, is_public_method
 from mesh.context import authorization_var, principal_var, request_id_var
-from mesh.errors import OpsmeshError, Unavailable, to_status
+from mesh.errors import OpsmeshError, Unavailable, checked_reason, to_status
 from mesh.metrics import MethodMetrics, RpcMetrics
 
 log = logging.getLogger("opsmesh.rpc")
@@ -225,7 +225,11 @@ async def _abort_with(
             method,
             error.code.name,
             error.message,
-            extra={"grpc_method": method, "grpc_code": error.code.name, "reason": error.reason},
+            extra={
+                "grpc_method": method,
+                "grpc_code": error.code.name,
+                "reason": checked_reason(error),
+            },
         )
         status = to_status(error)
         await context.abort(error.code, status.details, trailing + tuple(status.trailing_metadata))

@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from mesh.context import Principal, parse_identifier
 from mesh.errors import Unauthenticated
+from opsmesh.errors.v1 import errors_pb2
+from opsmesh.errors.v1.errors_pb2 import ErrorReason
 
 ALGORITHM = "ES256"
 AUTHORIZATION_HEADER = "authorization"
@@ -208,7 +210,7 @@ class RemoteJwks:
                     if not self._keys:
                         raise Unauthenticated(
                             f"cannot verify tokens: the key set at {self._url} is unreachable",
-                            reason="JWKS_UNAVAILABLE",
+                            reason=errors_pb2.ERROR_REASON_JWKS_UNAVAILABLE,
                         ) from error
             return self._keys.get(kid)
 
@@ -216,7 +218,9 @@ class RemoteJwks:
         await self._http.aclose()
 
 
-def _refuse(message: str, reason: str = "INVALID_TOKEN") -> Unauthenticated:
+def _refuse(
+    message: str, reason: ErrorReason = errors_pb2.ERROR_REASON_INVALID_TOKEN
+) -> Unauthenticated:
     return Unauthenticated(message, reason=reason)
 
 
@@ -243,7 +247,8 @@ class JwtAuthenticator:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise _refuse(
-                "missing bearer token in the authorization metadata", "MISSING_CREDENTIALS"
+                "missing bearer token in the authorization metadata",
+                errors_pb2.ERROR_REASON_MISSING_CREDENTIALS,
             )
         try:
             unverified = jwt.get_unverified_header(token)
@@ -268,7 +273,7 @@ class JwtAuthenticator:
                 options={"require": ["exp", "iat", "nbf", "iss", "aud", "sub", "jti"]},
             )
         except jwt.ExpiredSignatureError:
-            raise _refuse("token expired", "TOKEN_EXPIRED") from None
+            raise _refuse("token expired", errors_pb2.ERROR_REASON_TOKEN_EXPIRED) from None
         except jwt.ImmatureSignatureError:
             raise _refuse("token not valid yet") from None
         except jwt.InvalidTokenError as error:
@@ -278,7 +283,7 @@ class JwtAuthenticator:
         if not isinstance(org, str) or not org or not isinstance(roles, list):
             raise _refuse("token lacks org_id or roles")
         if self._revoked is not None and await self._revoked(claims):
-            raise _refuse("token was revoked", "TOKEN_REVOKED")
+            raise _refuse("token was revoked", errors_pb2.ERROR_REASON_TOKEN_REVOKED)
         principal = Principal(
             user_id=str(claims["sub"]), org_id=org, roles=frozenset(str(r) for r in roles)
         )
@@ -324,6 +329,7 @@ class RedisRevocations:
         except Exception as error:
             # Fail closed: without the revocation list a token cannot be trusted.
             raise Unauthenticated(
-                "cannot check whether the token was revoked; try again", reason="REVOCATION_UNKNOWN"
+                "cannot check whether the token was revoked; try again",
+                reason=errors_pb2.ERROR_REASON_REVOCATION_UNKNOWN,
             ) from error
         return bool(flag in (b"1", "1"))

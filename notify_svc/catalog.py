@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from email_validator import EmailNotValidError, validate_email
 
 from mesh.errors import InvalidArgument, NotFound
+from opsmesh.errors.v1 import errors_pb2
 from opsmesh.notify.v1 import notify_pb2
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -167,7 +168,7 @@ class Catalog:
         if spec is None:
             raise NotFound(
                 f"no template {template_id[:64]!r}; ListTemplates lists them",
-                reason="TEMPLATE_NOT_FOUND",
+                reason=errors_pb2.ERROR_REASON_TEMPLATE_NOT_FOUND,
             )
         return spec
 

@@ -19,6 +19,7 @@ from notify_svc.providers import Provider
 from notify_svc.rendering import RenderedEmail, Renderer
 from notify_svc.smtp import DeliveryError
 from notify_svc.store import NotificationStore, new_notification_id
+from opsmesh.errors.v1 import errors_pb2
 from opsmesh.notify.v1 import notify_pb2, notify_pb2_grpc
 from opsmesh.task.v1 import task_pb2, task_pb2_grpc
 
@@ -169,7 +170,7 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
         if notification.status == FAILED:
             raise FailedPrecondition(
                 f"notification {notification.id} failed for good: {notification.last_error}",
-                reason="DELIVERY_FAILED",
+                reason=errors_pb2.ERROR_REASON_DELIVERY_FAILED,
             )
         rendered = self._render(original.template, original.locale, original.data)
         message, envelope = build_message(
@@ -198,7 +199,7 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
             if error.permanent:
                 raise FailedPrecondition(
                     f"the mail server refused notification {notification.id}: {failure}",
-                    reason="DELIVERY_FAILED",
+                    reason=errors_pb2.ERROR_REASON_DELIVERY_FAILED,
                 ) from error
             raise DependencyUnavailable("mail server", failure) from error
 

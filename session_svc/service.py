@@ -14,6 +14,7 @@ from grpc import aio
 from mesh.context import current_principal
 from mesh.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted
 from mesh.pagination import decode_token, encode_token, page_size
+from opsmesh.errors.v1 import errors_pb2
 from opsmesh.session.v1 import session_pb2, session_pb2_grpc
 from session_svc.config import SessionLimits
 from session_svc.context_patch import merge_patch
@@ -113,7 +114,7 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
             raise ResourceExhausted(
                 f"the session's context would grow to {size} bytes, over the limit of "
                 f"{self._limits.max_context_bytes}; remove keys or replace the context",
-                reason="CONTEXT_TOO_LARGE",
+                reason=errors_pb2.ERROR_REASON_CONTEXT_TOO_LARGE,
                 metadata={"limit_bytes": str(self._limits.max_context_bytes)},
             )
 
@@ -138,7 +139,7 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
             raise ResourceExhausted(
                 f"you have {self._limits.max_sessions_per_user} live sessions, the most allowed; "
                 "expire one first",
-                reason="TOO_MANY_SESSIONS",
+                reason=errors_pb2.ERROR_REASON_TOO_MANY_SESSIONS,
             ) from None
         return session_pb2.CreateSessionResponse(session=to_proto(stored))
 
@@ -194,12 +195,12 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
             raise Aborted(
                 f"session {session_id} is at version {conflict.current_version}, not "
                 f"{expected}: re-read it and apply your change again",
-                reason="VERSION_MISMATCH",
+                reason=errors_pb2.ERROR_REASON_VERSION_MISMATCH,
                 metadata={"current_version": str(conflict.current_version)},
             ) from None
         raise Aborted(
             f"session {session_id} changed {_MAX_MERGE_ATTEMPTS} times while merging; try again",
-            reason="CONTENTION",
+            reason=errors_pb2.ERROR_REASON_CONTENTION,
         )
 
     async def TouchSession(

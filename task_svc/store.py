@@ -22,6 +22,7 @@ from nats.js.kv import KeyValue
 from mesh.clock import StrictMillis
 from mesh.errors import Aborted, NotFound
 from mesh.natsconn import nats_errors
+from opsmesh.errors.v1 import errors_pb2
 from opsmesh.task.v1 import task_pb2
 
 _CAS_ATTEMPTS = 64
@@ -108,7 +109,9 @@ class TaskStore:
                     return task, revision, True
                 await self._kv.purge(task_key(task.org_id, task.id))
                 return existing, existing_revision, False
-        raise Aborted("the idempotency key is contended; try again", reason="CONTENTION")
+        raise Aborted(
+            "the idempotency key is contended; try again", reason=errors_pb2.ERROR_REASON_CONTENTION
+        )
 
     async def forget(self, task: task_pb2.Task) -> None:
         """Removes a task that could not be queued (its idempotency marker goes stale)."""
@@ -164,7 +167,9 @@ class TaskStore:
                 except nats.js.errors.KeyWrongLastSequenceError:
                     continue
             return task, revision
-        raise Aborted(f"task {task_id} kept changing; try again", reason="CONTENTION")
+        raise Aborted(
+            f"task {task_id} kept changing; try again", reason=errors_pb2.ERROR_REASON_CONTENTION
+        )
 
     async def page(
         self,

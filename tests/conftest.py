@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -13,6 +14,7 @@ import pytest
 from grpc import aio
 
 from devtools.servers import NatsServer, RedisServer
+from mesh import errors
 from mesh.redisconn import RedisSettings
 from mesh.server import RunnerOptions, ServiceRunner
 from mesh.settings import ServerSettings
@@ -20,6 +22,11 @@ from opsmesh.session.v1 import session_pb2_grpc
 from session_svc.config import SessionLimits, SessionSettings
 from session_svc.identity import IssuerSettings
 from session_svc.server import build_runner
+
+# A server answering with an error reason the contract (errors.proto) does not declare fails the
+# test instead of falling back, here and in the services the tests start as processes.
+os.environ["OPSMESH_STRICT_ERROR_REASONS"] = "1"
+errors.STRICT_REASONS = True
 
 
 @pytest.fixture(scope="session")

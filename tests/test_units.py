@@ -109,7 +109,7 @@ def test_server_settings_from_env() -> None:
 
 
 def test_error_status_carries_error_info_field_violation_and_retry_info() -> None:
-    status = to_status(InvalidArgument("bad id", field="session_id", reason="BAD_ID"))
+    status = to_status(InvalidArgument("bad id", field="session_id"))
     assert status.code == grpc.StatusCode.INVALID_ARGUMENT
     assert status.details == "bad id"
     ((key, blob),) = status.trailing_metadata
@@ -118,7 +118,7 @@ def test_error_status_carries_error_info_field_violation_and_retry_info() -> Non
     info, bad_request = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
     decoded.details[0].Unpack(info)
     decoded.details[1].Unpack(bad_request)
-    assert (info.reason, info.domain) == ("BAD_ID", "opsmesh.dev")
+    assert (info.reason, info.domain) == ("INVALID_ARGUMENT", "opsmesh.dev")
     assert bad_request.field_violations[0].field == "session_id"
 
     unavailable = to_status(DependencyUnavailable("redis", ConnectionError("refused")))

@@ -8,12 +8,21 @@ import {
   ErrorInfoSchema,
   RetryInfoSchema,
 } from "@gen/google/rpc/error_details_pb.js";
+import { ErrorReason } from "@gen/opsmesh/errors/v1/errors_pb.js";
 import { SignInRequired } from "../auth/auth";
-import { describeError } from "./errors";
+import { describeError, reasonOf } from "./errors";
 
 function detail<T extends Parameters<typeof toBinary>[0]>(schema: T, value: Parameters<typeof create<T>>[1]) {
   return { desc: schema, value: create(schema, value) } as never;
 }
+
+describe("reasonOf", () => {
+  it("is the reason string the servers send: the value name without ERROR_REASON_", () => {
+    expect(reasonOf(ErrorReason.MODEL_SERVER_BUSY)).toBe("MODEL_SERVER_BUSY");
+    expect(reasonOf(ErrorReason.VERSION_MISMATCH)).toBe("VERSION_MISMATCH");
+    expect(reasonOf(ErrorReason.DEPENDENCY_UNAVAILABLE)).toBe("DEPENDENCY_UNAVAILABLE");
+  });
+});
 
 describe("describeError", () => {
   it("names a rate limit with the server's retry time (RetryInfo)", () => {
@@ -33,16 +42,16 @@ describe("describeError", () => {
 
   it("says the model server is busy or unreachable", () => {
     const busy = new ConnectError("queue full", Code.ResourceExhausted, undefined, [
-      detail(ErrorInfoSchema, { reason: "MODEL_SERVER_BUSY", domain: "opsmesh" }),
+      detail(ErrorInfoSchema, { reason: reasonOf(ErrorReason.MODEL_SERVER_BUSY), domain: "opsmesh.dev" }),
       detail(RetryInfoSchema, { retryDelay: { seconds: 1n, nanos: 0 } }),
     ]);
     expect(describeError(busy).detail).toBe("The model server is busy. Try again in 1 second.");
     const down = new ConnectError("ollama is unavailable, try again later", Code.Unavailable, undefined, [
-      detail(ErrorInfoSchema, { reason: "DEPENDENCY_UNAVAILABLE", metadata: { dependency: "ollama" } }),
+      detail(ErrorInfoSchema, { reason: reasonOf(ErrorReason.DEPENDENCY_UNAVAILABLE), metadata: { dependency: "ollama" } }),
     ]);
     expect(describeError(down).title).toBe("Model server unavailable");
     const redis = new ConnectError("redis is unavailable", Code.Unavailable, undefined, [
-      detail(ErrorInfoSchema, { reason: "DEPENDENCY_UNAVAILABLE", metadata: { dependency: "redis" } }),
+      detail(ErrorInfoSchema, { reason: reasonOf(ErrorReason.DEPENDENCY_UNAVAILABLE), metadata: { dependency: "redis" } }),
     ]);
     expect(describeError(redis).title).toBe("Service unavailable");
   });
@@ -62,7 +71,7 @@ describe("describeError", () => {
     expect(describeError(new ConnectError("", Code.Canceled)).cancelled).toBe(true);
     expect(describeError(new ConnectError("no such session", Code.NotFound)).detail).toBe("no such session");
     expect(describeError(new ConnectError("llama4 is not pulled", Code.FailedPrecondition, undefined, [
-      detail(ErrorInfoSchema, { reason: "MODEL_NOT_FOUND" }),
+      detail(ErrorInfoSchema, { reason: reasonOf(ErrorReason.MODEL_NOT_FOUND) }),
     ])).title).toBe("Model not installed");
     expect(describeError(new Error("boom")).title).toBe("Something went wrong");
     expect(describeError(new ConnectError("stalled", Code.DeadlineExceeded)).title).toBe("Timed out");

@@ -1,5 +1,6 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { BadRequestSchema, ErrorInfoSchema, RetryInfoSchema } from "@gen/google/rpc/error_details_pb.js";
+import { ErrorReason } from "@gen/opsmesh/errors/v1/errors_pb.js";
 import { SignInRequired } from "../auth/auth";
 
 /** An error as the user reads it. */
@@ -12,6 +13,14 @@ export interface Problem {
   readonly signIn?: boolean;
   /** The user stopped it: not worth a warning. */
   readonly cancelled?: boolean;
+}
+
+/**
+ * The `ErrorInfo.reason` string of a reason of the contract (proto/opsmesh/errors/v1/errors.proto):
+ * the enum value's name without `ERROR_REASON_`, which is the generated member's name.
+ */
+export function reasonOf(reason: ErrorReason): string {
+  return ErrorReason[reason];
 }
 
 function retryAfter(error: ConnectError): number | undefined {
@@ -62,14 +71,14 @@ export function describeError(error: unknown): Problem {
     case Code.ResourceExhausted: {
       const seconds = retryAfter(failure);
       const wait = seconds ? ` Try again in ${plural(seconds, "second")}.` : " Try again shortly.";
-      if (reason === "MODEL_SERVER_BUSY") {
+      if (reason === reasonOf(ErrorReason.MODEL_SERVER_BUSY)) {
         return { title: "Model busy", detail: `The model server is busy.${wait}`, retryAfterSeconds: seconds };
       }
       return { title: "Rate limited", detail: `Too many requests.${wait}`, retryAfterSeconds: seconds };
     }
     case Code.FailedPrecondition:
       return {
-        title: reason === "MODEL_NOT_FOUND" ? "Model not installed" : "Not possible now",
+        title: reason === reasonOf(ErrorReason.MODEL_NOT_FOUND) ? "Model not installed" : "Not possible now",
         detail: message,
       };
     case Code.DeadlineExceeded:
