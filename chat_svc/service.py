@@ -35,6 +35,7 @@ from mesh.errors import (
 )
 from mesh.pagination import decode_token, encode_token, page_size
 from opsmesh.chat.v1 import chat_pb2, chat_pb2_grpc
+from opsmesh.errors.v1 import errors_pb2
 from opsmesh.session.v1 import session_pb2, session_pb2_grpc
 
 log = logging.getLogger("opsmesh.chat")
@@ -216,7 +217,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         if not agent.tools:
             raise FailedPrecondition(
                 f"the {agent.name} agent is not available in this deployment: {agent.missing}",
-                reason="AGENT_UNAVAILABLE",
+                reason=errors_pb2.ERROR_REASON_AGENT_UNAVAILABLE,
             )
         return agent
 
@@ -243,7 +244,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                     return
                 raise AlreadyExists(
                     f"message {ask.client_message_id} is still being answered",
-                    reason="MESSAGE_IN_PROGRESS",
+                    reason=errors_pb2.ERROR_REASON_MESSAGE_IN_PROGRESS,
                     metadata={"generation_id": str(claim.record.get("generation_id", ""))},
                 )
             user_message_id = claim.user_message_id

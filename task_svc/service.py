@@ -15,6 +15,7 @@ from grpc import aio
 from mesh.context import current_principal
 from mesh.errors import DependencyUnavailable, FailedPrecondition, InvalidArgument
 from mesh.pagination import decode_token, encode_token, page_size
+from opsmesh.errors.v1 import errors_pb2
 from opsmesh.task.v1 import task_pb2, task_pb2_grpc
 from task_svc import states
 from task_svc.config import RetryPolicy
@@ -82,6 +83,37 @@ def _check_workspace(payload: task_pb2.WorkspaceTaskPayload) -> None:
             )
 
 
+def with_typed_payload(task: task_pb2.Task) -> task_pb2.Task:
+    """Sets ``task.workspace`` or ``task.email`` from the record's JSON payload, by task type.
+
+    The record keeps the payload as a ``Struct`` (deprecated on the wire, where every number is a
+    double); clients read the typed oneof. A payload that no longer parses (fields of a newer
+    contract are ignored) leaves the oneof unset rather than failing the call.
+    """
+    typed: Message
+    if task.type == task_pb2.TASK_TYPE_WORKSPACE:
+        typed = task.workspace
+    elif task.type == task_pb2.TASK_TYPE_EMAIL:
+        typed = task.email
+    else:
+        return task
+    try:
+        json_format.ParseDict(
+            json_format.MessageToDict(task.payload), typed, ignore_unknown_fields=True
+        )
+    except json_format.ParseError:
+        task.ClearField("typed_payload")
+        log.warning(
+            "task %s: its payload does not parse as %s",
+            task.id,
+            typed.DESCRIPTOR.name,
+            extra={"task_id": task.id},
+        )
+        return task
+    typed.SetInParent()  # an empty payload still says which kind of task this is
+    return task
+
+
 class TaskService(task_pb2_grpc.TaskServiceServicer):
     def __init__(
         self, store: TaskStore, publisher: Publisher, retry: dict[int, RetryPolicy]
@@ -111,7 +143,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         task.payload.update(json_format.MessageToDict(payload, preserving_proto_field_name=True))
         stored, revision, created = await self._store.create(task)
         if not created:
-            return stored
+            return with_typed_payload(stored)
         try:
             await self._publisher.publish(stored, revision)
         except DependencyUnavailable:
@@ -127,7 +159,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                     extra={"task_id": stored.id},
                 )
             raise
-        return stored
+        return with_typed_payload(stored)
 
     async def PublishWorkspaceTask(
         self, request: task_pb2.PublishWorkspaceTaskRequest, context: Context
@@ -152,7 +184,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
     ) -> task_pb2.GetTaskResponse:
         task_id = _task_id(request.task_id)
         return task_pb2.GetTaskResponse(
-            task=await self._store.get(current_principal().org_id, task_id)
+            task=with_typed_payload(await self._store.get(current_principal().org_id, task_id))
         )
 
     async def ListTasks(
@@ -170,7 +202,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             types=frozenset(request.types),
         )
         return task_pb2.ListTasksResponse(
-            tasks=tasks,
+            tasks=[with_typed_payload(task) for task in tasks],
             next_page_token=encode_token(_TOKEN_KIND, next_cursor) if next_cursor else "",
         )
 
@@ -183,7 +215,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             if task.version <= last_version:
                 continue
             last_version = task.version
-            yield task_pb2.WatchTaskResponse(task=task)
+            yield task_pb2.WatchTaskResponse(task=with_typed_payload(task))
             if task.status in states.TERMINAL:
                 return
 
@@ -197,7 +229,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             if task.status in states.TERMINAL:
                 raise FailedPrecondition(
                     f"task {task_id} is already {states.name(task.status)}",
-                    reason="TASK_FINISHED",
+                    reason=errors_pb2.ERROR_REASON_TASK_FINISHED,
                 )
             if task.status == states.RUNNING:
                 task.cancel_requested = True
@@ -206,7 +238,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                 task.error = reason
 
         task, _ = await self._store.change(current_principal().org_id, task_id, cancel)
-        return task_pb2.CancelTaskResponse(task=task)
+        return task_pb2.CancelTaskResponse(task=with_typed_payload(task))
 
     async def RetryTask(
         self, request: task_pb2.RetryTaskRequest, context: Context
@@ -218,7 +250,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                 raise FailedPrecondition(
                     f"only failed or cancelled tasks can be retried; task {task_id} is "
                     f"{states.name(task.status)}",
-                    reason="TASK_NOT_RETRYABLE",
+                    reason=errors_pb2.ERROR_REASON_TASK_NOT_RETRYABLE,
                 )
             task.status = states.PENDING
             task.retry_count = 0
@@ -228,4 +260,4 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
 
         task, revision = await self._store.change(current_principal().org_id, task_id, resubmit)
         await self._publisher.publish(task, revision)
-        return task_pb2.RetryTaskResponse(task=task)
+        return task_pb2.RetryTaskResponse(task=with_typed_payload(task))

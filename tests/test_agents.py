@@ -16,6 +16,7 @@ from grpc import aio
 from ollama._types import ChatRequest
 
 from chat_svc.agents.catalog import AgentLimits
+from chat_svc.agents.operations import describe_task
 from chat_svc.agents.wiring import AgentDependencies
 from chat_svc.server import build_runner
 from devtools.servers import NatsServer, RedisServer
@@ -684,3 +685,63 @@ async def test_each_agent_gets_the_tools_its_settings_allow(agents: AgentStack) 
         if tool.changes_state
     }
     assert state_changing == {"provision_workspace", "deprovision_workspace"}
+
+
+def test_describe_task_reads_the_typed_payload() -> None:
+    typed = task_pb2.Task(
+        id="t1",
+        type=task_pb2.TASK_TYPE_WORKSPACE,
+        workspace=task_pb2.WorkspaceTaskPayload(
+            action=task_pb2.WORKSPACE_ACTION_PROVISION,
+            workspace="team-q",
+            quota=task_pb2.WorkspaceQuota(cpu="2", pods=3),
+            notify_emails=["ops@example.com"],
+        ),
+    )
+    payload = describe_task(typed)["payload"]
+    assert payload == {
+        "action": "WORKSPACE_ACTION_PROVISION",
+        "workspace": "team-q",
+        "quota": {"cpu": "2", "pods": 3},
+        "notify_emails": ["ops@example.com"],
+    }
+    assert type(payload["quota"]["pods"]) is int
+    email = task_pb2.Task(type=task_pb2.TASK_TYPE_EMAIL, email={"notification_id": "n-1"})
+    assert describe_task(email)["payload"] == {"notification_id": "n-1"}
+    # The deprecated Struct alone is no longer read.
+    struct_only = task_pb2.Task(type=task_pb2.TASK_TYPE_WORKSPACE)
+    struct_only.payload.update({"workspace": "old"})
+    assert describe_task(struct_only)["payload"] == {}
+
+
+async def test_operations_tools_read_the_typed_payload_from_the_task_service(
+    agents: AgentStack,
+) -> None:
+    published = await agents.tasks.stub.PublishWorkspaceTask(
+        task_pb2.PublishWorkspaceTaskRequest(
+            payload=task_pb2.WorkspaceTaskPayload(
+                action=task_pb2.WORKSPACE_ACTION_PROVISION,
+                workspace="team-q",
+                quota=task_pb2.WorkspaceQuota(pods=3),
+            )
+        ),
+        metadata=agents.who,
+    )
+    agents.ollama.scenario.script = [
+        Reply(
+            tool_calls=[
+                ("workspace_status", {"workspace": "team-q"}),
+                ("get_task", {"task_id": published.task.id}),
+            ]
+        ),
+        Reply(tokens=["Pending."]),
+    ]
+    session_id = await new_session(agents)
+    events = await collect(agents.stub.StreamChat(ask(session_id, "team-q?"), metadata=agents.who))
+    status, task = [e.tool_result for e in events if e.HasField("tool_result")]
+    assert not status.is_error, status.content
+    assert status.content.startswith("Workspace team-q: provision is pending."), status.content
+    assert "(workspace team-q, workspace_action_provision)" in task.content
+    payload = task.data["task"]["payload"]
+    assert payload["workspace"] == "team-q"
+    assert payload["quota"]["pods"] == 3

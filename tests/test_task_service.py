@@ -13,6 +13,7 @@ from grpc import aio
 from devtools.servers import NatsServer
 from opsmesh.task.v1 import task_pb2 as pb
 from task_svc.handlers import workspace_without_cluster
+from task_svc.service import with_typed_payload
 from tests.helpers import assert_eventually, error_details, identity
 from tests.taskkit import Script, ScriptedHandler, TaskStack, running_worker, task_stack
 
@@ -389,3 +390,110 @@ async def test_records_expire_after_the_retention_period(stack) -> None:
         assert status.history == 1
     finally:
         await client.close()
+
+
+async def first_watched(stack: TaskStack, task_id: str, who=ALICE) -> pb.Task:
+    """The first WatchTaskResponse (the task as it is now), then the stream is cancelled."""
+    call = stack.stub.WatchTask(pb.WatchTaskRequest(task_id=task_id), metadata=who)
+    try:
+        async for update in call:
+            return update.task
+    finally:
+        call.cancel()
+    raise AssertionError("WatchTask ended without a task")
+
+
+async def test_workspace_task_comes_back_with_its_typed_payload(stack) -> None:
+    who = identity("typist", "typedorg")
+    payload = pb.WorkspaceTaskPayload(
+        action=pb.WORKSPACE_ACTION_PROVISION,
+        workspace="typed-ws",
+        quota=pb.WorkspaceQuota(cpu="4", memory="8Gi", pods=3),
+        notify_emails=["ops@example.com"],
+    )
+    published = (
+        await stack.stub.PublishWorkspaceTask(
+            pb.PublishWorkspaceTaskRequest(payload=payload, idempotency_key="typed-ws"),
+            metadata=who,
+        )
+    ).task
+    again = (
+        await stack.stub.PublishWorkspaceTask(
+            pb.PublishWorkspaceTaskRequest(payload=payload, idempotency_key="typed-ws"),
+            metadata=who,
+        )
+    ).task
+    got = (await stack.stub.GetTask(pb.GetTaskRequest(task_id=published.id), metadata=who)).task
+    (listed,) = (await stack.stub.ListTasks(pb.ListTasksRequest(), metadata=who)).tasks
+    watched = await first_watched(stack, published.id, who)
+    cancelled = (
+        await stack.stub.CancelTask(pb.CancelTaskRequest(task_id=published.id), metadata=who)
+    ).task
+    retried = (
+        await stack.stub.RetryTask(pb.RetryTaskRequest(task_id=published.id), metadata=who)
+    ).task
+    for name, task in {
+        "PublishWorkspaceTask": published,
+        "PublishWorkspaceTask again": again,
+        "GetTask": got,
+        "ListTasks": listed,
+        "WatchTask": watched,
+        "CancelTask": cancelled,
+        "RetryTask": retried,
+    }.items():
+        assert task.id == published.id, name
+        assert task.WhichOneof("typed_payload") == "workspace", name
+        assert task.workspace == payload, name
+        assert task.workspace.quota.pods == 3, name
+        assert type(task.workspace.quota.pods) is int, name
+    # The deprecated Struct stays as it was, doubles included, for older clients.
+    assert published.payload["quota"]["pods"] == 3.0
+    assert type(published.payload["quota"]["pods"]) is float
+    assert published.payload["workspace"] == "typed-ws"
+
+
+async def test_email_task_comes_back_with_its_typed_payload_while_it_runs(stack) -> None:
+    nid = str(uuid.uuid4())
+    handler = ScriptedHandler(scripts={nid: Script(transient_failures=1, steps=2)})
+    published = await publish_email(stack, nid)
+    assert published.WhichOneof("typed_payload") == "email"
+    assert published.email.notification_id == nid
+    seen: list[pb.Task] = []
+
+    async def watch() -> None:
+        async for update in stack.stub.WatchTask(
+            pb.WatchTaskRequest(task_id=published.id), metadata=ALICE
+        ):
+            seen.append(update.task)
+
+    watcher = asyncio.ensure_future(watch())
+    await asyncio.sleep(0.2)  # let the watch start before the worker does
+    async with running_worker(stack, handler):
+        await asyncio.wait_for(watcher, 15)
+    assert [t.status for t in seen][-1] == pb.TASK_STATUS_SUCCEEDED
+    assert {pb.TASK_STATUS_PENDING, pb.TASK_STATUS_RUNNING} <= {t.status for t in seen}
+    for task in seen:
+        assert task.WhichOneof("typed_payload") == "email", pb.TaskStatus.Name(task.status)
+        assert task.email.notification_id == nid
+    emails = await stack.stub.ListTasks(
+        pb.ListTasksRequest(types=[pb.TASK_TYPE_EMAIL]), metadata=ALICE
+    )
+    (listed,) = [t for t in emails.tasks if t.id == published.id]
+    assert listed.email == pb.EmailTaskPayload(notification_id=nid)
+    assert not listed.HasField("workspace")
+
+
+def test_typed_payload_ignores_unknown_fields_and_survives_a_bad_record() -> None:
+    newer = pb.Task(id="t1", type=pb.TASK_TYPE_WORKSPACE)
+    newer.payload.update({"workspace": "w", "quota": {"pods": 7}, "added_later": True})
+    assert with_typed_payload(newer).workspace == pb.WorkspaceTaskPayload(
+        workspace="w", quota=pb.WorkspaceQuota(pods=7)
+    )
+    empty = pb.Task(id="t2", type=pb.TASK_TYPE_EMAIL)
+    assert with_typed_payload(empty).WhichOneof("typed_payload") == "email"
+    broken = pb.Task(id="t3", type=pb.TASK_TYPE_WORKSPACE)
+    broken.payload.update({"workspace": "w", "quota": {"pods": "many"}})
+    assert with_typed_payload(broken).WhichOneof("typed_payload") is None
+    untyped = pb.Task(id="t4")
+    untyped.payload.update({"x": 1})
+    assert with_typed_payload(untyped).WhichOneof("typed_payload") is None

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import Message
 from grpc import aio
 from pydantic import BaseModel, Field
 
@@ -56,13 +57,23 @@ class ListTasksArgs(BaseModel):
     limit: int = Field(default=10, ge=1, le=50, description="How many tasks, newest first")
 
 
+def task_payload(task: task_pb2.Task) -> dict[str, Any]:
+    """The task's typed input (``Task.workspace`` or ``Task.email``) as plain data, with the
+    contract's field names and integers as integers; empty when the task carries none."""
+    which = task.WhichOneof("typed_payload")
+    if which is None:
+        return {}
+    typed: Message = getattr(task, which)
+    return json_format.MessageToDict(typed, preserving_proto_field_name=True)
+
+
 def describe_task(task: task_pb2.Task) -> dict[str, Any]:
     """A task as plain data, the way the model and the client read it."""
     described: dict[str, Any] = {
         "task_id": task.id,
         "type": _TYPE_NAMES.get(task.type, "unknown"),
         "status": _STATUS_NAMES.get(task.status, "unknown"),
-        "payload": json_format.MessageToDict(task.payload),
+        "payload": task_payload(task),
         "retry_count": task.retry_count,
         "created_at": task.created_at.ToJsonString(),
         "updated_at": task.updated_at.ToJsonString(),
@@ -188,7 +199,7 @@ def operations_tools(tasks: task_pb2_grpc.TaskServiceAsyncStub | None) -> list[T
         found = [
             task
             for task in await recent(context, page_size=100, types=[task_pb2.TASK_TYPE_WORKSPACE])
-            if json_format.MessageToDict(task.payload).get("workspace") == args.workspace
+            if task.HasField("workspace") and task.workspace.workspace == args.workspace
         ]
         if not found:
             return ToolOutput(text=f"No task ever provisioned workspace {args.workspace}.")

@@ -18,12 +18,26 @@ function typeLabel(type: TaskType): string {
   return type === TaskType.WORKSPACE ? "Workspace" : type === TaskType.EMAIL ? "Email" : "Task";
 }
 
-function describe(task: Task): string {
-  const payload = task.payload ?? {};
-  if (task.type === TaskType.WORKSPACE) {
-    return `${String(payload.action ?? "").toLowerCase().replace("workspace_action_", "") || "workspace"} ${String(payload.workspace ?? "")}`;
+/** What the task does, from its typed payload (Task.workspace or Task.email). */
+export function describeTask(task: Task): string {
+  const { typedPayload } = task;
+  switch (typedPayload.case) {
+    case "workspace": {
+      const { action, workspace, quota } = typedPayload.value;
+      const verb = action === WorkspaceAction.UNSPECIFIED ? "workspace" : (WorkspaceAction[action] ?? "workspace");
+      const limits = [
+        quota?.cpu ? `cpu ${quota.cpu}` : "",
+        quota?.memory ? `memory ${quota.memory}` : "",
+        quota?.storage ? `storage ${quota.storage}` : "",
+        quota?.pods ? `${quota.pods} ${quota.pods === 1 ? "pod" : "pods"}` : "",
+      ].filter(Boolean);
+      return `${verb.toLowerCase()} ${workspace}${limits.length ? ` (${limits.join(", ")})` : ""}`;
+    }
+    case "email":
+      return typedPayload.value.notificationId;
+    default:
+      return "";
   }
-  return String(payload.notificationId ?? payload.notification_id ?? "");
 }
 
 export function TasksScreen({ api, onError }: { api: Api; onError: (error: unknown) => void }) {
@@ -155,7 +169,7 @@ export function TasksScreen({ api, onError }: { api: Api; onError: (error: unkno
             <tr key={task.id} data-testid="task-row">
               <td>{typeLabel(task.type)}</td>
               <td>
-                {describe(task)}
+                {describeTask(task)}
                 {task.progress?.step ? <div className="muted">{task.progress.step}</div> : null}
                 {task.error ? <div className="error-text">{task.error}</div> : null}
               </td>

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aopsmesh/task/v1/task.proto\x12\x0fopsmesh.task.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"L\n\x0eWorkspaceQuota\x12\x0b\n\x03\x63pu\x18\x01 \x01(\t\x12\x0e\n\x06memory\x18\x02 \x01(\t\x12\x0f\n\x07storage\x18\x03 \x01(\t\x12\x0c\n\x04pods\x18\x04 \x01(\x05\"\xa2\x01\n\x14WorkspaceTaskPayload\x12\x30\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32 .opsmesh.task.v1.WorkspaceAction\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12.\n\x05quota\x18\x03 \x01(\x0b\x32\x1f.opsmesh.task.v1.WorkspaceQuota\x12\x15\n\rnotify_emails\x18\x04 \x03(\t\"+\n\x10\x45mailTaskPayload\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\"V\n\x0cTaskProgress\x12\x0c\n\x04step\x18\x01 \x01(\t\x12\x12\n\nsteps_done\x18\x02 \x01(\x05\x12\x13\n\x0bsteps_total\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x9a\x01\n\x0bTaskAttempt\x12\x0e\n\x06number\x18\x01 \x01(\x05\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12.\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\xf5\x03\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x04type\x18\x02 \x01(\x0e\x32\x19.opsmesh.task.v1.TaskType\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.opsmesh.task.v1.TaskStatus\x12(\n\x07payload\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x13\n\x0bretry_count\x18\x06 \x01(\x05\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06org_id\x18\t \x01(\t\x12\x12\n\ncreated_by\x18\n \x01(\t\x12\x17\n\x0fidempotency_key\x18\x0b \x01(\t\x12\x14\n\x0cmax_attempts\x18\x0c \x01(\x05\x12/\n\x08progress\x18\r \x01(\x0b\x32\x1d.opsmesh.task.v1.TaskProgress\x12.\n\x08\x61ttempts\x18\x0e \x03(\x0b\x32\x1c.opsmesh.task.v1.TaskAttempt\x12\x18\n\x10\x63\x61ncel_requested\x18\x0f \x01(\x08\x12\x0f\n\x07version\x18\x10 \x01(\x03\"n\n\x1bPublishWorkspaceTaskRequest\x12\x36\n\x07payload\x18\x01 \x01(\x0b\x32%.opsmesh.task.v1.WorkspaceTaskPayload\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"C\n\x1cPublishWorkspaceTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.opsmesh.task.v1.Task\"f\n\x17PublishEmailTaskRequest\x12\x32\n\x07payload\x18\x01 \x01(\x0b\x32!.opsmesh.task.v1.EmailTaskPayload\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"?\n\x18PublishEmailTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.opsmesh.task.v1.Task\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"6\n\x0fGetTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.opsmesh.task.v1.Task\"\x92\x01\n\x10ListTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12-\n\x08statuses\x18\x03 \x03(\x0e\x32\x1b.opsmesh.task.v1.TaskStatus\x12(\n\x05types\x18\x04 \x03(\x0e\x32\x19.opsmesh.task.v1.TaskType\"R\n\x11ListTasksResponse\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.opsmesh.task.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"8\n\x11WatchTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.opsmesh.task.v1.Task\"4\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"9\n\x12\x43\x61ncelTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.opsmesh.task.v1.Task\"#\n\x10RetryTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"8\n\x11RetryTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.opsmesh.task.v1.Task*S\n\x08TaskType\x12\x19\n\x15TASK_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_TYPE_WORKSPACE\x10\x01\x12\x13\n\x0fTASK_TYPE_EMAIL\x10\x02*\xc3\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_PENDING\x10\x01\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x02\x12\x18\n\x14TASK_STATUS_RETRYING\x10\x03\x12\x19\n\x15TASK_STATUS_SUCCEEDED\x10\x04\x12\x16\n\x12TASK_STATUS_FAILED\x10\x05\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x06*u\n\x0fWorkspaceAction\x12 \n\x1cWORKSPACE_ACTION_UNSPECIFIED\x10\x00\x12\x1e\n\x1aWORKSPACE_ACTION_PROVISION\x10\x01\x12 \n\x1cWORKSPACE_ACTION_DEPROVISION\x10\x02\x32\x8e\x05\n\x0bTaskService\x12s\n\x14PublishWorkspaceTask\x12,.opsmesh.task.v1.PublishWorkspaceTaskRequest\x1a-.opsmesh.task.v1.PublishWorkspaceTaskResponse\x12g\n\x10PublishEmailTask\x12(.opsmesh.task.v1.PublishEmailTaskRequest\x1a).opsmesh.task.v1.PublishEmailTaskResponse\x12L\n\x07GetTask\x12\x1f.opsmesh.task.v1.GetTaskRequest\x1a .opsmesh.task.v1.GetTaskResponse\x12R\n\tListTasks\x12!.opsmesh.task.v1.ListTasksRequest\x1a\".opsmesh.task.v1.ListTasksResponse\x12T\n\tWatchTask\x12!.opsmesh.task.v1.WatchTaskRequest\x1a\".opsmesh.task.v1.WatchTaskResponse0\x01\x12U\n\nCancelTask\x12\".opsmesh.task.v1.CancelTaskRequest\x1a#.opsmesh.task.v1.CancelTaskResponse\x12R\n\tRetryTask\x12!.opsmesh.task.v1.RetryTaskRequest\x1a\".opsmesh.task.v1.RetryTaskResponseBB\n\x13\x64\x65v.opsmesh.task.v1P\x01Z)opsmesh.dev/gen/go/opsmesh/task/v1;taskv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aopsmesh/task/v1/task.proto\x12\x0fopsmesh.task.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"L\n\x0eWorkspaceQuota\x12\x0b\n\x03\x63pu\x18\x01 \x01(\t\x12\x0e\n\x06memory\x18\x02 \x01(\t\x12\x0f\n\x07storage\x18\x03 \x01(\t\x12\x0c\n\x04pods\x18\x04 \x01(\x05\"\xa2\x01\n\x14WorkspaceTaskPayload\x12\x30\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32 .opsmesh.task.v1.WorkspaceAction\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12.\n\x05quota\x18\x03 \x01(\x0b\x32\x1f.opsmesh.task.v1.WorkspaceQuota\x12\x15\n\rnotify_emails\x18\x04 \x03(\t\"+\n\x10\x45mailTaskPayload\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\"V\n\x0cTaskProgress\x12\x0c\n\x04step\x18\x01 \x01(\t\x12\x12\n\nsteps_done\x18\x02 \x01(\x05\x12\x13\n\x0bsteps_total\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x9a\x01\n\x0bTaskAttempt\x12\x0e\n\x06number\x18\x01 \x01(\x05\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12.\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\xfa\x04\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x04type\x18\x02 \x01(\x0e\x32\x19.opsmesh.task.v1.TaskType\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.opsmesh.task.v1.TaskStatus\x12,\n\x07payload\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructB\x02\x18\x01\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x13\n\x0bretry_count\x18\x06 \x01(\x05\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06org_id\x18\t \x01(\t\x12\x12\n\ncreated_by\x18\n \x01(\t\x12\x17\n\x0fidempotency_key\x18\x0b \x01(\t\x12\x14\n\x0cmax_attempts\x18\x0c \x01(\x05\x12/\n\x08progress\x18\r \x01(\x0b\x32\x1d.opsmesh.task.v1.TaskProgress\x12.\n\x08\x61ttempts\x18\x0e \x03(\x0b\x32\x1c.opsmesh.task.v1.TaskAttempt\x12\x18\n\x10\x63\x61ncel_requested\x18\x0f \x01(\x08\x12\x0f\n\x07version\x18\x10 \x01(\x03\x12:\n\tworkspace\x18\x11 \x01(\x0b\x32%.opsmesh.task.v1.WorkspaceTaskPayloadH\x00\x12\x32\n\x05\x65mail\x18\x12 \x01(\x0b\x32!.opsmesh.task.v1.EmailTaskPayloadH\x00\x42\x0f\n\rtyped_payload\"n\n\x1bPublishWorkspaceTaskRequest\x12\x36\n\x07payload\x18\x01 \x01(\x0b\x32%.opsmesh.task.v1.WorkspaceTaskPayload\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"C\n\x1cPublishWorkspaceTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.opsmesh.task.v1.Task\"f\n\x17PublishEmailTaskRequest\x12\x32\n\x07payload\x18\x01 \x01(\x0b\x32!.opsmesh.task.v1.EmailTaskPayload\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"?\n\x18PublishEmailTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.opsmesh.task.v1.Task\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"6\n\x0fGetTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.opsmesh.task.v1.Task\"\x92\x01\n\x10ListTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12-\n\x08statuses\x18\x03 \x03(\x0e\x32\x1b.opsmesh.task.v1.TaskStatus\x12(\n\x05types\x18\x04 \x03(\x0e\x32\x19.opsmesh.task.v1.TaskType\"R\n\x11ListTasksResponse\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.opsmesh.task.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"8\n\x11WatchTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.opsmesh.task.v1.Task\"4\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"9\n\x12\x43\x61ncelTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.opsmesh.task.v1.Task\"#\n\x10RetryTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"8\n\x11RetryTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.opsmesh.task.v1.Task*S\n\x08TaskType\x12\x19\n\x15TASK_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_TYPE_WORKSPACE\x10\x01\x12\x13\n\x0fTASK_TYPE_EMAIL\x10\x02*\xc3\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_PENDING\x10\x01\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x02\x12\x18\n\x14TASK_STATUS_RETRYING\x10\x03\x12\x19\n\x15TASK_STATUS_SUCCEEDED\x10\x04\x12\x16\n\x12TASK_STATUS_FAILED\x10\x05\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x06*u\n\x0fWorkspaceAction\x12 \n\x1cWORKSPACE_ACTION_UNSPECIFIED\x10\x00\x12\x1e\n\x1aWORKSPACE_ACTION_PROVISION\x10\x01\x12 \n\x1cWORKSPACE_ACTION_DEPROVISION\x10\x02\x32\x8e\x05\n\x0bTaskService\x12s\n\x14PublishWorkspaceTask\x12,.opsmesh.task.v1.PublishWorkspaceTaskRequest\x1a-.opsmesh.task.v1.PublishWorkspaceTaskResponse\x12g\n\x10PublishEmailTask\x12(.opsmesh.task.v1.PublishEmailTaskRequest\x1a).opsmesh.task.v1.PublishEmailTaskResponse\x12L\n\x07GetTask\x12\x1f.opsmesh.task.v1.GetTaskRequest\x1a .opsmesh.task.v1.GetTaskResponse\x12R\n\tListTasks\x12!.opsmesh.task.v1.ListTasksRequest\x1a\".opsmesh.task.v1.ListTasksResponse\x12T\n\tWatchTask\x12!.opsmesh.task.v1.WatchTaskRequest\x1a\".opsmesh.task.v1.WatchTaskResponse0\x01\x12U\n\nCancelTask\x12\".opsmesh.task.v1.CancelTaskRequest\x1a#.opsmesh.task.v1.CancelTaskResponse\x12R\n\tRetryTask\x12!.opsmesh.task.v1.RetryTaskRequest\x1a\".opsmesh.task.v1.RetryTaskResponseBB\n\x13\x64\x65v.opsmesh.task.v1P\x01Z)opsmesh.dev/gen/go/opsmesh/task/v1;taskv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,14 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'opsmesh.task.v1.task_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\023dev.opsmesh.task.v1P\001Z)opsmesh.dev/gen/go/opsmesh/task/v1;taskv1'
-  _globals['_TASKTYPE']._serialized_start=2124
-  _globals['_TASKTYPE']._serialized_end=2207
-  _globals['_TASKSTATUS']._serialized_start=2210
-  _globals['_TASKSTATUS']._serialized_end=2405
-  _globals['_WORKSPACEACTION']._serialized_start=2407
-  _globals['_WORKSPACEACTION']._serialized_end=2524
+  _globals['_TASK'].fields_by_name['payload']._loaded_options = None
+  _globals['_TASK'].fields_by_name['payload']._serialized_options = b'\030\001'
+  _globals['_TASKTYPE']._serialized_start=2257
+  _globals['_TASKTYPE']._serialized_end=2340
+  _globals['_TASKSTATUS']._serialized_start=2343
+  _globals['_TASKSTATUS']._serialized_end=2538
+  _globals['_WORKSPACEACTION']._serialized_start=2540
+  _globals['_WORKSPACEACTION']._serialized_end=2657
   _globals['_WORKSPACEQUOTA']._serialized_start=110
   _globals['_WORKSPACEQUOTA']._serialized_end=186
   _globals['_WORKSPACETASKPAYLOAD']._serialized_start=189
@@ -51,35 +53,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKATTEMPT']._serialized_start=487
   _globals['_TASKATTEMPT']._serialized_end=641
   _globals['_TASK']._serialized_start=644
-  _globals['_TASK']._serialized_end=1145
-  _globals['_PUBLISHWORKSPACETASKREQUEST']._serialized_start=1147
-  _globals['_PUBLISHWORKSPACETASKREQUEST']._serialized_end=1257
-  _globals['_PUBLISHWORKSPACETASKRESPONSE']._serialized_start=1259
-  _globals['_PUBLISHWORKSPACETASKRESPONSE']._serialized_end=1326
-  _globals['_PUBLISHEMAILTASKREQUEST']._serialized_start=1328
-  _globals['_PUBLISHEMAILTASKREQUEST']._serialized_end=1430
-  _globals['_PUBLISHEMAILTASKRESPONSE']._serialized_start=1432
-  _globals['_PUBLISHEMAILTASKRESPONSE']._serialized_end=1495
-  _globals['_GETTASKREQUEST']._serialized_start=1497
-  _globals['_GETTASKREQUEST']._serialized_end=1530
-  _globals['_GETTASKRESPONSE']._serialized_start=1532
-  _globals['_GETTASKRESPONSE']._serialized_end=1586
-  _globals['_LISTTASKSREQUEST']._serialized_start=1589
-  _globals['_LISTTASKSREQUEST']._serialized_end=1735
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1737
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1819
-  _globals['_WATCHTASKREQUEST']._serialized_start=1821
-  _globals['_WATCHTASKREQUEST']._serialized_end=1856
-  _globals['_WATCHTASKRESPONSE']._serialized_start=1858
-  _globals['_WATCHTASKRESPONSE']._serialized_end=1914
-  _globals['_CANCELTASKREQUEST']._serialized_start=1916
-  _globals['_CANCELTASKREQUEST']._serialized_end=1968
-  _globals['_CANCELTASKRESPONSE']._serialized_start=1970
-  _globals['_CANCELTASKRESPONSE']._serialized_end=2027
-  _globals['_RETRYTASKREQUEST']._serialized_start=2029
-  _globals['_RETRYTASKREQUEST']._serialized_end=2064
-  _globals['_RETRYTASKRESPONSE']._serialized_start=2066
-  _globals['_RETRYTASKRESPONSE']._serialized_end=2122
-  _globals['_TASKSERVICE']._serialized_start=2527
-  _globals['_TASKSERVICE']._serialized_end=3181
+  _globals['_TASK']._serialized_end=1278
+  _globals['_PUBLISHWORKSPACETASKREQUEST']._serialized_start=1280
+  _globals['_PUBLISHWORKSPACETASKREQUEST']._serialized_end=1390
+  _globals['_PUBLISHWORKSPACETASKRESPONSE']._serialized_start=1392
+  _globals['_PUBLISHWORKSPACETASKRESPONSE']._serialized_end=1459
+  _globals['_PUBLISHEMAILTASKREQUEST']._serialized_start=1461
+  _globals['_PUBLISHEMAILTASKREQUEST']._serialized_end=1563
+  _globals['_PUBLISHEMAILTASKRESPONSE']._serialized_start=1565
+  _globals['_PUBLISHEMAILTASKRESPONSE']._serialized_end=1628
+  _globals['_GETTASKREQUEST']._serialized_start=1630
+  _globals['_GETTASKREQUEST']._serialized_end=1663
+  _globals['_GETTASKRESPONSE']._serialized_start=1665
+  _globals['_GETTASKRESPONSE']._serialized_end=1719
+  _globals['_LISTTASKSREQUEST']._serialized_start=1722
+  _globals['_LISTTASKSREQUEST']._serialized_end=1868
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1870
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1952
+  _globals['_WATCHTASKREQUEST']._serialized_start=1954
+  _globals['_WATCHTASKREQUEST']._serialized_end=1989
+  _globals['_WATCHTASKRESPONSE']._serialized_start=1991
+  _globals['_WATCHTASKRESPONSE']._serialized_end=2047
+  _globals['_CANCELTASKREQUEST']._serialized_start=2049
+  _globals['_CANCELTASKREQUEST']._serialized_end=2101
+  _globals['_CANCELTASKRESPONSE']._serialized_start=2103
+  _globals['_CANCELTASKRESPONSE']._serialized_end=2160
+  _globals['_RETRYTASKREQUEST']._serialized_start=2162
+  _globals['_RETRYTASKREQUEST']._serialized_end=2197
+  _globals['_RETRYTASKRESPONSE']._serialized_start=2199
+  _globals['_RETRYTASKRESPONSE']._serialized_end=2255
+  _globals['_TASKSERVICE']._serialized_start=2660
+  _globals['_TASKSERVICE']._serialized_end=3314
 # @@protoc_insertion_point(module_scope)

@@ -103,7 +103,7 @@ class TaskAttempt(_message.Message):
     def __init__(self, number: _Optional[int] = ..., worker: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("id", "type", "status", "payload", "error", "retry_count", "created_at", "updated_at", "org_id", "created_by", "idempotency_key", "max_attempts", "progress", "attempts", "cancel_requested", "version")
+    __slots__ = ("id", "type", "status", "payload", "error", "retry_count", "created_at", "updated_at", "org_id", "created_by", "idempotency_key", "max_attempts", "progress", "attempts", "cancel_requested", "version", "workspace", "email")
     ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,8 @@ class Task(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    WORKSPACE_FIELD_NUMBER: _ClassVar[int]
+    EMAIL_FIELD_NUMBER: _ClassVar[int]
     id: str
     type: TaskType
     status: TaskStatus
@@ -136,7 +138,9 @@ class Task(_message.Message):
     attempts: _containers.RepeatedCompositeFieldContainer[TaskAttempt]
     cancel_requested: bool
     version: int
-    def __init__(self, id: _Optional[str] = ..., type: _Optional[_Union[TaskType, str]] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[str] = ..., retry_count: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., org_id: _Optional[str] = ..., created_by: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., max_attempts: _Optional[int] = ..., progress: _Optional[_Union[TaskProgress, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[TaskAttempt, _Mapping]]] = ..., cancel_requested: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
+    workspace: WorkspaceTaskPayload
+    email: EmailTaskPayload
+    def __init__(self, id: _Optional[str] = ..., type: _Optional[_Union[TaskType, str]] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[str] = ..., retry_count: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., org_id: _Optional[str] = ..., created_by: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., max_attempts: _Optional[int] = ..., progress: _Optional[_Union[TaskProgress, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[TaskAttempt, _Mapping]]] = ..., cancel_requested: _Optional[bool] = ..., version: _Optional[int] = ..., workspace: _Optional[_Union[WorkspaceTaskPayload, _Mapping]] = ..., email: _Optional[_Union[EmailTaskPayload, _Mapping]] = ...) -> None: ...
 
 class PublishWorkspaceTaskRequest(_message.Message):
     __slots__ = ("payload", "idempotency_key")
