@@ -185,7 +185,7 @@ def assert_the_go_walkthrough(output: str) -> None:
     assert "health: SERVING" in lines
     assert re.search(r"^created session [0-9a-f-]{36} version 1$", output, re.MULTILINE)
     assert "got session go example map[env:dev step:1]" in lines
-    assert "stale update: Aborted" in lines
+    assert "stale update: Aborted ERROR_REASON_VERSION_MISMATCH" in lines
     assert "retried update: applied on attempt 1" in lines
     statuses = re.findall(r"^task [0-9a-f-]+ (TASK_STATUS_\w+)$", output, re.MULTILINE)
     # The watch starts with the task's current state and ends at its terminal status: the dev

@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/structpb"
 
+	errorsv1 "opsmesh.dev/gen/go/opsmesh/errors/v1"
 	sessionv1 "opsmesh.dev/gen/go/opsmesh/session/v1"
 	taskv1 "opsmesh.dev/gen/go/opsmesh/task/v1"
 )
@@ -75,9 +76,9 @@ func main() {
 	read := got.Session.Version
 	check(update(ctx, sessions, id, read, map[string]interface{}{"step": 2})) // we win
 	err = update(ctx, sessions, id, read, map[string]interface{}{"step": 3})  // stale now
-	fmt.Println("stale update:", status.Code(err))
-	if status.Code(err) != codes.Aborted {
-		log.Fatalf("expected ABORTED, got %v", err)
+	fmt.Println("stale update:", status.Code(err), reason(err))
+	if reason(err) != errorsv1.ErrorReason_ERROR_REASON_VERSION_MISMATCH {
+		log.Fatalf("expected ABORTED with VERSION_MISMATCH, got %v", err)
 	}
 	for attempt := 1; ; attempt++ { // the fix: read again, re-apply the change, retry
 		current, err := sessions.GetSession(ctx, &sessionv1.GetSessionRequest{SessionId: id})
@@ -131,6 +132,17 @@ func main() {
 }
 
 // update merges patch into the session's context if it is still at version expected.
+// reason is an opsmesh error's ErrorInfo reason as the contract's enum: the reason string is
+// the enum value's name without its ERROR_REASON_ prefix, in the domain opsmesh.dev.
+func reason(err error) errorsv1.ErrorReason {
+	for _, detail := range status.Convert(err).Details() {
+		if info, ok := detail.(*errdetails.ErrorInfo); ok && info.Domain == "opsmesh.dev" {
+			return errorsv1.ErrorReason(errorsv1.ErrorReason_value["ERROR_REASON_"+info.Reason])
+		}
+	}
+	return errorsv1.ErrorReason_ERROR_REASON_UNSPECIFIED
+}
+
 func update(ctx context.Context, c sessionv1.SessionServiceClient, id string, expected int64, patch map[string]interface{}) error {
 	fields, err := structpb.NewStruct(patch)
 	if err != nil {

@@ -18,6 +18,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from opsmesh.errors.v1 import errors_pb2
 from opsmesh.session.v1 import session_pb2, session_pb2_grpc
 
 
@@ -63,6 +64,9 @@ async def main() -> None:
                 info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
                 if detail.Unpack(info):
                     print("  ErrorInfo reason", info.reason, "domain", info.domain)
+                    # Reasons are the contract's ErrorReason names without ERROR_REASON_.
+                    reason = errors_pb2.ErrorReason.Value(f"ERROR_REASON_{info.reason}")
+                    assert reason == errors_pb2.ERROR_REASON_INVALID_ARGUMENT
                 elif detail.Unpack(bad):
                     for violation in bad.field_violations:
                         print("  BadRequest field", f"{violation.field}:", violation.description)

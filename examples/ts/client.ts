@@ -5,6 +5,7 @@
 import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { BadRequestSchema, ErrorInfoSchema } from "../../gen/ts/google/rpc/error_details_pb.js";
+import { ErrorReason } from "../../gen/ts/opsmesh/errors/v1/errors_pb.js";
 import { SessionService } from "../../gen/ts/opsmesh/session/v1/session_pb.js";
 
 const [edge = "http://localhost:8080", token = ""] = process.argv.slice(2);
@@ -31,6 +32,10 @@ try {
   console.log("error:", Code[error.code], error.rawMessage);
   for (const info of error.findDetails(ErrorInfoSchema)) {
     console.log("  ErrorInfo reason", info.reason, "domain", info.domain);
+    // Reasons are the contract's ErrorReason names (generated without the ERROR_REASON_ prefix).
+    if (ErrorReason[info.reason as keyof typeof ErrorReason] !== ErrorReason.INVALID_ARGUMENT) {
+      throw new Error(`unexpected reason ${info.reason}`);
+    }
   }
   for (const bad of error.findDetails(BadRequestSchema)) {
     for (const v of bad.fieldViolations) console.log("  BadRequest field", `${v.field}:`, v.description);
