@@ -9,6 +9,7 @@ output, never guessed with sleeps; a server that exits during start-up raises
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -56,12 +57,44 @@ def find_binary(name: str) -> str:
     return found
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (for servers that cannot pick their own)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A TCP port nobody listens on right now (for servers that cannot pick their own).
+
+    It is chosen below the kernel's ephemeral range: the operating system gives ports of that
+    range to every outgoing connection and to every server bound to port 0, so a port picked
+    there may be taken by the time its server binds it (seen: a stack of a dozen processes
+    scraping and calling each other). Ports handed out in this process are not handed out again.
+    """
+    low = 20000
+    high = min(_ephemeral_range()[0], 65536) - 1
+    if high <= low:  # an unusual range: let the kernel choose
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port: int = sock.getsockname()[1]
+            return port
+    for _ in range(200):
+        candidate = random.randint(low, high)  # noqa: S311 - not a secret
+        if candidate in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, candidate))
+            except OSError:
+                continue
+        _handed_out.add(candidate)
+        return candidate
+    raise ServerStartError("free_port", f"no free port found between {low} and {high}")
 
 
 def _tail(path: Path, lines: int = 15) -> str:

@@ -222,3 +222,13 @@ def test_redis_settings_reject_non_redis_urls() -> None:
     RedisSettings.from_env(env, default_url="redis://127.0.0.1:1/0")
     with pytest.raises(SettingsError, match="expected a redis://"):
         env.check()
+
+
+def test_free_ports_stay_out_of_the_ephemeral_range_and_are_not_handed_out_twice() -> None:
+    from devtools.servers import _ephemeral_range, free_port
+
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    # Outgoing connections and port-0 servers take ephemeral ports: a stack's own traffic
+    # must never grab a port picked for one of its servers before that server binds it.
+    assert max(ports) < _ephemeral_range()[0]
