@@ -394,6 +394,8 @@ def _service_env(component: Component) -> list[dict[str, Any]]:
         plain += REDIS_ENV
     if component.nats:
         plain.append(("OPSMESH_NATS_URL", NATS_URL))
+        # The work stream and the records bucket on all three JetStream servers.
+        plain.append(("OPSMESH_TASK_REPLICAS", "3"))
     if component.name == "task-worker":
         env.append(
             {"name": "OPSMESH_WORKER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}

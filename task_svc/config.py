@@ -26,6 +26,8 @@ class Topology:
     namespace: str = "opsmesh"
     retention: float = 30 * 86400.0
     """Seconds a task record is kept after its last change (the bucket's max age)."""
+    replicas: int = 1
+    """Copies of the work stream and the records bucket in a NATS cluster (3 in production)."""
 
     @property
     def stream(self) -> str:
@@ -143,7 +145,8 @@ def _topology(env: EnvReader) -> Topology:
     retention = env.seconds(
         "OPSMESH_TASK_RETENTION", 30 * 86400.0, minimum=3600, maximum=3650 * 86400
     )
-    return Topology(namespace=namespace, retention=retention)
+    replicas = env.integer("OPSMESH_TASK_REPLICAS", 1, minimum=1, maximum=5)
+    return Topology(namespace=namespace, retention=retention, replicas=replicas)
 
 
 def _retry_policies(env: EnvReader) -> dict[int, RetryPolicy]:

@@ -37,6 +37,7 @@ async def ensure_topology(js: JetStreamContext, topology: Topology) -> KeyValue:
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
             duplicate_window=DUPLICATE_WINDOW_SECONDS,
+            num_replicas=topology.replicas,
         )
         try:
             await js.add_stream(config)
@@ -51,6 +52,7 @@ async def ensure_topology(js: JetStreamContext, topology: Topology) -> KeyValue:
                     history=1,
                     storage=StorageType.FILE,
                     ttl=topology.retention,
+                    replicas=topology.replicas,
                 )
             )
 

@@ -488,3 +488,13 @@ def test_no_secret_with_data_is_committed(rendered: list[dict[str, Any]]) -> Non
     }
     assert {"opsmesh-redis", "opsmesh-nats", "opsmesh-smtp", "opsmesh-clickhouse"} <= referenced
     assert {"opsmesh-alert-webhook"} <= referenced
+
+
+def test_the_task_stream_and_bucket_run_on_three_jetstream_servers() -> None:
+    mesh = Path(__file__).resolve().parent.parent / "deploy" / "k8s" / "base" / "mesh"
+    for name in ("task.yaml", "task-worker.yaml"):
+        documents = list(yaml.safe_load_all((mesh / name).read_text()))
+        (deployment,) = [d for d in documents if d and d["kind"] == "Deployment"]
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        env = {item["name"]: item.get("value") for item in container["env"]}
+        assert env["OPSMESH_TASK_REPLICAS"] == "3", name

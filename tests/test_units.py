@@ -232,3 +232,16 @@ def test_free_ports_stay_out_of_the_ephemeral_range_and_are_not_handed_out_twice
     # Outgoing connections and port-0 servers take ephemeral ports: a stack's own traffic
     # must never grab a port picked for one of its servers before that server binds it.
     assert max(ports) < _ephemeral_range()[0]
+
+
+def test_the_task_stream_replica_count_is_a_validated_setting() -> None:
+    from mesh.settings import EnvReader, SettingsError
+    from task_svc.config import _topology
+
+    env = EnvReader({"OPSMESH_TASK_REPLICAS": "3"})
+    assert _topology(env).replicas == 3
+    assert _topology(EnvReader({})).replicas == 1
+    refused = EnvReader({"OPSMESH_TASK_REPLICAS": "7"})
+    _topology(refused)
+    with pytest.raises(SettingsError):
+        refused.check()
