@@ -70,6 +70,13 @@ class Message:
         ]
 
 
+def connect_clickhouse(dsn: str) -> Client:
+    """A blocking clickhouse-connect client: chDB in-process (``chdb://PATH``) or a server."""
+    if dsn.startswith("chdb://"):
+        Path(dsn.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
+    return clickhouse_connect.get_client(dsn=dsn)
+
+
 def _statements(sql: str) -> list[str]:
     lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
     return [statement.strip() for statement in "\n".join(lines).split(";") if statement.strip()]
@@ -93,9 +100,7 @@ class HistoryStore:
 
     def _connected(self) -> Client:
         if self._client is None:
-            if self._dsn.startswith("chdb://"):
-                Path(self._dsn.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
-            self._client = clickhouse_connect.get_client(dsn=self._dsn)
+            self._client = connect_clickhouse(self._dsn)
         return self._client
 
     def _migrate(self) -> list[str]:

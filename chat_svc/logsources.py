@@ -26,9 +26,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
+from chat_svc.history import connect_clickhouse
 from mesh.errors import DependencyUnavailable
 
 Level = Literal["debug", "info", "warning", "error", "critical"]
@@ -323,9 +323,7 @@ class ClickHouseLogs:
 
     def _connected(self) -> Client:
         if self._client is None:
-            if self._dsn.startswith("chdb://"):
-                Path(self._dsn.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
-            self._client = clickhouse_connect.get_client(dsn=self._dsn)
+            self._client = connect_clickhouse(self._dsn)
         return self._client
 
     async def search(self, query: LogQuery, *, org_id: str | None) -> list[LogRecord]:

@@ -25,11 +25,10 @@ from typing import Any
 import httpx
 import promql_parser
 
-from chat_svc.agents.tools import ToolFailure
+from chat_svc.agents.tools import ToolFailure, visible_org
 from mesh.context import Principal
 
 ORG_LABEL = "org_id"
-PLATFORM_ROLES = ("admin", "operator")
 """Roles that see every organization's series, alerts and rules."""
 
 MAX_CHART_SERIES = 20
@@ -138,9 +137,7 @@ class Scope:
 
     @classmethod
     def of(cls, principal: Principal) -> Scope:
-        if any(principal.has_role(role) for role in PLATFORM_ROLES):
-            return cls(org_id=None)
-        return cls(org_id=principal.org_id)
+        return cls(org_id=visible_org(principal))
 
     @property
     def description(self) -> str:

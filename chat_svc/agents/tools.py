@@ -25,6 +25,14 @@ from mesh.context import Principal
 
 ArgsT = TypeVar("ArgsT", bound=BaseModel)
 
+PLATFORM_ROLES = ("admin", "operator")
+"""Roles that read the whole platform; every other caller reads its own organization only."""
+
+
+def visible_org(principal: Principal) -> str | None:
+    """The organization whose data ``principal`` may read through a tool; None: all of them."""
+    return None if any(principal.has_role(role) for role in PLATFORM_ROLES) else principal.org_id
+
 
 class ToolFailure(Exception):
     """The tool could not do what was asked; ``message`` is the result the model reads."""
@@ -43,13 +51,6 @@ class ToolContext:
     """Call metadata carrying the caller's identity (their bearer token or identity headers)."""
     idempotency_key: str = ""
     """Stable for one tool call of one generation: a retried effect is not done twice."""
-
-    @property
-    def org_id(self) -> str:
-        return self.principal.org_id
-
-    def has_role(self, *roles: str) -> bool:
-        return any(self.principal.has_role(role) for role in roles)
 
 
 @dataclass(frozen=True, kw_only=True)

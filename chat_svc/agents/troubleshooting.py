@@ -18,7 +18,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from chat_svc.agents.operations import describe_task, read_task
-from chat_svc.agents.tools import Tool, ToolContext, ToolFailure, ToolOutput, tool
+from chat_svc.agents.tools import (
+    Tool,
+    ToolContext,
+    ToolFailure,
+    ToolOutput,
+    tool,
+    visible_org,
+)
 from chat_svc.logpatterns import LogPattern, mine_patterns
 from chat_svc.logsources import LogQuery, LogRecord, LogSource, level_rank
 from mesh.errors import DependencyUnavailable
@@ -33,7 +40,6 @@ PATTERN_RECORDS = 2000
 TOP_PATTERNS = 15
 TASK_LOG_MARGIN = timedelta(minutes=5)
 """Log lines this long before a task was created and after it last changed still count."""
-PLATFORM_ROLES = ("admin", "operator")
 _RELATIVE = r"^([0-9]{1,6}[smhd]){1,4}$"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SERVICE = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -91,7 +97,7 @@ def relative(text: str) -> timedelta:
 
 def scope_of(context: ToolContext) -> str | None:
     """The organization whose lines the caller reads; None for platform-wide readers."""
-    return None if context.has_role(*PLATFORM_ROLES) else context.org_id
+    return visible_org(context.principal)
 
 
 def _scope_text(org_id: str | None) -> str:
