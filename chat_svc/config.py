@@ -25,6 +25,9 @@ class ChatSettings:
     session_address: str = "127.0.0.1:50051"
     history_turns: int = 20
     """Earlier messages of the session given to the model with each new one."""
+    recent_turns_ttl: float = 7 * 86400
+    """How long a session's recent turns stay in Redis after its last message; older sessions'
+    first prompt reads them from the history once."""
     max_message_chars: int = 32_000
     auth: AuthSettings = field(default_factory=AuthSettings)
     agent_limits: AgentLimits = field(default_factory=AgentLimits)
@@ -56,6 +59,9 @@ class ChatSettings:
             history_dsn=dsn,
             session_address=env.string("OPSMESH_SESSION_ADDR", "127.0.0.1:50051"),
             history_turns=env.integer("OPSMESH_CHAT_HISTORY_TURNS", 20, minimum=0, maximum=500),
+            recent_turns_ttl=env.seconds(
+                "OPSMESH_CHAT_RECENT_TURNS_TTL", 7 * 86400, minimum=60, maximum=365 * 86400
+            ),
             auth=AuthSettings.from_env(env),
             agent_limits=AgentLimits.from_env(env),
             task_address=env.string("OPSMESH_TASK_ADDR", ""),

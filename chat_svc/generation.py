@@ -26,6 +26,7 @@ from chat_svc.agents.catalog import Agent
 from chat_svc.agents.tools import Tool, ToolContext, ToolFailure, ToolOutput
 from chat_svc.approvals import Approvals, Decision, PendingApproval
 from chat_svc.model import ModelServer
+from chat_svc.parts import Part, ToolCallPart
 from mesh.context import Principal
 from mesh.errors import OpsmeshError
 from opsmesh.chat.v1 import chat_pb2
@@ -121,7 +122,7 @@ class Usage:
     total_seconds: float = 0.0
     load_seconds: float = 0.0
 
-    def add(self, final: Any) -> None:
+    def add(self, final: Part) -> None:
         self.prompt_tokens += final.prompt_eval_count or 0
         self.completion_tokens += final.eval_count or 0
         self.eval_seconds += (final.eval_duration or 0) / 1e9
@@ -150,7 +151,7 @@ class Generation:
     thinking: list[str] = field(default_factory=list)
     tools_log: list[dict[str, Any]] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
-    final: Any = None
+    final: Part | None = None
     """The model server's last ``done`` line of the last round; None while (or if never) done."""
     first_token_at: float | None = None
     awaiting_approval: int = 0
@@ -178,31 +179,24 @@ class Generation:
                     "role": "assistant",
                     "content": said,
                     "tool_calls": [
-                        {
-                            "function": {
-                                "name": c.function.name,
-                                "arguments": dict(c.function.arguments),
-                            }
-                        }
+                        {"function": {"name": c.name, "arguments": dict(c.arguments)}}
                         for c in calls
                     ],
                 }
             )
             for call in calls:
-                name, result = await self._call(call.function.name, call.function.arguments)
+                name, result = await self._call(call.name, call.arguments)
                 self.messages.append({"role": "tool", "content": result, "tool_name": name})
 
-    async def _model_turn(self, *, offer_tools: bool) -> tuple[list[Any], str]:
+    async def _model_turn(self, *, offer_tools: bool) -> tuple[list[ToolCallPart], str]:
         self.final = None
         tools = self.agent.schemas if (offer_tools and self.agent is not None) else None
-        calls: list[Any] = []
+        calls: list[ToolCallPart] = []
         said: list[str] = []
         async for part in self.models.stream(
             model=self.model, messages=self.messages, options=self.options, tools=tools
         ):
-            message = part.message
-            content = message.content or ""
-            thinking = message.thinking or ""
+            content, thinking = part.content, part.thinking
             if content or thinking:
                 if self.first_token_at is None:
                     self.first_token_at = time.perf_counter()
@@ -210,8 +204,8 @@ class Generation:
                 self.text.append(content)
                 self.thinking.append(thinking)
                 said.append(content)
-            if message.tool_calls and tools is not None:
-                calls.extend(message.tool_calls)
+            if part.tool_calls and tools is not None:
+                calls.extend(part.tool_calls)
             if part.done:
                 self.final = part
                 self.usage.add(part)

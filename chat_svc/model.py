@@ -2,24 +2,27 @@
 
 Retries (with exponential backoff and jitter) happen only before the first token:
 connection refused, 503 (queue full) and 429. Once tokens flowed nothing is
-retried. Every NDJSON line is checked for ``error`` by the official client
-(mid-stream errors arrive with HTTP 200); a stream that ends without its final
-``done`` line is a truncated answer. Closing the iterator closes the HTTP
+retried. Every NDJSON line is checked for ``error`` (mid-stream errors arrive
+with HTTP 200); a stream that ends without its final ``done`` line is a
+truncated answer. Closing the iterator closes the HTTP
 stream, which makes Ollama stop generating.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
 import ollama
 
+from chat_svc.parts import LineError, Part, parse_line
 from mesh.errors import (
     DeadlineExceeded,
     DependencyUnavailable,
@@ -32,6 +35,9 @@ from mesh.settings import EnvReader
 from opsmesh.errors.v1 import errors_pb2
 
 log = logging.getLogger("opsmesh.model")
+
+# A line is one token, or a tool call with its arguments: a megabyte is far beyond either.
+_MAX_LINE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +54,8 @@ class ModelSettings:
     retries: int = 3
     backoff_base: float = 0.5
     backoff_cap: float = 8.0
+    max_connections: int = 1024
+    """Concurrent HTTP connections to the model server (one per streaming answer)."""
 
     @classmethod
     def from_env(cls, env: EnvReader) -> ModelSettings:
@@ -72,6 +80,9 @@ class ModelSettings:
             ),
             idle_timeout=env.seconds("OPSMESH_OLLAMA_IDLE_TIMEOUT", 60, minimum=0.1, maximum=3600),
             retries=env.integer("OPSMESH_OLLAMA_RETRIES", 3, minimum=0, maximum=20),
+            max_connections=env.integer(
+                "OPSMESH_OLLAMA_MAX_CONNECTIONS", 1024, minimum=1, maximum=65536
+            ),
         )
 
 
@@ -80,19 +91,38 @@ def _backoff(attempt: int, settings: ModelSettings) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - jitter
 
 
+class _RefusedError(Exception):
+    """The model server answered the chat request with an HTTP error before streaming."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 class ModelServer:
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings
+        self._chat_url = f"{settings.host.rstrip('/')}/api/chat"
+        # The official client lists models; answers stream over aiohttp (C HTTP parser, one
+        # small part per line) because that path runs once per token.
         self._client = ollama.AsyncClient(
             host=settings.host,
-            # Reads are bounded per token below (first token, then idle), not per socket read.
-            timeout=httpx.Timeout(
-                connect=settings.connect_timeout,
-                read=None,
-                write=30.0,
-                pool=settings.connect_timeout,
-            ),
+            timeout=httpx.Timeout(connect=settings.connect_timeout, read=30.0, write=30.0, pool=5),
         )
+        self._http: aiohttp.ClientSession | None = None
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.settings.max_connections),
+                # Reads are bounded per token (first token, then idle), not per socket read.
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=self.settings.connect_timeout, sock_read=None
+                ),
+                read_bufsize=_MAX_LINE_BYTES,
+            )
+        return self._http
 
     def choose(self, requested: str) -> str:
         model = requested or self.settings.default
@@ -125,83 +155,136 @@ class ModelServer:
         messages: Sequence[Mapping[str, Any]],
         options: Mapping[str, Any],
         tools: Sequence[Mapping[str, Any]] | None = None,
-    ) -> AsyncIterator[Any]:
-        """The answer's parts; retried only until the first one arrived."""
+    ) -> AsyncIterator[Part]:
+        """The answer's parts; retried only until the first one arrived. Leaving early closes
+        the HTTP stream, which makes Ollama stop generating."""
+        body: dict[str, Any] = {"model": model, "messages": list(messages), "stream": True}
+        if tools:
+            body["tools"] = list(tools)
+        if options:
+            body["options"] = dict(options)
+        response, first = await self._open(model, body)
+        complete = False
+        try:
+            yield first
+            if not first.done:
+                async for part in self._rest(response):
+                    yield part
+            complete = True
+        finally:
+            if complete:
+                response.release()  # the connection goes back to the pool
+            else:
+                response.close()
+
+    async def _open(self, model: str, body: dict[str, Any]) -> tuple[Any, Part]:
+        """Sends the request and waits for its first part, retrying what is safe to retry."""
         attempt = 0
         while True:
             attempt += 1
-            parts = await self._client.chat(
-                model=model,
-                messages=list(messages),
-                tools=list(tools) if tools else None,
-                stream=True,
-                options=dict(options) or None,
-            )
             try:
-                first = await asyncio.wait_for(
-                    anext(parts),
-                    self.settings.first_token_timeout,
-                )
-            except ollama.ResponseError as error:
-                await parts.aclose()  # type: ignore[attr-defined]
-                if error.status_code == 404:
-                    raise FailedPrecondition(
-                        f"model {model!r} is not on the model server ({error.error}); pull it "
-                        f"with `ollama pull {model}`",
-                        reason=errors_pb2.ERROR_REASON_MODEL_NOT_FOUND,
-                    ) from error
-                if error.status_code in (429, 503) and attempt <= self.settings.retries:
-                    await asyncio.sleep(_backoff(attempt, self.settings))
-                    continue
-                if error.status_code in (429, 503):
-                    raise ResourceExhausted(
-                        f"the model server is busy ({error.status_code}); try again shortly",
-                        reason=errors_pb2.ERROR_REASON_MODEL_SERVER_BUSY,
-                        retry_after=_backoff(attempt, self.settings),
-                    ) from error
-                raise Unavailable(f"the model server failed: {error.error}") from error
-            except (httpx.ConnectError, ConnectionError) as error:
-                await parts.aclose()  # type: ignore[attr-defined]
-                if attempt <= self.settings.retries:
-                    await asyncio.sleep(_backoff(attempt, self.settings))
-                    continue
-                raise self._unreachable(error) from error
+                async with asyncio.timeout(self.settings.first_token_timeout):
+                    return await self._first(body)
+            except _RefusedError as error:
+                retry = error.status in (429, 503) and attempt <= self.settings.retries
+                if not retry:
+                    raise self._refusal(model, error, attempt) from None
+            except (aiohttp.ClientConnectionError, OSError) as error:
+                if attempt > self.settings.retries:
+                    raise self._unreachable(error) from error
             except TimeoutError as error:
                 raise DeadlineExceeded(
                     f"the model produced no token within {self.settings.first_token_timeout:g}s"
                 ) from error
-            except StopAsyncIteration as error:
-                raise Unavailable("the model server ended the answer before it began") from error
-            break
+            await asyncio.sleep(_backoff(attempt, self.settings))
+
+    async def _first(self, body: dict[str, Any]) -> tuple[Any, Part]:
+        response = await self._session().post(self._chat_url, json=body)
         try:
-            yield first
-            if first.done:
-                return
+            if response.status != 200:
+                raise _RefusedError(response.status, await _error_of(response))
             while True:
+                line = await response.content.readline()
+                if not line:
+                    raise Unavailable("the model server ended the answer before it began")
                 try:
-                    part = await asyncio.wait_for(
-                        anext(parts),
-                        self.settings.idle_timeout,
-                    )
-                except StopAsyncIteration:
-                    raise Unavailable(
-                        "the model server's stream ended before the answer was complete"
-                    ) from None
-                except TimeoutError as error:
-                    raise DeadlineExceeded(
-                        f"the model stalled: no token for {self.settings.idle_timeout:g}s"
-                    ) from error
-                except ollama.ResponseError as error:
-                    raise Unavailable(f"the model failed mid-answer: {error.error}") from error
-                except httpx.TransportError as error:
-                    raise Unavailable(
-                        f"the model server's stream broke off mid-answer ({type(error).__name__})"
-                    ) from error
-                yield part
-                if part.done:
-                    return
-        finally:
-            await parts.aclose()  # type: ignore[attr-defined]
+                    part = parse_line(line)
+                except LineError as error:
+                    raise Unavailable(f"the model server failed: {error.message}") from None
+                if part is not None:
+                    return response, part
+        except BaseException:
+            response.close()
+            raise
+
+    def _refusal(self, model: str, error: _RefusedError, attempt: int) -> Exception:
+        if error.status == 404:
+            return FailedPrecondition(
+                f"model {model!r} is not on the model server ({error.message}); pull it "
+                f"with `ollama pull {model}`",
+                reason=errors_pb2.ERROR_REASON_MODEL_NOT_FOUND,
+            )
+        if error.status in (429, 503):
+            return ResourceExhausted(
+                f"the model server is busy ({error.status}); try again shortly",
+                reason=errors_pb2.ERROR_REASON_MODEL_SERVER_BUSY,
+                retry_after=_backoff(attempt, self.settings),
+            )
+        return Unavailable(f"the model server failed: {error.message}")
+
+    async def _rest(self, response: Any) -> AsyncIterator[Part]:
+        """The parts after the first, each within the idle timeout: one watchdog moved per part
+        (a ``wait_for`` per token would create a task per token)."""
+        loop = asyncio.get_running_loop()
+        content = response.content
+        try:
+            async with asyncio.timeout(None) as idle:
+                while True:
+                    idle.reschedule(loop.time() + self.settings.idle_timeout)
+                    part = _mid_answer(await _read_line(content))
+                    if part is None:
+                        continue
+                    idle.reschedule(None)  # the consumer's time between parts is not idleness
+                    yield part
+                    if part.done:
+                        return
+        except TimeoutError as error:
+            raise DeadlineExceeded(
+                f"the model stalled: no token for {self.settings.idle_timeout:g}s"
+            ) from error
 
     async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
         await self._client.close()  # type: ignore[no-untyped-call]
+
+
+async def _error_of(response: Any) -> str:
+    """The ``error`` of an HTTP error answer (Ollama sends JSON), else its text."""
+    text = (await response.text(errors="replace"))[:500]
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text or f"HTTP {response.status}"
+    return str(data.get("error", text)) if isinstance(data, dict) else text
+
+
+async def _read_line(content: Any) -> bytes:
+    try:
+        line: bytes = await content.readline()
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
+        raise Unavailable(
+            f"the model server's stream broke off mid-answer ({type(error).__name__})"
+        ) from error
+    except ValueError as error:  # longer than the read buffer
+        raise Unavailable(f"the model server sent a line over {_MAX_LINE_BYTES} bytes") from error
+    if not line:
+        raise Unavailable("the model server's stream ended before the answer was complete")
+    return line
+
+
+def _mid_answer(line: bytes) -> Part | None:
+    try:
+        return parse_line(line)
+    except LineError as error:
+        raise Unavailable(f"the model failed mid-answer: {error.message}") from None

@@ -12,6 +12,7 @@ from chat_svc.approvals import Approvals
 from chat_svc.config import ChatSettings
 from chat_svc.history import HistoryStore, HistoryWriter
 from chat_svc.model import ModelServer
+from chat_svc.recent import RecentTurns
 from chat_svc.service import SERVICE_NAME, ChatService
 from chat_svc.stops import StopSignals
 from chat_svc.turns import Turns
@@ -38,6 +39,7 @@ async def build_runner(
     models = ModelServer(settings.model)
     redis = connect_redis(settings.redis)
     stops = StopSignals(redis)
+    recent = RecentTurns(redis, keep=max(1, settings.history_turns), ttl=settings.recent_turns_ttl)
     session_channel = aio.insecure_channel(settings.session_address)
     dependencies = AgentDependencies.open(settings)
     service = ChatService(
@@ -49,12 +51,14 @@ async def build_runner(
         sessions=session_pb2_grpc.SessionServiceStub(session_channel),
         approvals=Approvals(redis, stops),
         turns=Turns(redis),
+        recent=recent,
         agents=agents or dependencies.agents,
     )
 
     async def started() -> None:
         writer.start()
         stops.start()
+        await recent.start()
 
     async def close_channels() -> None:
         await session_channel.close(None)

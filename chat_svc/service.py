@@ -21,6 +21,7 @@ from chat_svc.config import ChatSettings
 from chat_svc.generation import Generation
 from chat_svc.history import HistoryStore, HistoryWriter, Message
 from chat_svc.model import ModelServer
+from chat_svc.recent import RecentTurns, Turn
 from chat_svc.stops import StopSignals
 from chat_svc.turns import Claim, Turns, replay
 from mesh.clients import identity_metadata
@@ -32,6 +33,7 @@ from mesh.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OpsmeshError,
 )
 from mesh.pagination import decode_token, encode_token, page_size
 from opsmesh.chat.v1 import chat_pb2, chat_pb2_grpc
@@ -108,6 +110,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         sessions: session_pb2_grpc.SessionServiceAsyncStub,
         approvals: Approvals,
         turns: Turns,
+        recent: RecentTurns,
         agents: Mapping[int, Agent],
     ) -> None:
         self._settings = settings
@@ -118,6 +121,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         self._sessions = sessions
         self._approvals = approvals
         self._turns = turns
+        self._recent = recent
         self._agents = dict(agents)
         # Generations that wait for an approval after their client left finish in the background.
         self._detached: set[asyncio.Task[None]] = set()
@@ -140,10 +144,9 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             raise DependencyUnavailable("session service", error.details() or "") from error
         return reply.session
 
-    async def _earlier(self, principal: Principal, session_id: str) -> list[Message]:
-        if not self._settings.history_turns:
-            return []
-        return await self._history.page(
+    async def _earlier(self, principal: Principal, session_id: str) -> list[Turn]:
+        """The session's turns from the durable history, oldest first (the cache's fallback)."""
+        newest = await self._history.page(
             org_id=principal.org_id,
             user_id=principal.user_id,
             session_id=session_id,
@@ -151,19 +154,36 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             newest_first=True,
             after=None,
         )
+        return [Turn(m.role, m.content) for m in reversed(newest)]
+
+    async def _context(
+        self, principal: Principal, session_id: str
+    ) -> tuple[session_pb2.Session, list[Turn]]:
+        """The session (its ownership, its context) and its earlier turns, read together."""
+        if not self._settings.history_turns:
+            return await self._session(principal, session_id), []
+        owner = (principal.org_id, principal.user_id, session_id)
+        session, (cached, epoch) = await asyncio.gather(
+            self._session(principal, session_id), self._recent.read(*owner)
+        )
+        if cached is not None:
+            return session, cached
+        if self._recent.covers(session.created_at.ToDatetime(tzinfo=UTC), epoch):
+            earlier: list[Turn] = []
+        else:
+            earlier = await self._earlier(principal, session_id)
+        await self._recent.seed(*owner, earlier)
+        return session, earlier
 
     async def _prompt(self, principal: Principal, ask: _Ask) -> list[dict[str, Any]]:
-        # The session (ownership, context) and the earlier turns are fetched together.
-        session, earlier = await asyncio.gather(
-            self._session(principal, ask.session_id), self._earlier(principal, ask.session_id)
-        )
+        session, earlier = await self._context(principal, ask.session_id)
         messages: list[dict[str, Any]] = []
         if ask.agent is not None:
             messages.append({"role": "system", "content": ask.agent.system_prompt})
         if session.context.fields:
             context = json_format.MessageToJson(session.context, indent=None)
             messages.append({"role": "system", "content": f"Session context: {context}"})
-        messages += [{"role": m.role, "content": m.content} for m in reversed(earlier)]
+        messages += [{"role": turn.role, "content": turn.content} for turn in earlier]
         messages.append({"role": "user", "content": ask.text})
         return messages
 
@@ -250,26 +270,47 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             user_message_id = claim.user_message_id
         try:
             generation = await self._generation(principal, ask, generation_id, user_message_id)
-            stopped = await self._stops.register(generation_id, principal, _MAX_GENERATION_SECONDS)
+            # The stop signal and the question's record are independent round trips.
+            stopped, _ = await asyncio.gather(
+                self._stops.register(generation_id, principal, _MAX_GENERATION_SECONDS),
+                self._record_question(principal, ask, user_message_id, claim),
+            )
         except BaseException:
+            await self._stops.finished(generation_id)
             if claim is not None:
                 await self._turns.fail(principal, ask.session_id, ask.client_message_id, claim)
             raise
-        if claim is None or not claim.question_recorded:
-            self._writer.add(
-                Message(
-                    message_id=user_message_id,
-                    session_id=ask.session_id,
-                    user_id=principal.user_id,
-                    org_id=principal.org_id,
-                    role="user",
-                    content=ask.text,
-                    timestamp=self._stamp(),
-                    metadata={"model": ask.model},
-                )
-            )
         async for event in self._relay(generation, stopped, claim):
             yield event
+
+    async def _record_question(
+        self, principal: Principal, ask: _Ask, user_message_id: str, claim: Claim | None
+    ) -> None:
+        if claim is not None and claim.question_recorded:
+            return  # a retry of a failed turn: its question is in the history already
+        await self._record(
+            Message(
+                message_id=user_message_id,
+                session_id=ask.session_id,
+                user_id=principal.user_id,
+                org_id=principal.org_id,
+                role="user",
+                content=ask.text,
+                timestamp=self._stamp(),
+                metadata={"model": ask.model},
+            )
+        )
+
+    async def _record(self, message: Message) -> None:
+        """Into the durable history (batched, off the request path) and the recent turns."""
+        self._writer.add(message)
+        if self._settings.history_turns:
+            await self._recent.append(
+                message.org_id,
+                message.user_id,
+                message.session_id,
+                Turn(message.role, message.content),
+            )
 
     async def _generation(
         self, principal: Principal, ask: _Ask, generation_id: str, user_message_id: str
@@ -296,6 +337,10 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         """The generation's events to the client; cancelling stops it unless it awaits approval."""
         producer = asyncio.create_task(generation.run())
         stop_wait = asyncio.ensure_future(stopped.wait())
+        # One wake-up event for all three sources: no future or task per token on this path.
+        wake = generation.feed.ready
+        producer.add_done_callback(lambda _: wake.set())
+        stop_wait.add_done_callback(lambda _: wake.set())
         transcript = _Transcript() if claim is not None else None
         sequence = 0
         detached = completed = False
@@ -312,11 +357,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         try:
             yield event(started=generation.started())
             while True:
-                ready = asyncio.ensure_future(generation.feed.ready.wait())
-                await asyncio.wait(
-                    {ready, producer, stop_wait}, return_when=asyncio.FIRST_COMPLETED
-                )
-                ready.cancel()
+                await wake.wait()
                 while (kind := generation.feed.take()) is not None:
                     yield event(**kind)
                 if stop_wait.done() or producer.done():
@@ -408,19 +449,21 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         """Records the answer once, whatever ended it, and releases what the generation held."""
         principal = generation.principal
         await self._stops.finished(generation.generation_id)
-        self._writer.add(
-            Message(
-                message_id=generation.assistant_message_id,
-                session_id=generation.session_id,
-                user_id=principal.user_id,
-                org_id=principal.org_id,
-                role="assistant",
-                content="".join(generation.text),
-                timestamp=self._stamp(),
-                metadata=generation.metadata(failure, stopped),
-                incomplete=generation.final is None,
-            )
+        answer = Message(
+            message_id=generation.assistant_message_id,
+            session_id=generation.session_id,
+            user_id=principal.user_id,
+            org_id=principal.org_id,
+            role="assistant",
+            content="".join(generation.text),
+            timestamp=self._stamp(),
+            metadata=generation.metadata(failure, stopped),
+            incomplete=generation.final is None,
         )
+        try:
+            await self._record(answer)
+        except OpsmeshError as error:  # the durable history has it; the cache re-reads it
+            log.warning("could not cache answer %s: %s", answer.message_id, error.message)
         if claim is None:
             return
         try:

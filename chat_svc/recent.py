@@ -1,0 +1,99 @@
+"""A session's newest turns in Redis: the prompt's context without a ClickHouse read.
+
+ClickHouse keeps the durable history (GetHistory reads it); the history writer
+batches into it, so it is neither cheap nor up to the second on the hot path.
+Every message recorded is also appended to one Redis key per caller and session,
+capped at the prompt's turn count and expiring ``ttl`` after the last message.
+
+A missing key is ambiguous: a session that never had a message, or turns that
+expired or were written before this cache existed. The epoch key (when the
+cache began; lost with Redis' data) settles it: a session created after the
+epoch and less than ``ttl`` ago would still have its key, so it has no turns;
+any other miss reads ClickHouse once and seeds the key.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from mesh.redisconn import redis_errors
+
+_PREFIX = "opsmesh:chat:"
+EPOCH_KEY = f"{_PREFIX}turns-since"
+
+# KEYS[1] the turns; ARGV: one turn (JSON), turns to keep, milliseconds to keep them.
+# Appends only to a known list: a missing one is re-read from ClickHouse when next needed.
+_APPEND = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local turns = cjson.decode(raw)
+table.insert(turns, cjson.decode(ARGV[1]))
+while #turns > tonumber(ARGV[2]) do table.remove(turns, 1) end
+redis.call('SET', KEYS[1], cjson.encode(turns), 'PX', tonumber(ARGV[3]))
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str
+    content: str
+
+
+class RecentTurns:
+    """The newest ``keep`` turns of each (org, user, session), oldest first."""
+
+    def __init__(self, client: aioredis.Redis, *, keep: int, ttl: float) -> None:
+        self._redis = client
+        self._keep = keep
+        self._ttl_ms = int(ttl * 1000)
+        self._append = client.register_script(_APPEND)
+
+    @staticmethod
+    def _key(org_id: str, user_id: str, session_id: str) -> str:
+        return f"{_PREFIX}turns:{org_id}:{user_id}:{session_id}"
+
+    async def start(self) -> None:
+        """Marks when the cache began, unless an earlier start did."""
+        with redis_errors():
+            await self._redis.set(EPOCH_KEY, str(int(time.time() * 1000)), nx=True)
+
+    async def read(
+        self, org_id: str, user_id: str, session_id: str
+    ) -> tuple[list[Turn] | None, float | None]:
+        """The cached turns (None: not cached) and the epoch in seconds (None: unknown)."""
+        with redis_errors():
+            raw, epoch = await self._redis.mget(self._key(org_id, user_id, session_id), EPOCH_KEY)
+        turns = None if raw is None else [Turn(t["role"], t["content"]) for t in json.loads(raw)]
+        return turns, (int(epoch) / 1000 if epoch is not None else None)
+
+    def covers(self, created_at: datetime, epoch: float | None) -> bool:
+        """Whether a session created at ``created_at`` would have a key if it had turns."""
+        created = created_at.timestamp()
+        young = time.time() - created < self._ttl_ms / 1000
+        return epoch is not None and created >= epoch and young
+
+    async def seed(self, org_id: str, user_id: str, session_id: str, turns: list[Turn]) -> None:
+        """Starts the session's list (if no one did meanwhile) from what is known."""
+        payload = json.dumps([_plain(t) for t in turns[-self._keep :]])
+        with redis_errors():
+            await self._redis.set(
+                self._key(org_id, user_id, session_id), payload, px=self._ttl_ms, nx=True
+            )
+
+    async def append(self, org_id: str, user_id: str, session_id: str, turn: Turn) -> None:
+        with redis_errors():
+            await self._append(
+                keys=[self._key(org_id, user_id, session_id)],
+                args=[json.dumps(_plain(turn)), self._keep, self._ttl_ms],
+            )
+
+
+def _plain(turn: Turn) -> dict[str, Any]:
+    return {"role": turn.role, "content": turn.content}
