@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -40,3 +42,10 @@ async def throughput(
     began = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return done / (time.perf_counter() - began)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc), to price a run's work."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # Fields 14 and 15 of proc(5) (utime, stime); index 11/12 after the command name is cut.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -124,12 +124,13 @@ class OllamaStandIn:
                 status=404,
             )
         reply = self._reply(body)
+        tokens, done_reason = _predict(reply.tokens, body.get("options") or {})
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         try:
             await asyncio.sleep(scenario.load_seconds)
             began = time.monotonic_ns()
-            for index, token in enumerate(reply.tokens):
+            for index, token in enumerate(tokens):
                 if index == scenario.error_after:
                     await self._line(
                         response,
@@ -180,12 +181,12 @@ class OllamaStandIn:
                     "created_at": _now(),
                     "message": {"role": "assistant", "content": ""},
                     "done": True,
-                    "done_reason": "stop",
+                    "done_reason": done_reason,
                     "total_duration": elapsed + 1_000_000,
                     "load_duration": int(scenario.load_seconds * 1e9),
                     "prompt_eval_count": 12,
                     "prompt_eval_duration": 1_000_000,
-                    "eval_count": len(reply.tokens) + len(reply.tool_calls),
+                    "eval_count": len(tokens) + len(reply.tool_calls),
                     "eval_duration": max(elapsed, 1),
                 },
             )
@@ -207,6 +208,14 @@ class OllamaStandIn:
     @staticmethod
     async def _line(response: web.StreamResponse, payload: dict[str, Any]) -> None:
         await response.write(json.dumps(payload).encode() + b"\n")
+
+
+def _predict(tokens: list[str], options: dict[str, Any]) -> tuple[list[str], str]:
+    """The tokens Ollama would emit under ``num_predict``: it stops there with ``length``."""
+    limit = options.get("num_predict")
+    if isinstance(limit, int) and 0 < limit < len(tokens):
+        return tokens[:limit], "length"
+    return tokens, "stop"
 
 
 def _now() -> str:
