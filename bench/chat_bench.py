@@ -161,12 +161,27 @@ def _processes(args: argparse.Namespace, workdir: Path, redis_url: str) -> dict[
             OPSMESH_HISTORY_DSN=f"chdb://{workdir / 'history'}",
         ),
     )
-    for process in (standin, session, chat):
+    floor_port = free_port()
+    floor = ManagedProcess(
+        "grpc-floor",
+        [
+            sys.executable,
+            str(ROOT / "bench" / "grpc_floor.py"),
+            *("--port", str(floor_port), "--tokens", str(args.tokens)),
+            *("--seconds-per-token", str(args.seconds_per_token)),
+        ],
+        log_path=workdir / "floor.log",
+        ready=re.compile("grpc floor listening"),
+        env=dict(base_env, PYTHONPATH=os.pathsep.join((str(ROOT), str(ROOT / "gen" / "python")))),
+    )
+    for process in (standin, session, chat, floor):
         process.start(timeout=60)
     return {
         "standin": standin,
         "session": session,
         "chat": chat,
+        "floor": floor,
+        "floor_addr": f"127.0.0.1:{floor_port}",
         "ollama_url": f"http://127.0.0.1:{standin_port}",
         "chat_addr": f"127.0.0.1:{chat_port}",
         "session_addr": f"127.0.0.1:{session_port}",
@@ -219,7 +234,17 @@ async def _level(
     )
 
 
-def _report(levels: list[Level], per_request: float) -> bool:
+async def _floor_per_token(address: str, pid: int, streams: int) -> float:
+    """CPU seconds per streamed token of a bare grpc.aio server sending the same events."""
+    async with aio.insecure_channel(address) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        await through_chat(stub, ["floor"] * 5)
+        before = cpu_seconds(pid)
+        _, tokens, _ = await through_chat(stub, ["floor"] * streams)
+        return (cpu_seconds(pid) - before) / max(1, tokens)
+
+
+def _report(levels: list[Level], per_request: float, floor: float) -> bool:
     print(
         f"{'streams':>8}  {'direct TTFT p50/p99 ms':>24}  {'chat_svc TTFT p50/p99 ms':>26}"
         f"  {'added p50/p99':>14}  {'tokens/s direct':>15}  {'via chat':>9}  {'ratio':>6}"
@@ -239,6 +264,10 @@ def _report(levels: list[Level], per_request: float) -> bool:
             f"{level.chat_rate / level.direct_rate:>5.2f}x  {per_token[level.streams] * 1e6:>12.1f}"
         )
     print(f"\nchat_svc CPU per request (one-token answers): {per_request * 1000:.2f} ms")
+    print(
+        f"bare grpc.aio floor, same events at 50 streams: {floor * 1e6:.1f} us CPU per token "
+        f"(chat_svc: {per_token[50] / floor:.1f}x the floor)"
+    )
     busiest = levels[-1]
     shares = ", ".join(
         f"{name} {share * 100:.0f}%"
@@ -287,6 +316,7 @@ async def run(args: argparse.Namespace) -> int:
             per_request = await _cpu_per_request(
                 stub, await _new_sessions(sessions, 200), pids["chat_svc"]
             )
+            floor = await _floor_per_token(started["floor_addr"], started["floor"].pid, 50)
             levels = [
                 await _level(
                     streams,
@@ -298,10 +328,10 @@ async def run(args: argparse.Namespace) -> int:
                 for streams in LEVELS
             ]
     finally:
-        for name in ("chat", "session", "standin"):
+        for name in ("chat", "session", "standin", "floor"):
             started[name].stop()
         redis.stop()
-    return 0 if _report(levels, per_request) else 1
+    return 0 if _report(levels, per_request, floor) else 1
 
 
 def main() -> None:
