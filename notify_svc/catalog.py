@@ -17,7 +17,9 @@ from urllib.parse import urlsplit
 
 from email_validator import EmailNotValidError, validate_email
 
+from mesh.context import Principal
 from mesh.errors import InvalidArgument, NotFound
+from notify_svc.authz import SENDER_ROLES, require_role
 from opsmesh.errors.v1 import errors_pb2
 from opsmesh.notify.v1 import notify_pb2
 
@@ -51,6 +53,12 @@ class TemplateSpec:
     description: str
     variables: tuple[Variable, ...]
     locales: tuple[str, ...]
+    sender_roles: frozenset[str]
+    """The roles that may send it (catalog.toml's ``senders``, as roles)."""
+
+    def check_sender(self, principal: Principal) -> None:
+        """PERMISSION_DENIED unless ``principal`` may send this template."""
+        require_role(principal, self.sender_roles, f"sending {self.id}")
 
     def to_proto(self) -> notify_pb2.Template:
         return notify_pb2.Template(
@@ -160,7 +168,15 @@ class Catalog:
             for variable in variables:
                 if variable.type not in TYPES:
                     raise ValueError(f"{template_id}.{variable.name}: unknown type {variable.type}")
-            specs.append(TemplateSpec(template_id, entry["description"], variables, locales))
+            specs.append(
+                TemplateSpec(
+                    template_id,
+                    entry["description"],
+                    variables,
+                    locales,
+                    _sender_roles(template_id, entry.get("senders", [])),
+                )
+            )
         self.templates: dict[str, TemplateSpec] = {spec.id: spec for spec in specs}
 
     def get(self, template_id: str) -> TemplateSpec:
@@ -171,6 +187,19 @@ class Catalog:
                 reason=errors_pb2.ERROR_REASON_TEMPLATE_NOT_FOUND,
             )
         return spec
+
+
+def _sender_roles(template_id: str, senders: list[str]) -> frozenset[str]:
+    """The roles of a template's declared senders; none declared is a catalog error (closed)."""
+    unknown = sorted(set(senders) - set(SENDER_ROLES))
+    if unknown:
+        raise ValueError(
+            f"template {template_id}: unknown sender {unknown[0]!r}; one of "
+            + ", ".join(SENDER_ROLES)
+        )
+    if not senders:
+        raise ValueError(f"template {template_id} names no senders")
+    return frozenset(SENDER_ROLES[sender] for sender in senders)
 
 
 def resolve_locale(spec: TemplateSpec, requested: str) -> str:

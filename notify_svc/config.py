@@ -31,6 +31,9 @@ class NotifySettings:
     webhooks: WebhookSettings = field(default_factory=lambda: WebhookSettings(port=0))
     key_prefix: str = "opsmesh:notify:"
     retention: float = 30 * 86400.0
+    claim_lease: float = 30.0
+    """How long a delivery's claim lasts unless renewed: a crashed replica's claim lapses after
+    it, and shutdown waits this long for deliveries whose callers left."""
     auth: AuthSettings = field(default_factory=AuthSettings)
 
     @classmethod
@@ -52,6 +55,7 @@ class NotifySettings:
             retention=env.seconds(
                 "OPSMESH_NOTIFY_RETENTION", 30 * 86400.0, minimum=3600, maximum=3650 * 86400
             ),
+            claim_lease=env.seconds("OPSMESH_NOTIFY_CLAIM_LEASE", 30.0, minimum=1, maximum=600),
             auth=AuthSettings.from_env(env),
         )
         if "sendgrid" in (settings.provider, settings.fallback) and not settings.sendgrid_api_key:

@@ -39,14 +39,43 @@ def checked_recipients(
     return checked
 
 
+def _distinct(
+    to: list[notify_pb2.Recipient],
+    cc: list[notify_pb2.Recipient],
+    bcc: list[notify_pb2.Recipient],
+) -> tuple[list[notify_pb2.Recipient], ...]:
+    """Each address once, where it is most visible (to, then cc, then bcc).
+
+    Mailbox names are compared case-insensitively, as every real mail system treats them:
+    "Bob@example.com" twice would otherwise be two copies of one email.
+    """
+    seen: set[str] = set()
+    kept: list[list[notify_pb2.Recipient]] = []
+    for recipients in (to, cc, bcc):
+        kept.append([])
+        for recipient in recipients:
+            if recipient.address.casefold() not in seen:
+                seen.add(recipient.address.casefold())
+                kept[-1].append(recipient)
+    return tuple(kept)
+
+
+def _checked(
+    request: notify_pb2.SendEmailRequest,
+) -> tuple[list[notify_pb2.Recipient], ...]:
+    return _distinct(
+        checked_recipients("to", request.to),
+        checked_recipients("cc", request.cc),
+        checked_recipients("bcc", request.bcc),
+    )
+
+
 def check_all(request: notify_pb2.SendEmailRequest) -> list[notify_pb2.Recipient]:
+    """Every distinct recipient of ``request``; INVALID_ARGUMENT for a bad or oversized list."""
     if not request.to:
         raise InvalidArgument("at least one recipient in to", field="to")
-    everyone = (
-        checked_recipients("to", request.to)
-        + checked_recipients("cc", request.cc)
-        + checked_recipients("bcc", request.bcc)
-    )
+    to, cc, bcc = _checked(request)
+    everyone = to + cc + bcc
     if len(everyone) > MAX_RECIPIENTS:
         raise InvalidArgument(f"at most {MAX_RECIPIENTS} recipients in all", field="to")
     return everyone
@@ -63,10 +92,8 @@ def build_message(
     request: notify_pb2.SendEmailRequest,
     rendered: RenderedEmail,
 ) -> tuple[EmailMessage, list[str]]:
-    """The message and its envelope recipients (bcc is in the envelope only)."""
-    to = checked_recipients("to", request.to)
-    cc = checked_recipients("cc", request.cc)
-    bcc = checked_recipients("bcc", request.bcc)
+    """The message and its envelope recipients (bcc is in the envelope only, each address once)."""
+    to, cc, bcc = _checked(request)
     message = EmailMessage()
     message["From"] = sender
     message["To"] = _header(to)

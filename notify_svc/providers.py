@@ -75,6 +75,7 @@ class SendGrid:
         if bcc:
             personalization["bcc"] = bcc
         sender: Address = message["From"].addresses[0]
+        message_id = str(message["Message-ID"])
         text = message.get_body(("plain",))
         html = message.get_body(("html",))
         payload = {
@@ -85,10 +86,16 @@ class SendGrid:
                 {"type": "text/plain", "value": text.get_content() if text else ""},
                 {"type": "text/html", "value": html.get_content() if html else ""},
             ],
-            "custom_args": {"message_id": str(message["Message-ID"])},
+            # The stable Message-ID of the notification (one per notification, the same on a
+            # resend) in the event webhooks' custom_args and as the request's idempotency key,
+            # for SendGrid or a relay in front of it to recognize a resend.
+            "custom_args": {"message_id": message_id},
+            "headers": {"X-Opsmesh-Message-Id": message_id},
         }
         try:
-            response = await self._http.post("/v3/mail/send", json=payload)
+            response = await self._http.post(
+                "/v3/mail/send", json=payload, headers={"Idempotency-Key": message_id}
+            )
         except httpx.TransportError as error:
             raise DeliveryError(f"SendGrid unreachable: {error}", permanent=False) from error
         if response.status_code == 202:

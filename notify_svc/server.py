@@ -56,6 +56,7 @@ def build_runner(
         provider=provider,
         tasks=task_pb2_grpc.TaskServiceStub(task_channel),
         sender=settings.smtp.sender,
+        claim_lease=settings.claim_lease,
     )
 
     webhooks = Webhooks(settings.webhooks, service.send)
@@ -78,7 +79,13 @@ def build_runner(
         probes=[Probe(name="redis", check=redis_answers)],
         options=base.extended(
             on_start=(webhooks.start,),
-            on_stop=(webhooks.stop, provider.close, close_task_channel, client.aclose),
+            on_stop=(
+                webhooks.stop,
+                service.drain,
+                provider.close,
+                close_task_channel,
+                client.aclose,
+            ),
         ),
     )
     return runner, webhooks

@@ -1,9 +1,14 @@
-"""opsmesh.notify.v1.NotificationService: templates, previews, sending and delivery."""
+"""opsmesh.notify.v1.NotificationService: templates, previews, sending and delivery.
+
+Who may call what is in notify_svc/authz.py and the catalog's per-template senders;
+delivery guarantees (one delivery at a time, crash-safe recording) in docs/notifications.md.
+"""
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from typing import TypeAlias
 
 import grpc
@@ -13,10 +18,12 @@ from grpc import aio
 from mesh.clients import identity_metadata
 from mesh.context import Principal, current_principal
 from mesh.errors import DependencyUnavailable, FailedPrecondition, InvalidArgument
+from notify_svc.authz import DELIVER_ROLES, PREVIEW_ROLES, require_role
 from notify_svc.catalog import Catalog, resolve_locale
 from notify_svc.messages import build_message, check_all
-from notify_svc.providers import Provider
+from notify_svc.providers import Delivery, Provider
 from notify_svc.rendering import RenderedEmail, Renderer
+from notify_svc.shielded import ShieldedTasks
 from notify_svc.smtp import DeliveryError
 from notify_svc.store import NotificationStore, new_notification_id
 from opsmesh.errors.v1 import errors_pb2
@@ -55,6 +62,7 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
         provider: Provider,
         tasks: task_pb2_grpc.TaskServiceAsyncStub,
         sender: str,
+        claim_lease: float = 30.0,
     ) -> None:
         self._store = store
         self._catalog = catalog
@@ -62,6 +70,12 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
         self._provider = provider
         self._tasks = tasks
         self._sender = sender
+        self._claim_lease = claim_lease
+        self._deliveries = ShieldedTasks()
+
+    async def drain(self) -> None:
+        """Lets deliveries whose callers left finish (and record their outcome) at shutdown."""
+        await self._deliveries.drain(self._claim_lease)
 
     def _render(
         self,
@@ -83,6 +97,7 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
     async def PreviewEmail(
         self, request: notify_pb2.PreviewEmailRequest, context: Context
     ) -> notify_pb2.PreviewEmailResponse:
+        require_role(current_principal(), PREVIEW_ROLES, "PreviewEmail")
         rendered = self._render(request.template, request.locale, request.data)
         return notify_pb2.PreviewEmailResponse(
             subject=rendered.subject,
@@ -108,6 +123,7 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
                 f"idempotency_key must be at most {_MAX_IDEMPOTENCY_KEY} printable characters",
                 field="idempotency_key",
             )
+        self._catalog.get(request.template).check_sender(principal)
         recipients = check_all(request)
         rendered = self._render(request.template, request.locale, request.data)
         notification = notify_pb2.Notification(
@@ -161,54 +177,76 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
     async def DeliverNotification(
         self, request: notify_pb2.DeliverNotificationRequest, context: Context
     ) -> notify_pb2.DeliverNotificationResponse:
-        org = current_principal().org_id
-        notification, original = await self._store.get(
-            org, _notification_id(request.notification_id)
-        )
-        if notification.status == SENT:
-            return notify_pb2.DeliverNotificationResponse(notification=notification)
-        if notification.status == FAILED:
-            raise FailedPrecondition(
-                f"notification {notification.id} failed for good: {notification.last_error}",
+        principal = current_principal()
+        require_role(principal, DELIVER_ROLES, "DeliverNotification")
+        notification_id = _notification_id(request.notification_id)
+        # The send and the record of its outcome finish even if the caller goes away.
+        delivered = await self._deliveries.run(self._deliver(principal.org_id, notification_id))
+        return notify_pb2.DeliverNotificationResponse(notification=delivered)
+
+    async def _deliver(self, org: str, notification_id: str) -> notify_pb2.Notification:
+        async with self._store.claimed(org, notification_id, lease=self._claim_lease):
+            # Read under the claim: an earlier holder's outcome is recorded by now.
+            notification, original = await self._store.get(org, notification_id)
+            if notification.status == SENT:
+                return notification
+            if notification.status == FAILED:
+                raise FailedPrecondition(
+                    f"notification {notification.id} failed for good: {notification.last_error}",
+                    reason=errors_pb2.ERROR_REASON_DELIVERY_FAILED,
+                )
+            rendered = self._render(original.template, original.locale, original.data)
+            message, envelope = build_message(
+                notification_id=notification.id,
+                sender=self._sender,
+                request=original,
+                rendered=rendered,
+            )
+            await self._store.change(org, notification_id, _attempt_started)
+            try:
+                delivery = await self._provider.deliver(message, envelope)
+            except DeliveryError as error:
+                raise await self._record_failure(org, notification_id, error) from error
+            return await self._store.change(
+                org, notification_id, _sent(delivery, str(message["Message-ID"]))
+            )
+
+    async def _record_failure(
+        self, org: str, notification_id: str, error: DeliveryError
+    ) -> FailedPrecondition | DependencyUnavailable:
+        failure, permanent = str(error), error.permanent
+
+        def failed(current: notify_pb2.Notification) -> None:
+            current.last_error = failure
+            # Not SENDING any more: the server said no, so the next attempt is no resend.
+            current.status = FAILED if permanent else QUEUED
+
+        await self._store.change(org, notification_id, failed)
+        if permanent:
+            return FailedPrecondition(
+                f"the mail server refused notification {notification_id}: {failure}",
                 reason=errors_pb2.ERROR_REASON_DELIVERY_FAILED,
             )
-        rendered = self._render(original.template, original.locale, original.data)
-        message, envelope = build_message(
-            notification_id=notification.id,
-            sender=self._sender,
-            request=original,
-            rendered=rendered,
-        )
+        return DependencyUnavailable("mail server", failure)
 
-        def attempt(current: notify_pb2.Notification) -> None:
-            current.status = SENDING
-            current.attempts += 1
 
-        await self._store.change(org, notification.id, attempt)
-        try:
-            delivery = await self._provider.deliver(message, envelope)
-        except DeliveryError as error:
-            failure, permanent = str(error), error.permanent
+def _attempt_started(current: notify_pb2.Notification) -> None:
+    if current.status == SENDING:
+        # An earlier attempt never recorded its outcome (notify_svc died mid-send): the mail
+        # server may have accepted it. Resend with the same Message-ID, for the relay or
+        # provider to deduplicate, and say so on the record.
+        log.warning("notification %s: resending after an attempt with no outcome", current.id)
+        current.possible_duplicate = True
+    current.status = SENDING
+    current.attempts += 1
 
-            def failed(current: notify_pb2.Notification) -> None:
-                current.last_error = failure
-                if permanent:
-                    current.status = FAILED
 
-            await self._store.change(org, notification.id, failed)
-            if error.permanent:
-                raise FailedPrecondition(
-                    f"the mail server refused notification {notification.id}: {failure}",
-                    reason=errors_pb2.ERROR_REASON_DELIVERY_FAILED,
-                ) from error
-            raise DependencyUnavailable("mail server", failure) from error
+def _sent(delivery: Delivery, message_id: str) -> Callable[[notify_pb2.Notification], None]:
+    def sent(current: notify_pb2.Notification) -> None:
+        current.status = SENT
+        current.provider = delivery.provider
+        current.message_id = message_id
+        current.last_error = ""
+        current.sent_at.GetCurrentTime()
 
-        def sent(current: notify_pb2.Notification) -> None:
-            current.status = SENT
-            current.provider = delivery.provider
-            current.message_id = str(message["Message-ID"])
-            current.last_error = ""
-            current.sent_at.GetCurrentTime()
-
-        done = await self._store.change(org, notification.id, sent)
-        return notify_pb2.DeliverNotificationResponse(notification=done)
+    return sent

@@ -117,6 +117,11 @@ class SmtpProvider:
                 raise DeliveryError(
                     f"SMTP server unreachable: {type(error).__name__}: {error}", permanent=False
                 ) from error
+            except BaseException:
+                # Cancelled mid-conversation: the connection is in an unknown SMTP state, so it
+                # cannot go back to the pool; drop it now rather than leak an open socket.
+                _abandon(client)
+                raise
             if errors:
                 log.warning("some recipients were refused: %s", errors)
             self._idle.put_nowait(client)
@@ -129,6 +134,12 @@ class SmtpProvider:
 
 def _address_of(sender: str) -> str:
     return parseaddr(sender)[1]
+
+
+def _abandon(client: aiosmtplib.SMTP | None) -> None:
+    """Closes the socket at once (no QUIT: there may be no time, nor a sane state, for one)."""
+    if client is not None:
+        client.close()
 
 
 async def _close(client: aiosmtplib.SMTP | None) -> None:

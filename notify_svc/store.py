@@ -1,16 +1,22 @@
-"""Notifications in Redis: the record, the request it came from, idempotency, CAS updates."""
+"""Notifications in Redis: the record, the request it came from, idempotency, CAS updates,
+and delivery claims (one delivery at a time per notification, across replicas)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import redis.asyncio as aioredis
 
-from mesh.errors import Aborted, NotFound
+from mesh.errors import Aborted, NotFound, OpsmeshError
 from mesh.redisconn import redis_errors
 from opsmesh.notify.v1 import notify_pb2
+
+log = logging.getLogger("opsmesh.notify")
 
 # Creates the record unless the idempotency key already names one: returns the id in force.
 _CREATE = """
@@ -32,6 +38,22 @@ redis.call('HSET', KEYS[1], 'n', ARGV[2], 'ver', tonumber(version) + 1)
 return 1
 """
 
+# A claim is a key holding its holder's token, with a lease (PX) the holder renews.
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return -1 end
+return redis.call('PTTL', KEYS[1])
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
 _ATTEMPTS = 32
 
 
@@ -42,6 +64,9 @@ class NotificationStore:
         self._retention_ms = retention_ms
         self._create = client.register_script(_CREATE)
         self._cas = client.register_script(_CAS)
+        self._claim = client.register_script(_CLAIM)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
 
     def _key(self, org_id: str, notification_id: str) -> str:
         return f"{self._prefix}n:{len(org_id)}:{org_id}:{notification_id}"
@@ -109,6 +134,54 @@ class NotificationStore:
             if outcome == -1:
                 raise NotFound(f"notification {notification_id} not found")
         raise Aborted(f"notification {notification_id} kept changing; try again")
+
+    @contextlib.asynccontextmanager
+    async def claimed(
+        self, org_id: str, notification_id: str, *, lease: float
+    ) -> AsyncIterator[None]:
+        """Holds the delivery claim of a notification, renewed every third of ``lease``.
+
+        ABORTED (with RetryInfo: when the claim runs out) while another delivery holds it.
+        Should this process die, the claim lapses after ``lease`` and a redelivery may go on.
+        """
+        key = f"{self._prefix}claim:{len(org_id)}:{org_id}:{notification_id}"
+        token, lease_ms = uuid.uuid4().hex, max(1, int(lease * 1000))
+        with redis_errors():
+            remaining = int(await self._claim(keys=[key], args=[token, lease_ms]))
+        if remaining != -1:
+            raise Aborted(
+                f"notification {notification_id} is being delivered by another call; "
+                "try again later",
+                retry_after=max(remaining, 100) / 1000,
+            )
+        renewing = asyncio.create_task(self._keep_renewing(key, token, lease_ms))
+        try:
+            yield
+        finally:
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
+            await self._let_go(key, token)
+
+    async def _keep_renewing(self, key: str, token: str, lease_ms: int) -> None:
+        while True:
+            await asyncio.sleep(lease_ms / 3000)
+            try:
+                with redis_errors():
+                    held = await self._renew(keys=[key], args=[token, lease_ms])
+            except OpsmeshError as error:
+                log.warning("could not renew the delivery claim %s: %s", key, error.message)
+                continue
+            if not held:
+                log.warning("lost the delivery claim %s (it lapsed); a redelivery may resend", key)
+                return
+
+    async def _let_go(self, key: str, token: str) -> None:
+        try:
+            with redis_errors():
+                await self._release(keys=[key], args=[token])
+        except OpsmeshError as error:
+            # The outcome is recorded already: the claim just lapses after its lease.
+            log.warning("could not release the delivery claim %s: %s", key, error.message)
 
 
 def new_notification_id() -> str:

@@ -26,6 +26,7 @@ from aiohttp import web
 from mesh.context import Principal
 from mesh.errors import OpsmeshError, Unavailable
 from mesh.settings import EnvReader
+from notify_svc.authz import ALERT_WEBHOOK_ROLE, BILLING_WEBHOOK_ROLE
 from opsmesh.notify.v1 import notify_pb2
 
 log = logging.getLogger("opsmesh.webhooks")
@@ -145,7 +146,9 @@ class Webhooks:
             idempotency_key=f"billing:{event_id}"[:128],
         )
         send.data.update(dict(data))
-        return await self._accept(Principal("billing-webhook", org_id), [send])
+        return await self._accept(
+            Principal("billing-webhook", org_id, frozenset({BILLING_WEBHOOK_ROLE})), [send]
+        )
 
     async def _accept(
         self, principal: Principal, requests: list[notify_pb2.SendEmailRequest]
@@ -196,4 +199,7 @@ class Webhooks:
                 data["dashboard_url"] = alert["generatorURL"]
             send.data.update(data)
             sends.append(send)
-        return await self._accept(Principal("alertmanager", self._settings.alert_org), sends)
+        alertmanager = Principal(
+            "alertmanager", self._settings.alert_org, frozenset({ALERT_WEBHOOK_ROLE})
+        )
+        return await self._accept(alertmanager, sends)

@@ -1,4 +1,8 @@
-"""A SendGrid v3 mail/send stand-in: checks the key and the payload's shape, keeps the mail."""
+"""A SendGrid v3 mail/send stand-in: checks the key and the payload's shape, keeps the mail.
+
+Like a deduplicating relay, it accepts a request whose ``Idempotency-Key`` it has seen
+again without keeping a second copy (``repeats`` counts those).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ class SendGridStandIn:
     def __init__(self) -> None:
         self.mails: list[dict[str, Any]] = []
         self.fail_next: list[tuple[int, str]] = []
+        self.repeats = 0
+        seen: dict[str, str] = {}
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -46,7 +52,13 @@ class SendGridStandIn:
                 if not mail["personalizations"][0]["to"] or not mail["subject"]:
                     self._reply(400, {"errors": [{"message": "to and subject are required"}]})
                     return
+                key = self.headers.get("Idempotency-Key", "")
+                if key and key in seen:
+                    standin.repeats += 1
+                    self._reply(202, None, X_Message_Id=seen[key])
+                    return
                 standin.mails.append(mail)
+                seen[key or f"none-{len(standin.mails)}"] = f"sg-{len(standin.mails)}"
                 self._reply(202, None, X_Message_Id=f"sg-{len(standin.mails)}")
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

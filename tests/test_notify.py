@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import httpx
@@ -38,7 +39,9 @@ from tests.sendgrid_standin import SendGridStandIn
 from tests.smtp_sink import Sink
 from tests.taskkit import TaskStack, running_worker, task_stack
 
-ALICE = identity("alice", "acme")
+# An org admin (may send invitations and preview) and a service (may send every template).
+ALICE = identity("alice", "acme", "admin")
+SERVICE = identity("mailer", "acme", "service")
 EVE = identity("eve", "evilcorp")
 SAMPLE = {
     "string": "Acme & Sons",
@@ -68,11 +71,12 @@ class NotifyStack:
     webhooks: Webhooks
     tasks: TaskStack
     channel: aio.Channel
+    settings: NotifySettings
 
 
 @asynccontextmanager
 async def notify_stack(
-    redis_url: str, nats_url: str, *, with_worker: bool = True, **overrides: str
+    redis_url: str, nats_url: str, *, with_worker: bool = True, **overrides: Any
 ) -> AsyncIterator[NotifyStack]:
     sink = Sink().start()
     async with task_stack(nats_url, max_attempts=4) as tasks:
@@ -81,8 +85,7 @@ async def notify_stack(
             redis=RedisSettings(url=redis_url),
             smtp=SmtpSettings(port=sink.port, timeout=2.0, sender="opsmesh <noreply@opsmesh.test>"),
             task_address=f"127.0.0.1:{tasks.runner.port}",
-            key_prefix=f"test:{uuid.uuid4().hex[:8]}:",
-            **overrides,  # type: ignore[arg-type]
+            **{"key_prefix": f"test:{uuid.uuid4().hex[:8]}:", **overrides},
         )
         runner, webhooks = build_runner(settings, options=FAST_HEALTH)
         await runner.start()
@@ -91,9 +94,9 @@ async def notify_stack(
             stub = notify_pb2_grpc.NotificationServiceStub(channel)
             if with_worker:
                 async with running_worker(tasks, email_handler(channel), max_attempts=4):
-                    yield NotifyStack(stub, runner, sink, webhooks, tasks, channel)
+                    yield NotifyStack(stub, runner, sink, webhooks, tasks, channel, settings)
             else:
-                yield NotifyStack(stub, runner, sink, webhooks, tasks, channel)
+                yield NotifyStack(stub, runner, sink, webhooks, tasks, channel, settings)
         finally:
             await channel.close()
             await runner.stop()
@@ -224,13 +227,13 @@ async def test_bad_template_data_is_rejected_before_anything_is_queued(
 ) -> None:
     for call in (
         notify.stub.PreviewEmail(
-            pb.PreviewEmailRequest(template=template, data=struct(**data)), metadata=ALICE
+            pb.PreviewEmailRequest(template=template, data=struct(**data)), metadata=SERVICE
         ),
         notify.stub.SendEmail(
             pb.SendEmailRequest(
                 template=template, data=struct(**data), to=[pb.Recipient(address="a@example.com")]
             ),
-            metadata=ALICE,
+            metadata=SERVICE,
         ),
     ):
         with pytest.raises(aio.AioRpcError) as caught:
@@ -329,7 +332,7 @@ async def test_smtp_outage_is_retried_and_delivered_once_it_is_back(notify) -> N
                 data=struct(reset_url="https://opsmesh.example/reset/1", expires_in_minutes=30),
                 to=[pb.Recipient(address="carol@example.com")],
             ),
-            metadata=ALICE,
+            metadata=SERVICE,
         )
     ).notification
     done = await wait_notification(notify, sent_one.id, pb.NOTIFICATION_STATUS_SENT)
@@ -503,7 +506,7 @@ async def hooked(redis_server: RedisServer, nats_server: NatsServer) -> AsyncIte
         alert_org="acme",
         alert_emails=("oncall@example.com",),
     )
-    async with notify_stack(redis_server.url, nats_server.url, webhooks=hooks) as stack:  # type: ignore[arg-type]
+    async with notify_stack(redis_server.url, nats_server.url, webhooks=hooks) as stack:
         yield stack
 
 

@@ -19,19 +19,23 @@ const _ = grpc.SupportPackageIsVersion7
 type NotificationServiceClient interface {
 	// SendEmail validates the template data and recipients, records the
 	// notification and queues its delivery. The same idempotency key returns the
-	// same notification and sends one email.
+	// same notification and sends one email. Each template names who may send
+	// it (docs/notifications.md); anyone else gets PERMISSION_DENIED.
 	SendEmail(ctx context.Context, in *SendEmailRequest, opts ...grpc.CallOption) (*SendEmailResponse, error)
-	// PreviewEmail renders a template with the given data without sending it.
+	// PreviewEmail renders a template with the given data without sending it
+	// (org admins and services only).
 	PreviewEmail(ctx context.Context, in *PreviewEmailRequest, opts ...grpc.CallOption) (*PreviewEmailResponse, error)
 	// GetNotification returns a notification with its delivery state.
 	GetNotification(ctx context.Context, in *GetNotificationRequest, opts ...grpc.CallOption) (*GetNotificationResponse, error)
 	// ListTemplates lists the templates with their locales and variables.
 	ListTemplates(ctx context.Context, in *ListTemplatesRequest, opts ...grpc.CallOption) (*ListTemplatesResponse, error)
 	// DeliverNotification renders and sends a queued notification now. The task
-	// worker calls it for email tasks; it is idempotent: a notification already
-	// sent is returned as it is. A transient delivery failure answers
-	// UNAVAILABLE (retry later); a permanent one marks the notification failed
-	// and answers FAILED_PRECONDITION.
+	// worker calls it for email tasks (service credentials only; not routed at
+	// the edge); it is idempotent: a notification already sent is returned as
+	// it is. One delivery runs at a time per notification: a concurrent call
+	// answers ABORTED with RetryInfo (try later). A transient delivery failure
+	// answers UNAVAILABLE (retry later); a permanent one marks the notification
+	// failed and answers FAILED_PRECONDITION.
 	DeliverNotification(ctx context.Context, in *DeliverNotificationRequest, opts ...grpc.CallOption) (*DeliverNotificationResponse, error)
 }
 
@@ -94,19 +98,23 @@ func (c *notificationServiceClient) DeliverNotification(ctx context.Context, in 
 type NotificationServiceServer interface {
 	// SendEmail validates the template data and recipients, records the
 	// notification and queues its delivery. The same idempotency key returns the
-	// same notification and sends one email.
+	// same notification and sends one email. Each template names who may send
+	// it (docs/notifications.md); anyone else gets PERMISSION_DENIED.
 	SendEmail(context.Context, *SendEmailRequest) (*SendEmailResponse, error)
-	// PreviewEmail renders a template with the given data without sending it.
+	// PreviewEmail renders a template with the given data without sending it
+	// (org admins and services only).
 	PreviewEmail(context.Context, *PreviewEmailRequest) (*PreviewEmailResponse, error)
 	// GetNotification returns a notification with its delivery state.
 	GetNotification(context.Context, *GetNotificationRequest) (*GetNotificationResponse, error)
 	// ListTemplates lists the templates with their locales and variables.
 	ListTemplates(context.Context, *ListTemplatesRequest) (*ListTemplatesResponse, error)
 	// DeliverNotification renders and sends a queued notification now. The task
-	// worker calls it for email tasks; it is idempotent: a notification already
-	// sent is returned as it is. A transient delivery failure answers
-	// UNAVAILABLE (retry later); a permanent one marks the notification failed
-	// and answers FAILED_PRECONDITION.
+	// worker calls it for email tasks (service credentials only; not routed at
+	// the edge); it is idempotent: a notification already sent is returned as
+	// it is. One delivery runs at a time per notification: a concurrent call
+	// answers ABORTED with RetryInfo (try later). A transient delivery failure
+	// answers UNAVAILABLE (retry later); a permanent one marks the notification
+	// failed and answers FAILED_PRECONDITION.
 	DeliverNotification(context.Context, *DeliverNotificationRequest) (*DeliverNotificationResponse, error)
 	mustEmbedUnimplementedNotificationServiceServer()
 }

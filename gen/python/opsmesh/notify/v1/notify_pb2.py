@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eopsmesh/notify/v1/notify.proto\x12\x11opsmesh.notify.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"*\n\tRecipient\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xf3\x01\n\x10SendEmailRequest\x12\x10\n\x08template\x18\x01 \x01(\t\x12\x0e\n\x06locale\x18\x02 \x01(\t\x12%\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x02to\x18\x04 \x03(\x0b\x32\x1c.opsmesh.notify.v1.Recipient\x12(\n\x02\x63\x63\x18\x05 \x03(\x0b\x32\x1c.opsmesh.notify.v1.Recipient\x12)\n\x03\x62\x63\x63\x18\x06 \x03(\x0b\x32\x1c.opsmesh.notify.v1.Recipient\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\"J\n\x11SendEmailResponse\x12\x35\n\x0cnotification\x18\x01 \x01(\x0b\x32\x1f.opsmesh.notify.v1.Notification\"^\n\x13PreviewEmailRequest\x12\x10\n\x08template\x18\x01 \x01(\t\x12\x0e\n\x06locale\x18\x02 \x01(\t\x12%\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"]\n\x14PreviewEmailResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x11\n\thtml_body\x18\x02 \x01(\t\x12\x11\n\ttext_body\x18\x03 \x01(\t\x12\x0e\n\x06locale\x18\x04 \x01(\t\"1\n\x16GetNotificationRequest\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\"P\n\x17GetNotificationResponse\x12\x35\n\x0cnotification\x18\x01 \x01(\x0b\x32\x1f.opsmesh.notify.v1.Notification\"\xb8\x03\n\x0cNotification\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x10\n\x08template\x18\x03 \x01(\t\x12\x0e\n\x06locale\x18\x04 \x01(\t\x12\x30\n\nrecipients\x18\x05 \x03(\x0b\x32\x1c.opsmesh.notify.v1.Recipient\x12\x35\n\x06status\x18\x06 \x01(\x0e\x32%.opsmesh.notify.v1.NotificationStatus\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\x05\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12\x10\n\x08provider\x18\t \x01(\t\x12\x12\n\nmessage_id\x18\n \x01(\t\x12\x0f\n\x07task_id\x18\x0b \x01(\t\x12\x17\n\x0fidempotency_key\x18\x0c \x01(\t\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07sent_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"5\n\x1a\x44\x65liverNotificationRequest\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\"T\n\x1b\x44\x65liverNotificationResponse\x12\x35\n\x0cnotification\x18\x01 \x01(\x0b\x32\x1f.opsmesh.notify.v1.Notification\"\x16\n\x14ListTemplatesRequest\"v\n\x10TemplateVariable\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x04type\x18\x02 \x01(\x0e\x32\x1f.opsmesh.notify.v1.VariableType\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"t\n\x08Template\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0f\n\x07locales\x18\x03 \x03(\t\x12\x36\n\tvariables\x18\x04 \x03(\x0b\x32#.opsmesh.notify.v1.TemplateVariable\"G\n\x15ListTemplatesResponse\x12.\n\ttemplates\x18\x01 \x03(\x0b\x32\x1b.opsmesh.notify.v1.Template*\xb8\x01\n\x12NotificationStatus\x12#\n\x1fNOTIFICATION_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1aNOTIFICATION_STATUS_QUEUED\x10\x01\x12\x1f\n\x1bNOTIFICATION_STATUS_SENDING\x10\x02\x12\x1c\n\x18NOTIFICATION_STATUS_SENT\x10\x03\x12\x1e\n\x1aNOTIFICATION_STATUS_FAILED\x10\x04*\xe1\x01\n\x0cVariableType\x12\x1d\n\x19VARIABLE_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14VARIABLE_TYPE_STRING\x10\x01\x12\x18\n\x14VARIABLE_TYPE_NUMBER\x10\x02\x12\x19\n\x15VARIABLE_TYPE_BOOLEAN\x10\x03\x12\x15\n\x11VARIABLE_TYPE_URL\x10\x04\x12\x1b\n\x17VARIABLE_TYPE_TIMESTAMP\x10\x05\x12\x17\n\x13VARIABLE_TYPE_EMAIL\x10\x06\x12\x16\n\x12VARIABLE_TYPE_LIST\x10\x07\x32\x92\x04\n\x13NotificationService\x12V\n\tSendEmail\x12#.opsmesh.notify.v1.SendEmailRequest\x1a$.opsmesh.notify.v1.SendEmailResponse\x12_\n\x0cPreviewEmail\x12&.opsmesh.notify.v1.PreviewEmailRequest\x1a\'.opsmesh.notify.v1.PreviewEmailResponse\x12h\n\x0fGetNotification\x12).opsmesh.notify.v1.GetNotificationRequest\x1a*.opsmesh.notify.v1.GetNotificationResponse\x12\x62\n\rListTemplates\x12\'.opsmesh.notify.v1.ListTemplatesRequest\x1a(.opsmesh.notify.v1.ListTemplatesResponse\x12t\n\x13\x44\x65liverNotification\x12-.opsmesh.notify.v1.DeliverNotificationRequest\x1a..opsmesh.notify.v1.DeliverNotificationResponseBH\n\x15\x64\x65v.opsmesh.notify.v1P\x01Z-opsmesh.dev/gen/go/opsmesh/notify/v1;notifyv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eopsmesh/notify/v1/notify.proto\x12\x11opsmesh.notify.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"*\n\tRecipient\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xf3\x01\n\x10SendEmailRequest\x12\x10\n\x08template\x18\x01 \x01(\t\x12\x0e\n\x06locale\x18\x02 \x01(\t\x12%\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x02to\x18\x04 \x03(\x0b\x32\x1c.opsmesh.notify.v1.Recipient\x12(\n\x02\x63\x63\x18\x05 \x03(\x0b\x32\x1c.opsmesh.notify.v1.Recipient\x12)\n\x03\x62\x63\x63\x18\x06 \x03(\x0b\x32\x1c.opsmesh.notify.v1.Recipient\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\"J\n\x11SendEmailResponse\x12\x35\n\x0cnotification\x18\x01 \x01(\x0b\x32\x1f.opsmesh.notify.v1.Notification\"^\n\x13PreviewEmailRequest\x12\x10\n\x08template\x18\x01 \x01(\t\x12\x0e\n\x06locale\x18\x02 \x01(\t\x12%\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"]\n\x14PreviewEmailResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x11\n\thtml_body\x18\x02 \x01(\t\x12\x11\n\ttext_body\x18\x03 \x01(\t\x12\x0e\n\x06locale\x18\x04 \x01(\t\"1\n\x16GetNotificationRequest\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\"P\n\x17GetNotificationResponse\x12\x35\n\x0cnotification\x18\x01 \x01(\x0b\x32\x1f.opsmesh.notify.v1.Notification\"\xd4\x03\n\x0cNotification\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x10\n\x08template\x18\x03 \x01(\t\x12\x0e\n\x06locale\x18\x04 \x01(\t\x12\x30\n\nrecipients\x18\x05 \x03(\x0b\x32\x1c.opsmesh.notify.v1.Recipient\x12\x35\n\x06status\x18\x06 \x01(\x0e\x32%.opsmesh.notify.v1.NotificationStatus\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\x05\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12\x10\n\x08provider\x18\t \x01(\t\x12\x12\n\nmessage_id\x18\n \x01(\t\x12\x0f\n\x07task_id\x18\x0b \x01(\t\x12\x17\n\x0fidempotency_key\x18\x0c \x01(\t\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07sent_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12possible_duplicate\x18\x10 \x01(\x08\"5\n\x1a\x44\x65liverNotificationRequest\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\"T\n\x1b\x44\x65liverNotificationResponse\x12\x35\n\x0cnotification\x18\x01 \x01(\x0b\x32\x1f.opsmesh.notify.v1.Notification\"\x16\n\x14ListTemplatesRequest\"v\n\x10TemplateVariable\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x04type\x18\x02 \x01(\x0e\x32\x1f.opsmesh.notify.v1.VariableType\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"t\n\x08Template\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0f\n\x07locales\x18\x03 \x03(\t\x12\x36\n\tvariables\x18\x04 \x03(\x0b\x32#.opsmesh.notify.v1.TemplateVariable\"G\n\x15ListTemplatesResponse\x12.\n\ttemplates\x18\x01 \x03(\x0b\x32\x1b.opsmesh.notify.v1.Template*\xb8\x01\n\x12NotificationStatus\x12#\n\x1fNOTIFICATION_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1aNOTIFICATION_STATUS_QUEUED\x10\x01\x12\x1f\n\x1bNOTIFICATION_STATUS_SENDING\x10\x02\x12\x1c\n\x18NOTIFICATION_STATUS_SENT\x10\x03\x12\x1e\n\x1aNOTIFICATION_STATUS_FAILED\x10\x04*\xe1\x01\n\x0cVariableType\x12\x1d\n\x19VARIABLE_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14VARIABLE_TYPE_STRING\x10\x01\x12\x18\n\x14VARIABLE_TYPE_NUMBER\x10\x02\x12\x19\n\x15VARIABLE_TYPE_BOOLEAN\x10\x03\x12\x15\n\x11VARIABLE_TYPE_URL\x10\x04\x12\x1b\n\x17VARIABLE_TYPE_TIMESTAMP\x10\x05\x12\x17\n\x13VARIABLE_TYPE_EMAIL\x10\x06\x12\x16\n\x12VARIABLE_TYPE_LIST\x10\x07\x32\x92\x04\n\x13NotificationService\x12V\n\tSendEmail\x12#.opsmesh.notify.v1.SendEmailRequest\x1a$.opsmesh.notify.v1.SendEmailResponse\x12_\n\x0cPreviewEmail\x12&.opsmesh.notify.v1.PreviewEmailRequest\x1a\'.opsmesh.notify.v1.PreviewEmailResponse\x12h\n\x0fGetNotification\x12).opsmesh.notify.v1.GetNotificationRequest\x1a*.opsmesh.notify.v1.GetNotificationResponse\x12\x62\n\rListTemplates\x12\'.opsmesh.notify.v1.ListTemplatesRequest\x1a(.opsmesh.notify.v1.ListTemplatesResponse\x12t\n\x13\x44\x65liverNotification\x12-.opsmesh.notify.v1.DeliverNotificationRequest\x1a..opsmesh.notify.v1.DeliverNotificationResponseBH\n\x15\x64\x65v.opsmesh.notify.v1P\x01Z-opsmesh.dev/gen/go/opsmesh/notify/v1;notifyv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'opsmesh.notify.v1.notify_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\025dev.opsmesh.notify.v1P\001Z-opsmesh.dev/gen/go/opsmesh/notify/v1;notifyv1'
-  _globals['_NOTIFICATIONSTATUS']._serialized_start=1726
-  _globals['_NOTIFICATIONSTATUS']._serialized_end=1910
-  _globals['_VARIABLETYPE']._serialized_start=1913
-  _globals['_VARIABLETYPE']._serialized_end=2138
+  _globals['_NOTIFICATIONSTATUS']._serialized_start=1754
+  _globals['_NOTIFICATIONSTATUS']._serialized_end=1938
+  _globals['_VARIABLETYPE']._serialized_start=1941
+  _globals['_VARIABLETYPE']._serialized_end=2166
   _globals['_RECIPIENT']._serialized_start=116
   _globals['_RECIPIENT']._serialized_end=158
   _globals['_SENDEMAILREQUEST']._serialized_start=161
@@ -53,19 +53,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETNOTIFICATIONRESPONSE']._serialized_start=724
   _globals['_GETNOTIFICATIONRESPONSE']._serialized_end=804
   _globals['_NOTIFICATION']._serialized_start=807
-  _globals['_NOTIFICATION']._serialized_end=1247
-  _globals['_DELIVERNOTIFICATIONREQUEST']._serialized_start=1249
-  _globals['_DELIVERNOTIFICATIONREQUEST']._serialized_end=1302
-  _globals['_DELIVERNOTIFICATIONRESPONSE']._serialized_start=1304
-  _globals['_DELIVERNOTIFICATIONRESPONSE']._serialized_end=1388
-  _globals['_LISTTEMPLATESREQUEST']._serialized_start=1390
-  _globals['_LISTTEMPLATESREQUEST']._serialized_end=1412
-  _globals['_TEMPLATEVARIABLE']._serialized_start=1414
-  _globals['_TEMPLATEVARIABLE']._serialized_end=1532
-  _globals['_TEMPLATE']._serialized_start=1534
-  _globals['_TEMPLATE']._serialized_end=1650
-  _globals['_LISTTEMPLATESRESPONSE']._serialized_start=1652
-  _globals['_LISTTEMPLATESRESPONSE']._serialized_end=1723
-  _globals['_NOTIFICATIONSERVICE']._serialized_start=2141
-  _globals['_NOTIFICATIONSERVICE']._serialized_end=2671
+  _globals['_NOTIFICATION']._serialized_end=1275
+  _globals['_DELIVERNOTIFICATIONREQUEST']._serialized_start=1277
+  _globals['_DELIVERNOTIFICATIONREQUEST']._serialized_end=1330
+  _globals['_DELIVERNOTIFICATIONRESPONSE']._serialized_start=1332
+  _globals['_DELIVERNOTIFICATIONRESPONSE']._serialized_end=1416
+  _globals['_LISTTEMPLATESREQUEST']._serialized_start=1418
+  _globals['_LISTTEMPLATESREQUEST']._serialized_end=1440
+  _globals['_TEMPLATEVARIABLE']._serialized_start=1442
+  _globals['_TEMPLATEVARIABLE']._serialized_end=1560
+  _globals['_TEMPLATE']._serialized_start=1562
+  _globals['_TEMPLATE']._serialized_end=1678
+  _globals['_LISTTEMPLATESRESPONSE']._serialized_start=1680
+  _globals['_LISTTEMPLATESRESPONSE']._serialized_end=1751
+  _globals['_NOTIFICATIONSERVICE']._serialized_start=2169
+  _globals['_NOTIFICATIONSERVICE']._serialized_end=2699
 # @@protoc_insertion_point(module_scope)

@@ -110,7 +110,7 @@ class GetNotificationResponse(_message.Message):
     def __init__(self, notification: _Optional[_Union[Notification, _Mapping]] = ...) -> None: ...
 
 class Notification(_message.Message):
-    __slots__ = ("id", "org_id", "template", "locale", "recipients", "status", "attempts", "last_error", "provider", "message_id", "task_id", "idempotency_key", "created_at", "updated_at", "sent_at")
+    __slots__ = ("id", "org_id", "template", "locale", "recipients", "status", "attempts", "last_error", "provider", "message_id", "task_id", "idempotency_key", "created_at", "updated_at", "sent_at", "possible_duplicate")
     ID_FIELD_NUMBER: _ClassVar[int]
     ORG_ID_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class Notification(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    POSSIBLE_DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     id: str
     org_id: str
     template: str
@@ -141,7 +142,8 @@ class Notification(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
     sent_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., org_id: _Optional[str] = ..., template: _Optional[str] = ..., locale: _Optional[str] = ..., recipients: _Optional[_Iterable[_Union[Recipient, _Mapping]]] = ..., status: _Optional[_Union[NotificationStatus, str]] = ..., attempts: _Optional[int] = ..., last_error: _Optional[str] = ..., provider: _Optional[str] = ..., message_id: _Optional[str] = ..., task_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    possible_duplicate: bool
+    def __init__(self, id: _Optional[str] = ..., org_id: _Optional[str] = ..., template: _Optional[str] = ..., locale: _Optional[str] = ..., recipients: _Optional[_Iterable[_Union[Recipient, _Mapping]]] = ..., status: _Optional[_Union[NotificationStatus, str]] = ..., attempts: _Optional[int] = ..., last_error: _Optional[str] = ..., provider: _Optional[str] = ..., message_id: _Optional[str] = ..., task_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., possible_duplicate: _Optional[bool] = ...) -> None: ...
 
 class DeliverNotificationRequest(_message.Message):
     __slots__ = ("notification_id",)

@@ -75,14 +75,16 @@ class NotificationServiceServicer:
     def SendEmail(self, request, context):
         """SendEmail validates the template data and recipients, records the
         notification and queues its delivery. The same idempotency key returns the
-        same notification and sends one email.
+        same notification and sends one email. Each template names who may send
+        it (docs/notifications.md); anyone else gets PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PreviewEmail(self, request, context):
-        """PreviewEmail renders a template with the given data without sending it.
+        """PreviewEmail renders a template with the given data without sending it
+        (org admins and services only).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,10 +106,12 @@ class NotificationServiceServicer:
 
     def DeliverNotification(self, request, context):
         """DeliverNotification renders and sends a queued notification now. The task
-        worker calls it for email tasks; it is idempotent: a notification already
-        sent is returned as it is. A transient delivery failure answers
-        UNAVAILABLE (retry later); a permanent one marks the notification failed
-        and answers FAILED_PRECONDITION.
+        worker calls it for email tasks (service credentials only; not routed at
+        the edge); it is idempotent: a notification already sent is returned as
+        it is. One delivery runs at a time per notification: a concurrent call
+        answers ABORTED with RetryInfo (try later). A transient delivery failure
+        answers UNAVAILABLE (retry later); a permanent one marks the notification
+        failed and answers FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

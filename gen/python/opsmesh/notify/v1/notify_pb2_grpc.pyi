@@ -40,20 +40,25 @@ class NotificationServiceStub:
     SendEmail: _grpc.UnaryUnaryMultiCallable[_notify_pb2.SendEmailRequest, _notify_pb2.SendEmailResponse]
     """SendEmail validates the template data and recipients, records the
     notification and queues its delivery. The same idempotency key returns the
-    same notification and sends one email.
+    same notification and sends one email. Each template names who may send
+    it (docs/notifications.md); anyone else gets PERMISSION_DENIED.
     """
     PreviewEmail: _grpc.UnaryUnaryMultiCallable[_notify_pb2.PreviewEmailRequest, _notify_pb2.PreviewEmailResponse]
-    """PreviewEmail renders a template with the given data without sending it."""
+    """PreviewEmail renders a template with the given data without sending it
+    (org admins and services only).
+    """
     GetNotification: _grpc.UnaryUnaryMultiCallable[_notify_pb2.GetNotificationRequest, _notify_pb2.GetNotificationResponse]
     """GetNotification returns a notification with its delivery state."""
     ListTemplates: _grpc.UnaryUnaryMultiCallable[_notify_pb2.ListTemplatesRequest, _notify_pb2.ListTemplatesResponse]
     """ListTemplates lists the templates with their locales and variables."""
     DeliverNotification: _grpc.UnaryUnaryMultiCallable[_notify_pb2.DeliverNotificationRequest, _notify_pb2.DeliverNotificationResponse]
     """DeliverNotification renders and sends a queued notification now. The task
-    worker calls it for email tasks; it is idempotent: a notification already
-    sent is returned as it is. A transient delivery failure answers
-    UNAVAILABLE (retry later); a permanent one marks the notification failed
-    and answers FAILED_PRECONDITION.
+    worker calls it for email tasks (service credentials only; not routed at
+    the edge); it is idempotent: a notification already sent is returned as
+    it is. One delivery runs at a time per notification: a concurrent call
+    answers ABORTED with RetryInfo (try later). A transient delivery failure
+    answers UNAVAILABLE (retry later); a permanent one marks the notification
+    failed and answers FAILED_PRECONDITION.
     """
 
 @_typing.type_check_only
@@ -68,20 +73,25 @@ class NotificationServiceAsyncStub(NotificationServiceStub):
     SendEmail: _aio.UnaryUnaryMultiCallable[_notify_pb2.SendEmailRequest, _notify_pb2.SendEmailResponse]  # type: ignore[assignment]
     """SendEmail validates the template data and recipients, records the
     notification and queues its delivery. The same idempotency key returns the
-    same notification and sends one email.
+    same notification and sends one email. Each template names who may send
+    it (docs/notifications.md); anyone else gets PERMISSION_DENIED.
     """
     PreviewEmail: _aio.UnaryUnaryMultiCallable[_notify_pb2.PreviewEmailRequest, _notify_pb2.PreviewEmailResponse]  # type: ignore[assignment]
-    """PreviewEmail renders a template with the given data without sending it."""
+    """PreviewEmail renders a template with the given data without sending it
+    (org admins and services only).
+    """
     GetNotification: _aio.UnaryUnaryMultiCallable[_notify_pb2.GetNotificationRequest, _notify_pb2.GetNotificationResponse]  # type: ignore[assignment]
     """GetNotification returns a notification with its delivery state."""
     ListTemplates: _aio.UnaryUnaryMultiCallable[_notify_pb2.ListTemplatesRequest, _notify_pb2.ListTemplatesResponse]  # type: ignore[assignment]
     """ListTemplates lists the templates with their locales and variables."""
     DeliverNotification: _aio.UnaryUnaryMultiCallable[_notify_pb2.DeliverNotificationRequest, _notify_pb2.DeliverNotificationResponse]  # type: ignore[assignment]
     """DeliverNotification renders and sends a queued notification now. The task
-    worker calls it for email tasks; it is idempotent: a notification already
-    sent is returned as it is. A transient delivery failure answers
-    UNAVAILABLE (retry later); a permanent one marks the notification failed
-    and answers FAILED_PRECONDITION.
+    worker calls it for email tasks (service credentials only; not routed at
+    the edge); it is idempotent: a notification already sent is returned as
+    it is. One delivery runs at a time per notification: a concurrent call
+    answers ABORTED with RetryInfo (try later). A transient delivery failure
+    answers UNAVAILABLE (retry later); a permanent one marks the notification
+    failed and answers FAILED_PRECONDITION.
     """
 
 class NotificationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -99,7 +109,8 @@ class NotificationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_notify_pb2.SendEmailResponse, _abc.Awaitable[_notify_pb2.SendEmailResponse]]:
         """SendEmail validates the template data and recipients, records the
         notification and queues its delivery. The same idempotency key returns the
-        same notification and sends one email.
+        same notification and sends one email. Each template names who may send
+        it (docs/notifications.md); anyone else gets PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod
@@ -108,7 +119,9 @@ class NotificationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _notify_pb2.PreviewEmailRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_notify_pb2.PreviewEmailResponse, _abc.Awaitable[_notify_pb2.PreviewEmailResponse]]:
-        """PreviewEmail renders a template with the given data without sending it."""
+        """PreviewEmail renders a template with the given data without sending it
+        (org admins and services only).
+        """
 
     @_abc_1.abstractmethod
     def GetNotification(
@@ -133,10 +146,12 @@ class NotificationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_notify_pb2.DeliverNotificationResponse, _abc.Awaitable[_notify_pb2.DeliverNotificationResponse]]:
         """DeliverNotification renders and sends a queued notification now. The task
-        worker calls it for email tasks; it is idempotent: a notification already
-        sent is returned as it is. A transient delivery failure answers
-        UNAVAILABLE (retry later); a permanent one marks the notification failed
-        and answers FAILED_PRECONDITION.
+        worker calls it for email tasks (service credentials only; not routed at
+        the edge); it is idempotent: a notification already sent is returned as
+        it is. One delivery runs at a time per notification: a concurrent call
+        answers ABORTED with RetryInfo (try later). A transient delivery failure
+        answers UNAVAILABLE (retry later); a permanent one marks the notification
+        failed and answers FAILED_PRECONDITION.
         """
 
 def add_NotificationServiceServicer_to_server(servicer: NotificationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
