@@ -42,6 +42,14 @@ $(UI_BUILD): $(NODE) $(UI_SOURCES)
 .PHONY: install
 install: $(STAMP) ## create .venv with every Python dependency
 
+# The Debian packages (Redis, NATS, Prometheus, Chromium, Go...): installed as root or with sudo
+# where missing; the list is devtools/system-packages (.ci/run uses it too).
+.PHONY: system-packages system-packages-up
+system-packages:
+	@devtools/system-packages test
+system-packages-up:
+	@devtools/system-packages up
+
 # --- contracts ---------------------------------------------------------------------------
 .PHONY: gen
 gen: $(STAMP) $(TOOLS) gen-go-tools ## regenerate gen/python, gen/ts and gen/go from proto/
@@ -113,13 +121,18 @@ ui-check: $(NODE) ## the web client: tsc --strict and the Vitest unit tests
 	npm --workspace ui run typecheck --silent
 	npm --workspace ui run test --silent
 
+# Follows a moved edge or Vite port (OPSMESH_DEV_EDGE_PORT, OPSMESH_DEV_UI_PORT) as `make up` does.
+OPSMESH_DEV_EDGE_PORT ?= 8080
+OPSMESH_DEV_UI_PORT ?= 5173
+EDGE_URL = http://localhost:$(OPSMESH_DEV_EDGE_PORT)
+
 .PHONY: ui-dev
-ui-dev: $(NODE) ## the web client on http://localhost:5173 with hot reload, against `make up`'s edge
-	VITE_OPSMESH_API_URL=http://localhost:8080 VITE_OPSMESH_ISSUER=http://localhost:8080 \
-	  npm --workspace ui run dev
+ui-dev: $(NODE) ## the web client on http://localhost:5173 (OPSMESH_DEV_UI_PORT) with hot reload, against `make up`'s edge
+	VITE_OPSMESH_API_URL=$(EDGE_URL) VITE_OPSMESH_ISSUER=$(EDGE_URL) \
+	  OPSMESH_DEV_UI_PORT=$(OPSMESH_DEV_UI_PORT) npm --workspace ui run dev
 
 .PHONY: test
-test: $(STAMP) lint gen-check ui-check $(UI_BUILD) ## lint, gen-check, UI checks and every test (browser too) with coverage (>= 90%)
+test: system-packages $(STAMP) lint gen-check ui-check $(UI_BUILD) ## lint, gen-check, UI checks and every test (browser too) with coverage (>= 90%)
 	$(BIN)/coverage erase
 	$(BIN)/pytest --cov --cov-report=term $(PYTEST_ARGS)
 
@@ -142,8 +155,13 @@ bench: $(STAMP) $(UI_BUILD) ## run the benchmarks (bench/*.py; installs the Cele
 
 # --- dev stack ---------------------------------------------------------------------------
 .PHONY: up
-up: $(STAMP) $(UI_BUILD) ## start Redis, NATS, every service, the web client and Envoy (logs in .run/)
+up: system-packages-up $(STAMP) $(UI_BUILD) ## start (or bring back) Redis, NATS, every service, the web client and Envoy (logs in .run/)
 	$(PY) -m devtools.stack up
+
+.PHONY: restart
+restart: $(STAMP) ## restart one component as it was started: make restart NAME=chat_svc (make status names them)
+	@test -n "$(NAME)" || { echo "usage: make restart NAME=<component> (make status lists them)"; exit 2; }
+	$(PY) -m devtools.stack restart $(NAME)
 
 .PHONY: down
 down: ## stop what `make up` started

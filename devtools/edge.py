@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -27,6 +28,11 @@ DEFAULT_PORTS = {
     "web": 8095,
 }
 DEFAULT_ISSUER = "http://localhost:8080"
+DEFAULT_UI_ORIGIN = "http://localhost:5173"
+"""``make ui-dev``'s Vite server, which CORS allows beside the edge's own origin."""
+LISTENER = "address: 127.0.0.1, port_value: 8080 }"
+UNSET_EDGE_CREDENTIAL = "unset-edge-credential"
+"""envoy.yaml's stand-in for the secret Envoy shows ratelimit_svc (ratelimit_svc/edgeauth.py)."""
 
 
 def free_edge_ports() -> dict[str, int]:
@@ -40,15 +46,22 @@ def render(
     config: Path = CONFIG,
     domain: str = "opsmesh",
     issuer: str | None = None,
+    bind_address: str = "127.0.0.1",
+    edge_credential: str = UNSET_EDGE_CREDENTIAL,
+    ui_origin: str = DEFAULT_UI_ORIGIN,
 ) -> str:
     """envoy.yaml with every ``DEFAULT_PORTS`` port replaced by ``ports`` (missing: unchanged),
-    its rate limit domain set to ``domain`` and the tokens' issuer to ``issuer`` (default: the
-    edge's own URL, ``http://localhost:<edge port>``)."""
+    its rate limit domain set to ``domain``, the tokens' issuer to ``issuer`` (default: the
+    edge's own URL, ``http://localhost:<edge port>``), the listener on ``bind_address``, the
+    secret shown to ratelimit_svc and CORS allowing the edge's own origin and ``ui_origin``."""
+    text = _replace_once(
+        config.read_text(), LISTENER, LISTENER.replace("127.0.0.1", bind_address, 1)
+    )
     moved = {DEFAULT_PORTS[name]: port for name, port in ports.items()}
     text = re.sub(
         r"port_value: (\d+)",
         lambda m: f"port_value: {moved.get(int(m.group(1)), int(m.group(1)))}",
-        config.read_text(),
+        text,
     )
     session_http = moved.get(DEFAULT_PORTS["session_http"], DEFAULT_PORTS["session_http"])
     text = text.replace("domain: opsmesh\n", f"domain: {domain}\n")
@@ -56,7 +69,21 @@ def render(
     text = text.replace(
         f"issuer: {DEFAULT_ISSUER}\n", f"issuer: {issuer or f'http://localhost:{edge}'}\n"
     )
+    text = _replace_once(
+        text, f"- exact: {DEFAULT_ISSUER}\n", f"- exact: http://localhost:{edge}\n"
+    )
+    text = _replace_once(text, f"- exact: {DEFAULT_UI_ORIGIN}\n", f"- exact: {ui_origin}\n")
+    text = _replace_once(
+        text, f"value: {UNSET_EDGE_CREDENTIAL} }}", f"value: {json.dumps(edge_credential)} }}"
+    )
     return text.replace("http://127.0.0.1:8090", f"http://127.0.0.1:{session_http}")
+
+
+def _replace_once(text: str, old: str, new: str) -> str:
+    """Replaces the one ``old``; envoy.yaml without it is a config render() no longer fits."""
+    if text.count(old) != 1:
+        raise ValueError(f"envoy config: expected {old.strip()!r} exactly once")
+    return text.replace(old, new)
 
 
 def envoy_binary() -> str:

@@ -29,6 +29,7 @@ import yaml  # type: ignore[import-untyped]  # no types-PyYAML in the dev extras
 
 from devtools.edge import CONFIG as EDGE_SOURCE
 from devtools.edge import render
+from ratelimit_svc.edgeauth import EDGE_CREDENTIAL_VARIABLE
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -83,6 +84,13 @@ REDIS_ENV = (
 NATS_URL = "nats://$(NATS_USER):$(NATS_PASSWORD)@nats:4222"
 CLICKHOUSE = "http://$(CLICKHOUSE_USER):$(CLICKHOUSE_PASSWORD)@clickhouse:8123"
 JWKS_URL = "http://session:8090/.well-known/jwks.json"
+EDGE_SECRET_NAME = "opsmesh-ratelimit-edge"  # noqa: S105 - a Secret's name
+"""What Envoy shows ratelimit_svc (key ``credential``; ratelimit_svc/edgeauth.py)."""
+EDGE_CREDENTIAL_SLOT = "__OPSMESH_RATELIMIT_EDGE_CREDENTIAL__"
+"""Where the Envoy pod writes the Secret into its config at start (never in a ConfigMap)."""
+TRUSTED_PROXIES = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16"
+"""session_svc believes X-Forwarded-For from the pod network: NetworkPolicies let only Envoy
+(and the worker, which sends none) reach its HTTP port. Narrow it to the cluster's pod CIDR."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,6 +136,7 @@ COMPONENTS = (
         extra_ports=(("http", 8090),),
         redis=True,
         secret_env=(("WORKER_CLIENT_SECRET", "opsmesh-service-clients", "task-worker"),),
+        config_env=(("OPSMESH_TRUSTED_PROXIES", META_CONFIG, "OPSMESH_TRUSTED_PROXIES"),),
         env=(
             ("OPSMESH_SESSION_HTTP_PORT", "8090"),
             ("OPSMESH_JWT_KEYS_DIR", JWT_KEYS_DIR),
@@ -210,6 +219,7 @@ COMPONENTS = (
         metrics_port=9155,
         summary="Envoy's global rate limits (reachable only from Envoy)",
         redis=True,
+        secret_env=((EDGE_CREDENTIAL_VARIABLE, EDGE_SECRET_NAME, "credential"),),
         env=(("OPSMESH_RATELIMIT_RULES", f"{RULES_DIR}/ratelimits.toml"),),
         volumes=(("rules", RULES_DIR, {"configMap": {"name": "ratelimit-rules"}}),),
         grace=5,
@@ -283,7 +293,14 @@ def render_edge(public_url: str = PUBLIC_URL, *, source: Path = EDGE_SOURCE) -> 
     dev stack), the JWKS is fetched from session, the admin listens on the pod's address (probes,
     metrics; NetworkPolicies keep it to Prometheus) and the issuer is ``public_url``, which
     CORS also allows."""
-    text = render({}, config=source, issuer=public_url)
+    # The pod's own address; the credential's slot is filled from the Secret at start.
+    text = render(
+        {},
+        config=source,
+        issuer=public_url,
+        bind_address="0.0.0.0",
+        edge_credential=EDGE_CREDENTIAL_SLOT,
+    )
     head, sep, clusters = text.partition("\n  clusters:\n")
     if not sep:
         raise ValueError(f"{source}: no static_resources.clusters")
@@ -605,13 +622,20 @@ def edge_documents() -> list[tuple[str, dict[str, Any]]]:
         "name": "envoy",
         "image": ENVOY_IMAGE,
         "imagePullPolicy": "IfNotPresent",
+        # The config with the edge's credential (a Secret) goes to the pod's own /tmp; the
+        # ConfigMap holds only its slot. ratelimit_svc accepts URL-safe characters only, so
+        # the credential needs no quoting in sed or YAML.
+        "command": ["/bin/sh", "-c"],
         "args": [
-            "-c",
-            "/etc/envoy/envoy.yaml",
-            "--log-level",
-            "info",
-            "--drain-time-s",
-            "15",
+            f'sed "s/{EDGE_CREDENTIAL_SLOT}/${EDGE_CREDENTIAL_VARIABLE}/" '
+            "/etc/envoy/envoy.yaml > /tmp/envoy.yaml && "
+            "exec envoy -c /tmp/envoy.yaml --log-level info --drain-time-s 15"
+        ],
+        "env": [
+            {
+                "name": EDGE_CREDENTIAL_VARIABLE,
+                "valueFrom": {"secretKeyRef": {"name": EDGE_SECRET_NAME, "key": "credential"}},
+            }
         ],
         "ports": [
             {"name": "http", "containerPort": EDGE_PORT, "protocol": "TCP"},
@@ -899,6 +923,7 @@ def mesh_config() -> dict[str, Any]:
             "OPSMESH_ALERT_ORG": "platform",
             "OPSMESH_ALERT_EMAILS": "oncall@example.com",
             "OPSMESH_MAIL_FROM": "opsmesh <noreply@opsmesh.example.com>",
+            "OPSMESH_TRUSTED_PROXIES": TRUSTED_PROXIES,
         },
     }
 

@@ -8,6 +8,7 @@ output, never guessed with sleeps; a server that exits during start-up raises
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -126,6 +127,15 @@ class ManagedProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
+    def env(self) -> dict[str, str] | None:
+        """The environment it runs with (None: the caller's)."""
+        return None if self._env is None else dict(self._env)
+
+    @property
+    def ready(self) -> re.Pattern[str]:
+        return self._ready
+
+    @property
     def pid(self) -> int:
         assert self.process is not None, f"{self.name} is not running"
         return self.process.pid
@@ -205,21 +215,38 @@ class RedisServer(_Server):
     """``redis-server`` on loopback with persistence off."""
 
     def __init__(
-        self, workdir: Path, *, port: int | None = None, detach: bool = False, name: str = "redis"
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        detach: bool = False,
+        name: str = "redis",
+        password: str = "",
     ) -> None:
         self.workdir = workdir
         self.port = port or 0
         self._fixed_port = port is not None
         self._detach = detach
         self.name = name
+        self.password = password
         self.process: ManagedProcess | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        credentials = f":{self.password}@" if self.password else ""
+        return f"redis://{credentials}127.0.0.1:{self.port}/0"
+
+    def _config_file(self) -> Path:
+        """A 0600 config file: a password on the command line would show in everyone's ps."""
+        config = self.workdir / f"{self.name}.conf"
+        config.touch(mode=0o600)
+        config.chmod(0o600)
+        config.write_text(f'requirepass "{self.password}"\n' if self.password else "")
+        return config
 
     def start(self) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self._config_file()
         attempts = 1 if self._fixed_port else 5
         for attempt in range(attempts):
             if not self._fixed_port:
@@ -228,6 +255,7 @@ class RedisServer(_Server):
                 self.name,
                 [
                     find_binary("redis-server"),
+                    str(config),
                     "--port",
                     str(self.port),
                     "--bind",
@@ -290,15 +318,35 @@ class RedisSentinel(_Server):
 class NatsServer(_Server):
     """``nats-server`` with JetStream, storing under ``workdir``."""
 
-    def __init__(self, workdir: Path, *, port: int | None = None, detach: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        detach: bool = False,
+        user: str = "",
+        password: str = "",
+    ) -> None:
         self.workdir = workdir
         self.port = port or -1  # -1: nats-server picks a free port and logs it
         self._detach = detach
+        self.user = user
+        self.password = password
         self.process: ManagedProcess | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        credentials = f"{self.user}:{self.password}@" if self.user else ""
+        return f"nats://{credentials}127.0.0.1:{self.port}"
+
+    def _config_file(self) -> Path:
+        """A 0600 config file (credentials on the command line would show in everyone's ps)."""
+        config = self.workdir / "nats.conf"
+        config.touch(mode=0o600)
+        config.chmod(0o600)
+        account = json.dumps({"user": self.user, "password": self.password})
+        config.write_text(f"authorization: {account}\n" if self.user else "")
+        return config
 
     def start(self) -> NatsServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -306,6 +354,8 @@ class NatsServer(_Server):
             "nats",
             [
                 find_binary("nats-server"),
+                "-c",
+                str(self._config_file()),
                 "-a",
                 "127.0.0.1",
                 "-p",
@@ -486,10 +536,19 @@ class AlertmanagerServer(_HttpServer):
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (exited, not yet reaped by its parent) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # no procfs (macOS): kill(0) is all there is
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]

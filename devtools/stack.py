@@ -1,20 +1,31 @@
-"""The local dev stack behind ``make up``, ``make down`` and ``make status``.
+"""The local dev stack behind ``make up``, ``make restart``, ``make down`` and ``make status``.
 
 Starts Redis, NATS (JetStream) and every service that exists, detached, on the
 default ports of DESIGN.md (never Redis' 6379 or NATS' 4222, which a machine
 may already run), waits until each is ready (services: gRPC health SERVING),
-and records what it started in ``<run dir>/stack.json`` so ``down`` stops
-exactly that. Ports and the run folder can be overridden by environment.
+and records what it started in ``<run dir>/stack.json`` (0600: command lines and
+environments hold the stack's secrets) so ``down`` stops exactly that and
+``restart``/``up`` start a dead component again exactly as it was. Ports and the
+run folder can be overridden by environment.
+
+What each part trusts (docs/security.md): Redis and NATS require the passwords
+generated into the run folder; every service verifies access tokens itself
+(revocations from the issuer's Redis); the worker calls with its own client
+credentials; ratelimit_svc answers only the edge's credential; everything binds
+loopback, Envoy's listener too unless OPSMESH_BIND_ADDRESS says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import ipaddress
 import json
 import os
 import re
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -84,6 +95,11 @@ FIXED_PORTS = (
 DEV_ALERT_ORG = "dev"
 DEV_ALERT_EMAILS = "oncall@example.com"
 """Where the dev stack's alerts go (the mail sink catches them: make mail)."""
+NATS_USER = "opsmesh"
+WORKER_CLIENT = "task-worker"
+"""The worker's OAuth client (client credentials), as in the Kubernetes manifests."""
+LOOPBACK_PROXIES = "127.0.0.1/32,::1/128"
+"""session_svc believes X-Forwarded-For only from these: Envoy runs on this host."""
 
 
 def port_variable(service: str, what: str = "") -> str:
@@ -112,6 +128,10 @@ class StackConfig:
     web_port: int = 8095
     prometheus_port: int = 19090
     alertmanager_port: int = 19093
+    ui_dev_port: int = 5173
+    """``make ui-dev``'s Vite server (not started by ``up``; CORS and OAuth allow it)."""
+    bind_address: str = "127.0.0.1"
+    """Where Envoy's listener binds (OPSMESH_BIND_ADDRESS); everything else is loopback."""
     web_root: Path = Path("ui/dist")
     services: tuple[ServiceSpec, ...] = ()
 
@@ -126,6 +146,10 @@ class StackConfig:
     @property
     def mail_dir(self) -> Path:
         return self.run_dir / "mail"
+
+    @property
+    def ui_dev_origin(self) -> str:
+        return f"http://localhost:{self.ui_dev_port}"
 
     @property
     def alert_token_file(self) -> Path:
@@ -154,6 +178,8 @@ class StackConfig:
             web_port=port("OPSMESH_DEV_WEB_PORT", 8095),
             prometheus_port=port("OPSMESH_DEV_PROMETHEUS_PORT", 19090),
             alertmanager_port=port("OPSMESH_DEV_ALERTMANAGER_PORT", 19093),
+            ui_dev_port=port("OPSMESH_DEV_UI_PORT", 5173),
+            bind_address=_bind_address(environ.get("OPSMESH_BIND_ADDRESS", "")),
             web_root=Path(environ.get("OPSMESH_WEB_ROOT") or root / "ui" / "dist"),
             services=tuple(
                 ServiceSpec(
@@ -172,24 +198,68 @@ class StackConfig:
         return self.run_dir / "stack.json"
 
 
+def _bind_address(raw: str) -> str:
+    """OPSMESH_BIND_ADDRESS, an IP address (default loopback: nothing else on the network)."""
+    if not raw:
+        return "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        raise SystemExit(f"OPSMESH_BIND_ADDRESS={raw!r}: expected an IP address") from None
+
+
 @dataclass(frozen=True)
 class Component:
+    """A process of the stack and exactly how it was started (to start it again the same)."""
+
     name: str
     pid: int
     address: str
     log: str
     grpc_port: int = 0
+    argv: tuple[str, ...] = ()
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    ready: str = ""
+    """The log line that says it is up (ManagedProcess)."""
+
+    @classmethod
+    def of(cls, process: ManagedProcess, address: str, *, grpc_port: int = 0) -> Component:
+        """The record of a started process (env None: it inherited ours, which is kept)."""
+        return cls(
+            name=process.name,
+            pid=process.pid,
+            address=address,
+            log=str(process.log_path),
+            grpc_port=grpc_port,
+            argv=tuple(process.argv),
+            env=process.env if process.env is not None else dict(os.environ),
+            ready=process.ready.pattern,
+        )
+
+    def process(self) -> ManagedProcess:
+        """A new process with this one's command line, environment, log and ready line."""
+        return ManagedProcess(
+            self.name,
+            self.argv,
+            log_path=Path(self.log),
+            ready=re.compile(self.ready),
+            env=self.env,
+            detach=True,
+        )
 
 
 def _load(config: StackConfig) -> list[Component]:
     if not config.state_file.exists():
         return []
-    return [Component(**entry) for entry in json.loads(config.state_file.read_text())]
+    entries = json.loads(config.state_file.read_text())
+    return [Component(**entry | {"argv": tuple(entry.get("argv", ()))}) for entry in entries]
 
 
 def _save(config: StackConfig, components: Sequence[Component]) -> None:
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    config.state_file.write_text(json.dumps([c.__dict__ for c in components], indent=2))
+    config.state_file.touch(mode=0o600)
+    config.state_file.chmod(0o600)
+    config.state_file.write_text(json.dumps([dataclasses.asdict(c) for c in components], indent=2))
 
 
 def _port_taken(port: int) -> bool:
@@ -227,13 +297,34 @@ def _wait_serving(component: Component, process: ManagedProcess, timeout: float)
     raise ServerStartError(component.name, f"health is {status} after {timeout:g}s")
 
 
+def _secret(config: StackConfig, name: str) -> str:
+    """A random secret of the stack, made once and kept (0600) in the run folder."""
+    path = config.run_dir / name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(24))
+    path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def redis_url(config: StackConfig) -> str:
+    return f"redis://:{_secret(config, 'redis-password')}@127.0.0.1:{config.redis_port}/0"
+
+
+def nats_url(config: StackConfig) -> str:
+    return f"nats://{NATS_USER}:{_secret(config, 'nats-password')}@127.0.0.1:{config.nats_port}"
+
+
 def _service_env(config: StackConfig, port: int, metrics_port: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
+        # Services listen on loopback only: Envoy (on this host) is the way in.
+        OPSMESH_HOST="127.0.0.1",
         OPSMESH_GRPC_PORT=str(port),
         OPSMESH_METRICS_PORT=str(metrics_port),
-        OPSMESH_REDIS_URL=f"redis://127.0.0.1:{config.redis_port}/0",
-        OPSMESH_NATS_URL=f"nats://127.0.0.1:{config.nats_port}",
+        OPSMESH_REDIS_URL=redis_url(config),
+        OPSMESH_NATS_URL=nats_url(config),
         OPSMESH_SMTP_HOST="127.0.0.1",
         OPSMESH_SMTP_PORT=str(config.smtp_port),
         OPSMESH_WEBHOOK_PORT=str(config.webhook_port),
@@ -241,8 +332,11 @@ def _service_env(config: StackConfig, port: int, metrics_port: int) -> dict[str,
         OPSMESH_JWT_KEYS_DIR=str(config.run_dir / "keys"),
         OPSMESH_JWT_ISSUER=config.public_url,
         OPSMESH_JWKS_URL=f"http://127.0.0.1:{config.session_http_port}/.well-known/jwks.json",
+        # Every service verifies the caller's token itself (roles, revoked sessions), as in
+        # the Kubernetes manifests: identity headers from a host process prove nothing.
+        OPSMESH_AUTH_MODE="jwt",
         OPSMESH_OAUTH_CLIENTS=(
-            f"opsmesh-web={config.public_url}/oauth/callback,http://localhost:5173/oauth/callback"
+            f"opsmesh-web={config.public_url}/oauth/callback,{config.ui_dev_origin}/oauth/callback"
         ),
         OPSMESH_TASK_ADDR=f"127.0.0.1:{config.port_of('task_svc')}",
         OPSMESH_NOTIFY_ADDR=f"127.0.0.1:{config.port_of('notify_svc')}",
@@ -262,12 +356,35 @@ def _service_env(config: StackConfig, port: int, metrics_port: int) -> dict[str,
     return env
 
 
+def service_secrets(config: StackConfig, name: str) -> dict[str, str]:
+    """What one service alone is given: the worker's client secret, the edge's credential."""
+    worker_secret = _secret(config, "worker-client-secret")
+    if name == "session_svc":
+        return {
+            "OPSMESH_SERVICE_CLIENTS": f"{WORKER_CLIENT}={worker_secret}",
+            "OPSMESH_TRUSTED_PROXIES": LOOPBACK_PROXIES,
+        }
+    if name == "task_worker":
+        return {
+            "OPSMESH_SERVICE_TOKEN_URL": f"http://127.0.0.1:{config.session_http_port}/oauth/token",
+            "OPSMESH_SERVICE_CLIENT_ID": WORKER_CLIENT,
+            "OPSMESH_SERVICE_CLIENT_SECRET": worker_secret,
+        }
+    if name == "ratelimit_svc":
+        return {"OPSMESH_RATELIMIT_EDGE_CREDENTIAL": edge_credential(config)}
+    return {}
+
+
+def edge_credential(config: StackConfig) -> str:
+    """What Envoy shows ratelimit_svc (ratelimit_svc/edgeauth.py)."""
+    return _secret(config, "ratelimit-edge-credential")
+
+
 def up(config: StackConfig) -> int:
-    running = [c for c in _load(config) if pid_alive(c.pid)]
-    if running:
-        print("the dev stack is already up ('make down' stops it):")
-        _print(running)
-        return 0
+    """Starts the stack; with one already recorded, starts again what of it is dead."""
+    recorded = _load(config)
+    if any(pid_alive(c.pid) for c in recorded):
+        return _revive(config, recorded)
     taken = _ports_in_use(config)
     if taken:
         print(
@@ -278,14 +395,7 @@ def up(config: StackConfig) -> int:
         return 1
     started: list[Component] = []
     try:
-        for step in (
-            _start_stores,
-            _start_mail_sink,
-            _start_monitoring,
-            _start_services,
-            _start_web,
-            _start_edge,
-        ):
+        for step in START_STEPS:
             step(config, started)
     except ServerStartError as error:
         print(f"make up failed: {error}", file=sys.stderr)
@@ -294,6 +404,55 @@ def up(config: StackConfig) -> int:
         return 1
     _welcome(config, started)
     return 0
+
+
+def _revive(config: StackConfig, recorded: list[Component]) -> int:
+    dead = [c for c in recorded if not pid_alive(c.pid)]
+    if not dead:
+        print("the dev stack is already up ('make down' stops it):")
+        _print(recorded)
+        return 0
+    for component in dead:
+        print(f"{component.name} was not running (pid {component.pid} is gone): starting it again")
+        code = restart(config, component.name)
+        if code:
+            return code
+    print("the dev stack is up again:")
+    _print(_load(config))
+    return 0
+
+
+def restart(config: StackConfig, name: str) -> int:
+    """Stops one component (if it runs) and starts it with its recorded command and env."""
+    recorded = _load(config)
+    found = next((c for c in recorded if c.name == name), None)
+    if found is None:
+        names = ", ".join(c.name for c in recorded) or "none: 'make up' starts the stack"
+        print(f"no component {name!r} in the dev stack (components: {names})", file=sys.stderr)
+        return 2
+    if not found.argv:
+        print(f"{name} was started by an older 'make up': 'make down && make up'", file=sys.stderr)
+        return 1
+    _stop([found])
+    try:
+        fresh = _relaunch(config, found)
+    except ServerStartError as error:
+        print(f"restarting {name} failed: {error}", file=sys.stderr)
+        return 1
+    _save(config, [fresh if c.name == name else c for c in _load(config)])
+    print(f"restarted {name} (pid {fresh.pid}, log {fresh.log})")
+    return 0
+
+
+def _relaunch(config: StackConfig, component: Component) -> Component:
+    process = component.process()
+    process.start(timeout=30)
+    fresh = dataclasses.replace(component, pid=process.pid)
+    if fresh.grpc_port:
+        _wait_serving(fresh, process, timeout=15)
+    if fresh.name == "envoy":
+        _wait_edge_live(config.edge_admin_port, process)
+    return fresh
 
 
 def _ports_in_use(config: StackConfig) -> list[str]:
@@ -321,20 +480,25 @@ def _started(config: StackConfig, started: list[Component], component: Component
 
 
 def _start_stores(config: StackConfig, started: list[Component]) -> None:
-    redis = RedisServer(config.run_dir / "redis", port=config.redis_port, detach=True).start()
+    redis = RedisServer(
+        config.run_dir / "redis",
+        port=config.redis_port,
+        password=_secret(config, "redis-password"),
+        detach=True,
+    ).start()
     assert redis.process is not None
-    _started(
-        config,
-        started,
-        Component("redis", redis.process.pid, redis.url, str(redis.process.log_path)),
-    )
-    nats = NatsServer(config.run_dir / "nats", port=config.nats_port, detach=True).start()
+    address = f"redis://127.0.0.1:{config.redis_port}/0 (password in redis-password)"
+    _started(config, started, Component.of(redis.process, address))
+    nats = NatsServer(
+        config.run_dir / "nats",
+        port=config.nats_port,
+        user=NATS_USER,
+        password=_secret(config, "nats-password"),
+        detach=True,
+    ).start()
     assert nats.process is not None
-    _started(
-        config,
-        started,
-        Component("nats", nats.process.pid, nats.url + " (JetStream)", str(nats.process.log_path)),
-    )
+    address = f"nats://127.0.0.1:{config.nats_port} (JetStream; {NATS_USER}, nats-password)"
+    _started(config, started, Component.of(nats.process, address))
 
 
 def _start_mail_sink(config: StackConfig, started: list[Component]) -> None:
@@ -354,16 +518,8 @@ def _start_mail_sink(config: StackConfig, started: list[Component]) -> None:
         detach=True,
     )
     sink.start()
-    _started(
-        config,
-        started,
-        Component(
-            "mail_sink",
-            sink.pid,
-            f"smtp://127.0.0.1:{config.smtp_port} (make mail lists it)",
-            str(sink.log_path),
-        ),
-    )
+    address = f"smtp://127.0.0.1:{config.smtp_port} (make mail lists it)"
+    _started(config, started, Component.of(sink, address))
 
 
 def prometheus_config(config: StackConfig) -> str:
@@ -401,12 +557,7 @@ def alertmanager_config(config: StackConfig) -> str:
 
 def _alert_token(config: StackConfig) -> str:
     """The bearer token Alertmanager shows notify_svc (made once, kept in the run folder)."""
-    token_file = config.alert_token_file
-    if not token_file.exists():
-        token_file.parent.mkdir(parents=True, exist_ok=True)
-        token_file.write_text(secrets.token_urlsafe(24))
-        token_file.chmod(0o600)
-    return token_file.read_text().strip()
+    return _secret(config, config.alert_token_file.name)
 
 
 def _start_monitoring(config: StackConfig, started: list[Component]) -> None:
@@ -418,16 +569,8 @@ def _start_monitoring(config: StackConfig, started: list[Component]) -> None:
         detach=True,
     ).start()
     assert alertmanager.process is not None
-    _started(
-        config,
-        started,
-        Component(
-            "alertmanager",
-            alertmanager.process.pid,
-            f"{alertmanager.url} (alerts → notify_svc webhook)",
-            str(alertmanager.process.log_path),
-        ),
-    )
+    address = f"{alertmanager.url} (alerts → notify_svc webhook)"
+    _started(config, started, Component.of(alertmanager.process, address))
     prometheus = PrometheusServer(
         config.run_dir / "prometheus",
         prometheus_config(config),
@@ -435,44 +578,26 @@ def _start_monitoring(config: StackConfig, started: list[Component]) -> None:
         detach=True,
     ).start()
     assert prometheus.process is not None
-    _started(
-        config,
-        started,
-        Component(
-            "prometheus",
-            prometheus.process.pid,
-            f"{prometheus.url} (scrapes every service, mesh alert rules)",
-            str(prometheus.process.log_path),
-        ),
-    )
-
-
-# Services that verify the caller's access token themselves (roles, revocation) rather than
-# believe identity headers: chat's agents decide what a caller may see by its roles, so they
-# must come from the signed token. chat_svc forwards the verified identity to the services it calls.
-JWT_VERIFYING: dict[str, dict[str, str]] = {"chat_svc": {"OPSMESH_AUTH_MODE": "jwt"}}
+    address = f"{prometheus.url} (scrapes every service, mesh alert rules)"
+    _started(config, started, Component.of(prometheus.process, address))
 
 
 def _start_services(config: StackConfig, started: list[Component]) -> None:
     for spec in config.services:
+        env = _service_env(config, spec.grpc_port, spec.metrics_port)
         process = ManagedProcess(
             spec.name,
             [sys.executable, "-m", spec.module],
             log_path=config.run_dir / "logs" / f"{spec.name}.log",
             ready=re.compile(spec.ready),
-            env=_service_env(config, spec.grpc_port, spec.metrics_port)
-            | JWT_VERIFYING.get(spec.name, {}),
+            env=env | service_secrets(config, spec.name),
             detach=True,
         )
         process.start()
-        component = Component(
-            spec.name,
-            process.pid,
-            f"grpc 127.0.0.1:{spec.grpc_port}  metrics "
-            f"http://127.0.0.1:{spec.metrics_port}/metrics",
-            str(process.log_path),
-            grpc_port=spec.grpc_port,
+        address = (
+            f"grpc 127.0.0.1:{spec.grpc_port}  metrics http://127.0.0.1:{spec.metrics_port}/metrics"
         )
+        component = Component.of(process, address, grpc_port=spec.grpc_port)
         _started(config, started, component)
         _wait_serving(component, process, timeout=15)
 
@@ -489,56 +614,62 @@ def _start_web(config: StackConfig, started: list[Component]) -> None:
         ready=re.compile(r"serving the web client"),
         env=dict(
             os.environ,
+            OPSMESH_HOST="127.0.0.1",
             OPSMESH_WEB_PORT=str(config.web_port),
             OPSMESH_WEB_ROOT=str(config.web_root),
         ),
         detach=True,
     )
     web.start()
-    _started(
-        config,
-        started,
-        Component(
-            "webui",
-            web.pid,
-            f"http://127.0.0.1:{config.web_port} ({config.web_root})",
-            str(web.log_path),
-        ),
+    address = f"http://127.0.0.1:{config.web_port} ({config.web_root})"
+    _started(config, started, Component.of(web, address))
+
+
+def edge_config(config: StackConfig) -> str:
+    """envoy.yaml for the stack: its ports, issuer, bind address, CORS origins and the
+    credential it shows ratelimit_svc."""
+    return render(
+        {
+            "edge": config.edge_port,
+            "admin": config.edge_admin_port,
+            "session_http": config.session_http_port,
+            "web": config.web_port,
+            **{
+                spec.name.removesuffix("_svc"): spec.grpc_port
+                for spec in config.services
+                if spec.name.removesuffix("_svc") in DEFAULT_PORTS
+            },
+        },
+        issuer=config.public_url,
+        bind_address=config.bind_address,
+        edge_credential=edge_credential(config),
+        ui_origin=config.ui_dev_origin,
     )
 
 
 def _start_edge(config: StackConfig, started: list[Component]) -> None:
-    edge_config = config.run_dir / "envoy.yaml"
-    edge_config.write_text(
-        render(
-            {
-                "edge": config.edge_port,
-                "admin": config.edge_admin_port,
-                "session_http": config.session_http_port,
-                "web": config.web_port,
-                **{
-                    spec.name.removesuffix("_svc"): spec.grpc_port
-                    for spec in config.services
-                    if spec.name.removesuffix("_svc") in DEFAULT_PORTS
-                },
-            },
-            issuer=config.public_url,
-        )
-    )
-    envoy = envoy_process(edge_config, config.run_dir / "logs" / "envoy.log", detach=True)
+    path = config.run_dir / "envoy.yaml"
+    path.touch(mode=0o600)
+    path.chmod(0o600)  # it holds the edge's credential
+    path.write_text(edge_config(config))
+    envoy = envoy_process(path, config.run_dir / "logs" / "envoy.log", detach=True)
     envoy.start(timeout=30)
     _wait_edge_live(config.edge_admin_port, envoy)
-    _started(
-        config,
-        started,
-        Component(
-            "envoy",
-            envoy.pid,
-            f"http://127.0.0.1:{config.edge_port} (gRPC, grpc-web, OAuth)  "
-            f"admin :{config.edge_admin_port}",
-            str(envoy.log_path),
-        ),
+    address = (
+        f"http://{config.bind_address}:{config.edge_port} (gRPC, grpc-web, OAuth)  "
+        f"admin :{config.edge_admin_port}"
     )
+    _started(config, started, Component.of(envoy, address))
+
+
+START_STEPS = (
+    _start_stores,
+    _start_mail_sink,
+    _start_monitoring,
+    _start_services,
+    _start_web,
+    _start_edge,
+)
 
 
 def _welcome(config: StackConfig, started: Sequence[Component]) -> None:
@@ -547,9 +678,7 @@ def _welcome(config: StackConfig, started: Sequence[Component]) -> None:
     _print(started)
     print(
         f"\nopen {config.public_url} and sign in as {user} / {password} (org dev)\n"
-        f"a token for grpcurl through the edge: OPSMESH_JWT_KEYS_DIR={config.run_dir / 'keys'} "
-        f"OPSMESH_JWT_ISSUER={config.public_url} "
-        f"python -m session_svc.tokens issue --user {user} --org dev"
+        f"a token for grpcurl (the edge or a service port): {token_command(config, user)}"
     )
     first = config.services[0].grpc_port
     ollama = os.environ.get("OLLAMA_HOST", "http://127.0.0.1:11434")
@@ -559,6 +688,25 @@ def _welcome(config: StackConfig, started: Sequence[Component]) -> None:
         f"\n      grpcurl -plaintext -H 'authorization: Bearer <token>' "
         f"localhost:{config.edge_port} list   (every public service, through the edge)"
         "\nstop: make down"
+    )
+
+
+def token_command(config: StackConfig, user: str) -> str:
+    """A shell command that prints an access token; it works as pasted (no venv needed)."""
+    return shlex.join(
+        [
+            "env",
+            f"OPSMESH_JWT_KEYS_DIR={(config.run_dir / 'keys').resolve()}",
+            f"OPSMESH_JWT_ISSUER={config.public_url}",
+            sys.executable,
+            "-m",
+            "session_svc.tokens",
+            "issue",
+            "--user",
+            user,
+            "--org",
+            "dev",
+        ]
     )
 
 
@@ -588,7 +736,7 @@ def _seed_dev_user(config: StackConfig) -> tuple[str, str]:
         credentials.write_text(secrets.token_urlsafe(12))
         credentials.chmod(0o600)
     password = credentials.read_text().strip()
-    env = dict(os.environ, OPSMESH_REDIS_URL=f"redis://127.0.0.1:{config.redis_port}/0")
+    env = dict(os.environ, OPSMESH_REDIS_URL=redis_url(config))
     subprocess.run(
         [
             sys.executable,
@@ -664,9 +812,14 @@ def _print(components: Sequence[Component]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devtools.stack", description=__doc__)
-    parser.add_argument("command", choices=("up", "down", "status"))
+    parser.add_argument("command", choices=("up", "down", "status", "restart"))
+    parser.add_argument("name", nargs="?", help="restart: the component (make status lists them)")
     args = parser.parse_args(argv)
     config = StackConfig.from_env(os.environ, Path.cwd())
+    if args.command == "restart":
+        if not args.name:
+            parser.error("restart needs the component's name (make restart NAME=chat_svc)")
+        return restart(config, args.name)
     commands = {"up": up, "down": down, "status": status}
     return commands[args.command](config)
 

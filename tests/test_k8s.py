@@ -498,3 +498,82 @@ def test_the_task_stream_and_bucket_run_on_three_jetstream_servers() -> None:
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
         env = {item["name"]: item.get("value") for item in container["env"]}
         assert env["OPSMESH_TASK_REPLICAS"] == "3", name
+
+
+# --- trust: the edge's credential, the listener, the proxies session_svc believes -------------
+
+
+def _secret_ref(container: dict[str, Any], variable: str) -> tuple[str, str] | None:
+    for entry in container.get("env", []):
+        ref = entry.get("valueFrom", {}).get("secretKeyRef")
+        if entry["name"] == variable and ref:
+            return ref["name"], ref["key"]
+    return None
+
+
+def _ratelimit_metadata(config: dict[str, Any]) -> list[dict[str, str]]:
+    (listener,) = config["static_resources"]["listeners"]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    (ratelimit,) = [f for f in manager["http_filters"] if f["name"].endswith(".ratelimit")]
+    service = ratelimit["typed_config"]["rate_limit_service"]["grpc_service"]
+    metadata: list[dict[str, str]] = service["initial_metadata"]
+    return metadata
+
+
+def test_ratelimit_svc_and_envoy_share_the_edge_credential_from_a_secret(
+    rendered: list[dict[str, Any]],
+) -> None:
+    from ratelimit_svc.edgeauth import EDGE_CREDENTIAL_METADATA, EDGE_CREDENTIAL_VARIABLE
+
+    expected = (k8s.EDGE_SECRET_NAME, "credential")
+    ratelimit = named(rendered, "Deployment", "ratelimit")["spec"]["template"]["spec"]
+    envoy = named(rendered, "Deployment", "envoy")["spec"]["template"]["spec"]
+    assert _secret_ref(ratelimit["containers"][0], EDGE_CREDENTIAL_VARIABLE) == expected
+    assert _secret_ref(envoy["containers"][0], EDGE_CREDENTIAL_VARIABLE) == expected
+    config = envoy_config(rendered)
+    assert _ratelimit_metadata(config) == [
+        {"key": EDGE_CREDENTIAL_METADATA, "value": k8s.EDGE_CREDENTIAL_SLOT}
+    ]
+    listener = config["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert listener["address"] == "0.0.0.0"  # the pod's own address; no Service skips Envoy
+
+
+def test_the_envoy_pod_writes_the_secret_into_its_config(tmp_path: Path) -> None:
+    """The container's own start command, run with the Secret's value in its environment."""
+    from ratelimit_svc.edgeauth import EDGE_CREDENTIAL_VARIABLE
+
+    documents = yaml.safe_load_all((k8s.BASE / "edge" / "edge.yaml").read_text())
+    deployment = next(d for d in documents if d and d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["/bin/sh", "-c"]
+    render_step, _, start = container["args"][0].partition(" && ")
+    assert start.startswith("exec envoy -c /tmp/envoy.yaml ")
+    (tmp_path / "in.yaml").write_text((k8s.BASE / "edge" / "envoy.yml").read_text())
+    script = render_step.replace("/etc/envoy/envoy.yaml", str(tmp_path / "in.yaml"))
+    script = script.replace("/tmp/envoy.yaml", str(tmp_path / "out.yaml"))
+    credential = "0123456789abcdef" * 4
+    subprocess.run(
+        ["/bin/sh", "-c", script],
+        env={EDGE_CREDENTIAL_VARIABLE: credential, "PATH": "/usr/bin:/bin"},
+        check=True,
+        timeout=30,
+    )
+    written = yaml.safe_load((tmp_path / "out.yaml").read_text())
+    assert _ratelimit_metadata(written)[0]["value"] == credential
+
+
+def test_session_believes_forwarded_addresses_only_from_the_configured_proxies(
+    rendered: list[dict[str, Any]],
+) -> None:
+    values = {(w, name): value for w, name, value in env_values(rendered)}
+    assert values[("session", "OPSMESH_TRUSTED_PROXIES")] == k8s.TRUSTED_PROXIES
+    assert not any(name == "OPSMESH_TRUSTED_PROXIES" for w, name in values if w != "session")
+
+
+def test_the_dev_edge_listens_on_loopback_unless_moved() -> None:
+    source = yaml.safe_load(edge.CONFIG.read_text())
+    listener = source["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert listener["address"] == "127.0.0.1"
+    moved = yaml.safe_load(edge.render({"edge": 18080}, bind_address="0.0.0.0"))
+    listener = moved["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert listener == {"address": "0.0.0.0", "port_value": 18080}

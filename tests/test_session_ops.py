@@ -215,14 +215,19 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
         )
 
     address = f"localhost:{port('SESSION')}"
+    # Every service verifies tokens itself (as in Kubernetes): calls carry an operator's token.
+    bearer: list[str] = []
+    spoofed = ("x-opsmesh-user-id: dev", "x-opsmesh-org-id: devorg", "x-opsmesh-roles: admin")
 
     def grpcurl(
         *args: str,
         data: dict[str, object] | None = None,
         at: str = address,
-        headers: Sequence[str] = ("x-opsmesh-user-id: dev", "x-opsmesh-org-id: devorg"),
+        headers: Sequence[str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        flags = [flag for header in headers for flag in ("-H", header)]
+        flags = [
+            flag for header in (bearer if headers is None else headers) for flag in ("-H", header)
+        ]
         body = ["-d", json.dumps(data)] if data is not None else []
         return subprocess.run(
             [GRPCURL, "-plaintext", *flags, *body, at, *args],
@@ -242,6 +247,32 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
         assert f"open {edge} and sign in as dev / {password} (org dev)" in up.stdout
         assert "already up" in stack("up").stdout
         assert stack("status").returncode == 0
+        token = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "session_svc.tokens",
+                "issue",
+                "--user",
+                "dev",
+                "--org",
+                "devorg",
+                # Invitations are for org admins (and services) to send (docs/notifications.md).
+                "--roles",
+                "admin",
+            ],
+            env={
+                **env,
+                "OPSMESH_JWT_KEYS_DIR": str(tmp_path / "run" / "keys"),
+                "OPSMESH_JWT_ISSUER": f"http://localhost:{port('EDGE')}",
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+            cwd=ROOT,
+        ).stdout.strip()
+        bearer.append(f"authorization: Bearer {token}")
 
         listed = grpcurl("list")
         assert listed.returncode == 0, listed.stderr
@@ -286,39 +317,16 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
         gone = grpcurl("opsmesh.session.v1.SessionService/GetSession", data={"sessionId": sid})
         assert "NotFound" in gone.stderr
 
-        token = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "session_svc.tokens",
-                "issue",
-                "--user",
-                "dev",
-                "--org",
-                "devorg",
-            ],
-            env={
-                **env,
-                "OPSMESH_JWT_KEYS_DIR": str(tmp_path / "run" / "keys"),
-                "OPSMESH_JWT_ISSUER": f"http://localhost:{port('EDGE')}",
-            },
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-            cwd=ROOT,
-        ).stdout.strip()
-        bearer = [f"authorization: Bearer {token}"]
-
         # Chat verifies tokens itself: identity headers from a process that skips the edge
         # are refused; with a token it runs, and with no Ollama it says exactly what is missing.
         chat = f"localhost:{port('CHAT')}"
-        spoofed = grpcurl(
+        claimed = grpcurl(
             "opsmesh.chat.v1.ChatService/StreamChat",
             data={"sessionId": sid, "message": "hello"},
             at=chat,
+            headers=spoofed,
         )
-        assert "Unauthenticated" in spoofed.stderr, spoofed.stderr
+        assert "Unauthenticated" in claimed.stderr, claimed.stderr
         answer = grpcurl(
             "opsmesh.chat.v1.ChatService/StreamChat",
             data={"sessionId": sid, "message": "hello"},
@@ -403,7 +411,7 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
                 "to": [{"address": "bob@example.com", "name": "Bob"}],
                 "idempotencyKey": "make-up-invite",
             },
-            at=f"localhost:{port('NOTIFY')}",
+            at=f"localhost:{port('NOTIFY')}",  # the token's role admin may send invitations
         )
         assert invited.returncode == 0, invited.stderr
 

@@ -9,7 +9,8 @@ const generated = fileURLToPath(new URL("../gen/ts", import.meta.url));
 export default defineConfig({
   plugins: [react()],
   resolve: { alias: { "@gen": generated } },
-  server: { port: 5173, strictPort: true },
+  // make ui-dev: the port `make up` allows in CORS and as an OAuth redirect (OPSMESH_DEV_UI_PORT).
+  server: { port: Number(process.env.OPSMESH_DEV_UI_PORT || 5173), strictPort: true },
   build: { outDir: "dist", sourcemap: true, target: "es2022" },
   test: {
     environment: "jsdom",
