@@ -158,9 +158,17 @@ bench: $(STAMP) $(UI_BUILD) ## run the benchmarks (bench/*.py; installs the Cele
 up: system-packages-up $(STAMP) $(UI_BUILD) ## start (or bring back) Redis, NATS, every service, the web client and Envoy (logs in .run/)
 	$(PY) -m devtools.stack up
 
+# `make restart worker` as well as `make restart NAME=worker`: the words after `restart` are
+# names, not targets.
+ifeq (restart,$(firstword $(MAKECMDGOALS)))
+  RESTART_NAMES := $(wordlist 2,$(words $(MAKECMDGOALS)),$(MAKECMDGOALS))
+  NAME ?= $(firstword $(RESTART_NAMES))
+  $(eval $(RESTART_NAMES):;@:)
+endif
+
 .PHONY: restart
-restart: $(STAMP) ## restart one component as it was started: make restart NAME=chat_svc (make status names them)
-	@test -n "$(NAME)" || { echo "usage: make restart NAME=<component> (make status lists them)"; exit 2; }
+restart: $(STAMP) ## restart one component as it was started: make restart chat_svc (make status names them)
+	@test -n "$(NAME)" || { echo "usage: make restart <component> (make status lists them)"; exit 2; }
 	$(PY) -m devtools.stack restart $(NAME)
 
 .PHONY: down

@@ -422,10 +422,19 @@ def _revive(config: StackConfig, recorded: list[Component]) -> int:
     return 0
 
 
+def _named(components: Sequence[Component], name: str) -> Component | None:
+    """The component called ``name``, also by its short name (``worker``, ``chat``, ``nats``)."""
+    for component in components:
+        short = component.name.removesuffix("_svc").removeprefix("task_")
+        if name in (component.name, short, component.name.split("-")[0]):
+            return component
+    return None
+
+
 def restart(config: StackConfig, name: str) -> int:
     """Stops one component (if it runs) and starts it with its recorded command and env."""
     recorded = _load(config)
-    found = next((c for c in recorded if c.name == name), None)
+    found = _named(recorded, name)
     if found is None:
         names = ", ".join(c.name for c in recorded) or "none: 'make up' starts the stack"
         print(f"no component {name!r} in the dev stack (components: {names})", file=sys.stderr)
@@ -433,6 +442,7 @@ def restart(config: StackConfig, name: str) -> int:
     if not found.argv:
         print(f"{name} was started by an older 'make up': 'make down && make up'", file=sys.stderr)
         return 1
+    name = found.name
     _stop([found])
     try:
         fresh = _relaunch(config, found)

@@ -464,3 +464,16 @@ def test_system_packages_lists_one_set_for_up_and_test() -> None:
     makefile = (ROOT / "Makefile").read_text()
     assert "devtools/system-packages test" in makefile
     assert "devtools/system-packages up" in makefile
+
+
+def test_restart_finds_a_component_by_its_short_name() -> None:
+    from devtools.stack import Component, _named
+
+    components = [
+        Component(name=name, pid=1, address="", log="")
+        for name in ("nats", "task_svc", "task_worker", "chat_svc")
+    ]
+    assert _named(components, "worker").name == "task_worker"  # type: ignore[union-attr]
+    assert _named(components, "task").name == "task_svc"  # type: ignore[union-attr]
+    assert _named(components, "chat_svc").name == "chat_svc"  # type: ignore[union-attr]
+    assert _named(components, "nope") is None
