@@ -135,13 +135,19 @@ COMPONENTS = (
         summary="sessions and the identity issuer (OAuth, JWKS on :8090)",
         extra_ports=(("http", 8090),),
         redis=True,
-        secret_env=(("WORKER_CLIENT_SECRET", "opsmesh-service-clients", "task-worker"),),
+        secret_env=(
+            ("WORKER_CLIENT_SECRET", "opsmesh-service-clients", "task-worker"),
+            ("NOTIFY_CLIENT_SECRET", "opsmesh-service-clients", "notify"),
+        ),
         config_env=(("OPSMESH_TRUSTED_PROXIES", META_CONFIG, "OPSMESH_TRUSTED_PROXIES"),),
         env=(
             ("OPSMESH_SESSION_HTTP_PORT", "8090"),
             ("OPSMESH_JWT_KEYS_DIR", JWT_KEYS_DIR),
             ("OPSMESH_OAUTH_CLIENTS", "opsmesh-web=$(OPSMESH_JWT_ISSUER)/oauth/callback"),
-            ("OPSMESH_SERVICE_CLIENTS", "task-worker=$(WORKER_CLIENT_SECRET)"),
+            (
+                "OPSMESH_SERVICE_CLIENTS",
+                "task-worker=$(WORKER_CLIENT_SECRET);notify=$(NOTIFY_CLIENT_SECRET)",
+            ),
         ),
         volumes=(("jwt-keys", JWT_KEYS_DIR, {"secret": {"secretName": "opsmesh-jwt-keys"}}),),
     ),
@@ -199,6 +205,7 @@ COMPONENTS = (
             ("OPSMESH_SMTP_PASSWORD", "opsmesh-smtp", "password"),
             ("OPSMESH_SENDGRID_API_KEY", "opsmesh-smtp", "sendgrid-api-key"),
             ("OPSMESH_ALERT_WEBHOOK_TOKEN", "opsmesh-alert-webhook", "token"),
+            ("OPSMESH_SERVICE_CLIENT_SECRET", "opsmesh-service-clients", "notify"),
         ),
         config_env=(
             ("OPSMESH_ALERT_ORG", META_CONFIG, "OPSMESH_ALERT_ORG"),
@@ -209,6 +216,8 @@ COMPONENTS = (
             ("OPSMESH_WEBHOOK_PORT", "8093"),
             ("OPSMESH_SMTP_SECURITY", "starttls"),
             ("OPSMESH_TASK_ADDR", "task:50054"),
+            ("OPSMESH_SERVICE_TOKEN_URL", "http://session:8090/oauth/token"),
+            ("OPSMESH_SERVICE_CLIENT_ID", "notify"),
         ),
         grace=20,
     ),

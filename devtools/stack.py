@@ -98,6 +98,8 @@ DEV_ALERT_EMAILS = "oncall@example.com"
 NATS_USER = "opsmesh"
 WORKER_CLIENT = "task-worker"
 """The worker's OAuth client (client credentials), as in the Kubernetes manifests."""
+NOTIFY_CLIENT = "notify"
+"""notify_svc's OAuth client: it queues deliveries (also for webhooks, which bring no token)."""
 LOOPBACK_PROXIES = "127.0.0.1/32,::1/128"
 """session_svc believes X-Forwarded-For only from these: Envoy runs on this host."""
 
@@ -357,18 +359,22 @@ def _service_env(config: StackConfig, port: int, metrics_port: int) -> dict[str,
 
 
 def service_secrets(config: StackConfig, name: str) -> dict[str, str]:
-    """What one service alone is given: the worker's client secret, the edge's credential."""
-    worker_secret = _secret(config, "worker-client-secret")
+    """What one service alone is given: its client secret, the edge's credential."""
+    clients = {
+        "task_worker": (WORKER_CLIENT, _secret(config, "worker-client-secret")),
+        "notify_svc": (NOTIFY_CLIENT, _secret(config, "notify-client-secret")),
+    }
     if name == "session_svc":
         return {
-            "OPSMESH_SERVICE_CLIENTS": f"{WORKER_CLIENT}={worker_secret}",
+            "OPSMESH_SERVICE_CLIENTS": ";".join(f"{c}={secret}" for c, secret in clients.values()),
             "OPSMESH_TRUSTED_PROXIES": LOOPBACK_PROXIES,
         }
-    if name == "task_worker":
+    if name in clients:
+        client, secret = clients[name]
         return {
             "OPSMESH_SERVICE_TOKEN_URL": f"http://127.0.0.1:{config.session_http_port}/oauth/token",
-            "OPSMESH_SERVICE_CLIENT_ID": WORKER_CLIENT,
-            "OPSMESH_SERVICE_CLIENT_SECRET": worker_secret,
+            "OPSMESH_SERVICE_CLIENT_ID": client,
+            "OPSMESH_SERVICE_CLIENT_SECRET": secret,
         }
     if name == "ratelimit_svc":
         return {"OPSMESH_RATELIMIT_EDGE_CREDENTIAL": edge_credential(config)}

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import httpx
 
 from mesh.auth import ORG_HEADER, ROLES_HEADER, USER_HEADER
 from mesh.context import Principal, authorization_var
 from mesh.errors import DependencyUnavailable
+from mesh.settings import EnvReader
 from mesh.tokens import ACT_AS_ORG_HEADER, ACT_AS_USER_HEADER
 
 Metadata = tuple[tuple[str, str], ...]
@@ -75,3 +77,40 @@ class ServiceCredentials:
 
     async def close(self) -> None:
         await self._http.aclose()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceClientSettings:
+    """A service's own OAuth client, for calls it makes on its own behalf (queueing work,
+    delivering email); without one it forwards the caller's credentials."""
+
+    token_url: str = ""
+    client_id: str = ""
+    secret: str = ""
+
+    @classmethod
+    def from_env(cls, env: EnvReader) -> ServiceClientSettings:
+        settings = cls(
+            token_url=env.string("OPSMESH_SERVICE_TOKEN_URL", ""),
+            client_id=env.string("OPSMESH_SERVICE_CLIENT_ID", ""),
+            secret=env.string("OPSMESH_SERVICE_CLIENT_SECRET", ""),
+        )
+        given = [bool(settings.token_url), bool(settings.client_id), bool(settings.secret)]
+        if any(given) and not all(given):
+            env.problem(
+                "OPSMESH_SERVICE_TOKEN_URL, OPSMESH_SERVICE_CLIENT_ID and "
+                "OPSMESH_SERVICE_CLIENT_SECRET go together: set all three or none"
+            )
+        return settings
+
+
+def service_credentials(
+    settings: ServiceClientSettings,
+) -> tuple[Credentials, Callable[[], Awaitable[None]] | None]:
+    """The credentials the settings select and what closes them (None: nothing to close)."""
+    if not settings.token_url:
+        return trusted_headers, None
+    credentials = ServiceCredentials(
+        token_url=settings.token_url, client_id=settings.client_id, secret=settings.secret
+    )
+    return credentials, credentials.close

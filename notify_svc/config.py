@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from mesh.auth import AuthSettings
+from mesh.clients import ServiceClientSettings
 from mesh.redisconn import RedisSettings
 from mesh.settings import EnvReader, ServerSettings
 from notify_svc.smtp import SmtpSettings
@@ -35,6 +36,8 @@ class NotifySettings:
     """How long a delivery's claim lasts unless renewed: a crashed replica's claim lapses after
     it, and shutdown waits this long for deliveries whose callers left."""
     auth: AuthSettings = field(default_factory=AuthSettings)
+    service_client: ServiceClientSettings = field(default_factory=ServiceClientSettings)
+    """notify_svc's own client: it queues deliveries with it (webhooks bring no token)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> NotifySettings:
@@ -57,6 +60,7 @@ class NotifySettings:
             ),
             claim_lease=env.seconds("OPSMESH_NOTIFY_CLAIM_LEASE", 30.0, minimum=1, maximum=600),
             auth=AuthSettings.from_env(env),
+            service_client=ServiceClientSettings.from_env(env),
         )
         if "sendgrid" in (settings.provider, settings.fallback) and not settings.sendgrid_api_key:
             env.problem("OPSMESH_SENDGRID_API_KEY is required when SendGrid is a mail provider")

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from grpc import aio
 
 from mesh.auth import Authenticator, authenticator_for
+from mesh.clients import service_credentials
 from mesh.health import Probe
 from mesh.logs import configure_service_logging
 from mesh.redisconn import connect_redis
@@ -49,6 +50,7 @@ def build_runner(
     )
     provider = providers_for(settings)
     task_channel = aio.insecure_channel(settings.task_address)
+    credentials, close_credentials = service_credentials(settings.service_client)
     service = NotificationService(
         store=store,
         catalog=Catalog(),
@@ -57,6 +59,7 @@ def build_runner(
         tasks=task_pb2_grpc.TaskServiceStub(task_channel),
         sender=settings.smtp.sender,
         claim_lease=settings.claim_lease,
+        credentials=credentials,
     )
 
     webhooks = Webhooks(settings.webhooks, service.send)
@@ -84,6 +87,7 @@ def build_runner(
                 service.drain,
                 provider.close,
                 close_task_channel,
+                *((close_credentials,) if close_credentials else ()),
                 client.aclose,
             ),
         ),

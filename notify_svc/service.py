@@ -15,7 +15,7 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 from grpc import aio
 
-from mesh.clients import identity_metadata
+from mesh.clients import Credentials, trusted_headers
 from mesh.context import Principal, current_principal
 from mesh.errors import DependencyUnavailable, FailedPrecondition, InvalidArgument
 from notify_svc.authz import DELIVER_ROLES, PREVIEW_ROLES, require_role
@@ -63,6 +63,7 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
         tasks: task_pb2_grpc.TaskServiceAsyncStub,
         sender: str,
         claim_lease: float = 30.0,
+        credentials: Credentials = trusted_headers,
     ) -> None:
         self._store = store
         self._catalog = catalog
@@ -71,6 +72,7 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
         self._tasks = tasks
         self._sender = sender
         self._claim_lease = claim_lease
+        self._credentials = credentials
         self._deliveries = ShieldedTasks()
 
     async def drain(self) -> None:
@@ -152,7 +154,7 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
                     payload=task_pb2.EmailTaskPayload(notification_id=notification.id),
                     idempotency_key=f"notification:{notification.id}",
                 ),
-                metadata=identity_metadata(principal),
+                metadata=await self._credentials(principal),
                 timeout=5,
             )
         except aio.AioRpcError as error:

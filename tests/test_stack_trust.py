@@ -267,6 +267,36 @@ async def test_the_edge_shows_its_credential_to_ratelimit_svc(stack: Stack) -> N
 # --- the stores require their credentials -------------------------------------------------------
 
 
+async def test_an_alert_through_the_webhook_becomes_an_email_in_jwt_mode(stack: Stack) -> None:
+    # The webhook brings no user token: notify_svc queues the delivery with its own client.
+    alert = {
+        "alerts": [
+            {
+                "status": "firing",
+                "labels": {"alertname": "StackTrustProbe", "severity": "warning"},
+                "annotations": {"summary": "probe from the trust tests"},
+                "fingerprint": secrets.token_hex(8),
+                "startsAt": "2026-11-29T00:00:00Z",
+            }
+        ]
+    }
+    token = stack.secret("alert-webhook-token")
+    async with httpx.AsyncClient() as client:
+        reply = await client.post(
+            f"http://127.0.0.1:{stack.port('WEBHOOK')}/webhooks/alertmanager",
+            json=alert,
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    assert reply.status_code == 202, reply.text
+
+    async def delivered() -> None:
+        files = [path for path in (stack.run_dir / "mail").rglob("*") if path.is_file()]
+        mails = [path.read_text(errors="replace") for path in files]
+        assert any("StackTrustProbe" in mail for mail in mails)
+
+    await assert_eventually(delivered, timeout=30)
+
+
 def test_redis_refuses_a_client_without_the_password(stack: Stack) -> None:
     anonymous = redis.Redis(port=stack.port("REDIS"), socket_timeout=5)
     with pytest.raises(redis.exceptions.AuthenticationError):
