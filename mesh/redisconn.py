@@ -2,18 +2,25 @@
 
 Failures of Redis become :class:`~mesh.errors.DependencyUnavailable` through
 :func:`redis_errors`, so every service maps them identically (UNAVAILABLE).
+
+The connection pool queues: under a burst bigger than ``max_connections`` a command waits for
+a free connection (at most ``pool_timeout``) instead of failing with "Too many connections";
+a wait that times out is :class:`PoolExhausted`, UNAVAILABLE with metadata
+``cause=pool_exhausted``.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
 from mesh.errors import DependencyUnavailable
@@ -42,6 +49,8 @@ class RedisSettings:
     socket_timeout: float = 1.0
     connect_timeout: float = 1.0
     max_connections: int = 64
+    pool_timeout: float = 1.0
+    """Seconds a command waits for a free connection when all ``max_connections`` are busy."""
 
     @classmethod
     def from_env(cls, env: EnvReader, *, default_url: str) -> RedisSettings:
@@ -71,6 +80,7 @@ class RedisSettings:
             max_connections=env.integer(
                 "OPSMESH_REDIS_MAX_CONNECTIONS", 64, minimum=1, maximum=10_000
             ),
+            pool_timeout=env.seconds("OPSMESH_REDIS_POOL_TIMEOUT", 1.0, minimum=0.001, maximum=60),
         )
 
 
@@ -80,8 +90,39 @@ def _no_retries() -> Retry:
     return Retry(NoBackoff(), 0)
 
 
+class PoolExhausted(redis.exceptions.ConnectionError):
+    """Every pooled connection stayed busy for the whole ``pool_timeout``."""
+
+
+class QueueingPool(aioredis.BlockingConnectionPool):
+    """A pool whose commands wait their turn for a connection, for a bounded time."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except redis.exceptions.ConnectionError as error:
+            if not isinstance(error.__cause__, asyncio.TimeoutError):
+                raise
+            raise PoolExhausted(
+                f"no Redis connection free within {self.timeout:g}s "
+                f"(all {self.max_connections} in use)"
+            ) from error
+
+
+class QueueingSentinelPool(SentinelConnectionPool, QueueingPool):
+    """:class:`QueueingPool` for the master Sentinel names."""
+
+
 def connect_redis(settings: RedisSettings) -> aioredis.Redis:
     """A client for the configured Redis; connections open lazily, on first use."""
+    pooling: dict[str, Any] = {
+        "password": settings.password,
+        "socket_timeout": settings.socket_timeout,
+        "socket_connect_timeout": settings.connect_timeout,
+        "max_connections": settings.max_connections,
+        "timeout": settings.pool_timeout,
+        "retry": _no_retries(),
+    }
     if settings.sentinels:
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(settings.sentinels),
@@ -90,23 +131,13 @@ def connect_redis(settings: RedisSettings) -> aioredis.Redis:
         )
         master: aioredis.Redis = sentinel.master_for(
             settings.sentinel_master,
-            password=settings.password,
+            connection_pool_class=QueueingSentinelPool,
             db=settings.db,
-            socket_timeout=settings.socket_timeout,
-            socket_connect_timeout=settings.connect_timeout,
-            max_connections=settings.max_connections,
-            retry=_no_retries(),
+            **pooling,
         )
         return master
-    client: aioredis.Redis = aioredis.Redis.from_url(
-        settings.url,
-        password=settings.password,
-        socket_timeout=settings.socket_timeout,
-        socket_connect_timeout=settings.connect_timeout,
-        max_connections=settings.max_connections,
-        retry=_no_retries(),
-    )
-    return client
+    pool = QueueingPool.from_url(settings.url, **pooling)
+    return aioredis.Redis.from_pool(pool)
 
 
 @contextmanager
@@ -114,5 +145,9 @@ def redis_errors() -> Iterator[None]:
     """Turns Redis outages inside the block into DependencyUnavailable."""
     try:
         yield
+    except PoolExhausted as error:
+        unavailable = DependencyUnavailable("redis", str(error))
+        unavailable.metadata["cause"] = "pool_exhausted"
+        raise unavailable from error
     except UNAVAILABLE_ERRORS as error:
         raise DependencyUnavailable("redis", error) from error

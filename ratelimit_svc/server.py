@@ -8,13 +8,13 @@ from pathlib import Path
 
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 
-from mesh.context import Principal
 from mesh.health import Probe
 from mesh.logs import configure_service_logging
 from mesh.redisconn import RedisSettings, connect_redis
 from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
 from mesh.settings import EnvReader, ServerSettings
-from ratelimit_svc.limits import Limiter, load_rules
+from ratelimit_svc.edgeauth import edge_authenticator, edge_credential_from_env
+from ratelimit_svc.limits import DEFAULT_LOCAL_CACHE_SIZE, Limiter, load_rules
 from ratelimit_svc.service import SERVICE_NAME, RateLimitService
 
 DEFAULT_RULES = Path(__file__).resolve().parent.parent / "envoy" / "ratelimits.toml"
@@ -26,6 +26,10 @@ class RateLimitSettings:
     redis: RedisSettings
     rules: Path = DEFAULT_RULES
     failure_mode: str = "open"
+    edge_credential: str = ""
+    """What Envoy must show (ratelimit_svc/edgeauth.py); empty: any caller."""
+    local_cache_size: int = DEFAULT_LOCAL_CACHE_SIZE
+    """Over-limit keys remembered in-process until their window ends; 0 turns it off."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> RateLimitSettings:
@@ -40,28 +44,26 @@ class RateLimitSettings:
             failure_mode=env.string(
                 "OPSMESH_RATELIMIT_FAILURE_MODE", "open", choices=("open", "closed")
             ),
+            edge_credential=edge_credential_from_env(env),
+            local_cache_size=env.integer(
+                "OPSMESH_RATELIMIT_LOCAL_CACHE_SIZE",
+                DEFAULT_LOCAL_CACHE_SIZE,
+                minimum=0,
+                maximum=10_000_000,
+            ),
         )
         env.check()
         return settings
-
-
-class _EnvoyOnly:
-    """Only Envoy calls this service, from the mesh's private network; it carries no user.
-
-    (NetworkPolicy admits Envoy alone; the call itself has no credentials to check.)
-    """
-
-    async def authenticate(self, metadata: Mapping[str, str], method: str) -> Principal:
-        return Principal(user_id="envoy", org_id="mesh", roles=frozenset({"edge"}))
 
 
 def build_runner(
     settings: RateLimitSettings, *, options: RunnerOptions | None = None
 ) -> ServiceRunner:
     client = connect_redis(settings.redis)
-    service = RateLimitService(
-        Limiter(client, load_rules(settings.rules)), failure_mode=settings.failure_mode
+    limiter = Limiter(
+        client, load_rules(settings.rules), local_cache_size=settings.local_cache_size
     )
+    service = RateLimitService(limiter, failure_mode=settings.failure_mode)
     base = options or RunnerOptions()
     return ServiceRunner(
         settings=settings.server,
@@ -70,7 +72,7 @@ def build_runner(
                 SERVICE_NAME, service, rls_pb2_grpc.add_RateLimitServiceServicer_to_server
             )
         ],
-        authenticator=_EnvoyOnly(),
+        authenticator=edge_authenticator(settings.edge_credential),
         probes=[Probe(name="redis", check=client.ping)],
         options=base.extended(on_stop=(client.aclose,)),
     )

@@ -11,12 +11,11 @@ import logging
 from typing import TypeAlias
 
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from google.protobuf import duration_pb2
 from grpc import aio
 
 from mesh.errors import DependencyUnavailable
 from mesh.redisconn import redis_errors
-from ratelimit_svc.limits import Limiter
+from ratelimit_svc.limits import Descriptor, Limiter, Rule, Verdict
 
 log = logging.getLogger("opsmesh.ratelimit")
 
@@ -32,48 +31,62 @@ OK = rls_pb2.RateLimitResponse.OK
 OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
 
 
+def descriptors_of(request: rls_pb2.RateLimitRequest) -> list[Descriptor]:
+    hits = request.hits_addend or 1
+    return [
+        Descriptor(
+            entries=[(entry.key, entry.value) for entry in descriptor.entries],
+            hits=descriptor.hits_addend.value or hits,
+        )
+        for descriptor in request.descriptors
+    ]
+
+
 class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):
     def __init__(self, limiter: Limiter, *, failure_mode: str = "open") -> None:
         self._limiter = limiter
         self._failure_mode = failure_mode
         self._redis_down = False
+        # Built once per rule, copied into each answer (a decision must stay cheap).
+        self._limits: dict[str, rls_pb2.RateLimitResponse.RateLimit] = {}
 
     async def ShouldRateLimit(
         self, request: rls_pb2.RateLimitRequest, context: Context
     ) -> rls_pb2.RateLimitResponse:
-        response = rls_pb2.RateLimitResponse(overall_code=OK)
-        hits = request.hits_addend or 1
         try:
-            for descriptor in request.descriptors:
-                entries = [(entry.key, entry.value) for entry in descriptor.entries]
-                with redis_errors():
-                    verdict = await self._limiter.check(
-                        request.domain, entries, descriptor.hits_addend.value or hits
-                    )
-                status = response.statuses.add(code=OVER_LIMIT if verdict.over else OK)
-                if verdict.rule is not None:
-                    status.current_limit.CopyFrom(
-                        rls_pb2.RateLimitResponse.RateLimit(
-                            name=verdict.rule.name,
-                            requests_per_unit=verdict.rule.requests_per_unit,
-                            unit=_UNITS[verdict.rule.unit],
-                        )
-                    )
-                    status.limit_remaining = verdict.remaining
-                    status.duration_until_reset.CopyFrom(
-                        duration_pb2.Duration(seconds=verdict.reset_seconds)
-                    )
-                if verdict.over:
-                    response.overall_code = OVER_LIMIT
+            with redis_errors():
+                verdicts = await self._limiter.check_all(request.domain, descriptors_of(request))
         except DependencyUnavailable as error:
-            if not self._redis_down:
-                log.error(
-                    "rate limits unavailable (%s); failing %s", error.message, self._failure_mode
-                )
-                self._redis_down = True
-            code = OK if self._failure_mode == "open" else OVER_LIMIT
-            return rls_pb2.RateLimitResponse(overall_code=code)
+            return self._without_redis(error)
         if self._redis_down:
             log.info("rate limits available again")
             self._redis_down = False
+        return self._response(verdicts)
+
+    def _response(self, verdicts: list[Verdict]) -> rls_pb2.RateLimitResponse:
+        response = rls_pb2.RateLimitResponse(overall_code=OK)
+        for verdict in verdicts:
+            status = response.statuses.add(code=OVER_LIMIT if verdict.over else OK)
+            if verdict.rule is not None:
+                status.current_limit.CopyFrom(self._limit_of(verdict.rule))
+                status.limit_remaining = verdict.remaining
+                status.duration_until_reset.seconds = verdict.reset_seconds
+            if verdict.over:
+                response.overall_code = OVER_LIMIT
         return response
+
+    def _limit_of(self, rule: Rule) -> rls_pb2.RateLimitResponse.RateLimit:
+        limit = self._limits.get(rule.name)
+        if limit is None:
+            limit = rls_pb2.RateLimitResponse.RateLimit(
+                name=rule.name, requests_per_unit=rule.requests_per_unit, unit=_UNITS[rule.unit]
+            )
+            self._limits[rule.name] = limit
+        return limit
+
+    def _without_redis(self, error: DependencyUnavailable) -> rls_pb2.RateLimitResponse:
+        if not self._redis_down:
+            log.error("rate limits unavailable (%s); failing %s", error.message, self._failure_mode)
+            self._redis_down = True
+        code = OK if self._failure_mode == "open" else OVER_LIMIT
+        return rls_pb2.RateLimitResponse(overall_code=code)

@@ -276,7 +276,12 @@ async def test_rate_limits_without_redis_fail_open_or_closed_as_configured(
             )
             assert (await stub.ShouldRateLimit(unknown)).overall_code == 1
             own_redis.stop()
-            assert (await stub.ShouldRateLimit(request)).overall_code == expected
+            fresh = rls_pb2.RateLimitRequest()
+            fresh.CopyFrom(request)
+            fresh.descriptors[0].entries[0].value = "z"
+            assert (await stub.ShouldRateLimit(fresh)).overall_code == expected
+            # A user already over the limit stays refused from memory until its window ends.
+            assert (await stub.ShouldRateLimit(request)).overall_code == 2
             assert any(f"failing {mode}" in r.getMessage() for r in caplog.records)
             own_redis.start()
 
