@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from mesh.auth import AuthSettings
 from mesh.redisconn import RedisSettings
 from mesh.settings import EnvReader, ServerSettings
+from session_svc.accounts import SignInSettings
 from session_svc.identity import IssuerSettings
 from session_svc.oauth import OAuthSettings
 
@@ -36,6 +37,7 @@ class SessionSettings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     issuer: IssuerSettings = field(default_factory=IssuerSettings)
     oauth: OAuthSettings = field(default_factory=OAuthSettings)
+    sign_in: SignInSettings = field(default_factory=SignInSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> SessionSettings:
@@ -72,6 +74,7 @@ class SessionSettings:
             auth=AuthSettings.from_env(env),
             issuer=IssuerSettings.from_env(env),
             oauth=OAuthSettings.from_env(env),
+            sign_in=SignInSettings.from_env(env),
         )
         env.check()
         return settings

@@ -3,29 +3,53 @@
 * ``GET /.well-known/openid-configuration``: discovery; ``GET /.well-known/jwks.json``:
   every key of the ring (services and Envoy verify access tokens with them).
 * ``GET/POST /oauth/authorize``: the login page for local accounts (authorization code
-  with PKCE S256 only, exact redirect URIs); failed logins are rate limited.
-* ``POST /oauth/token``: ``authorization_code`` (with ``code_verifier``) and
-  ``refresh_token`` (rotating); ``POST /oauth/revoke``: ends a refresh token's session.
+  with PKCE S256 only, exact redirect URIs, supported scopes only). The POST must come
+  from the issuer's own origin and carry the page's form token, which is bound to the
+  authorization request and to a SameSite cookie (login CSRF). Failed logins are
+  throttled per client address, which is taken from X-Forwarded-For only as far as the
+  hops are trusted proxies (docs/identity.md).
+* ``POST /oauth/token``: ``authorization_code`` (with ``code_verifier``),
+  ``refresh_token`` (rotating) and ``client_credentials``; ``POST /oauth/revoke``: ends
+  a refresh token's session.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
 import logging
-from collections.abc import Mapping
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import unquote_plus, urlencode, urlsplit
 
 import jinja2
 from aiohttp import web
 
+from mesh.errors import ResourceExhausted
 from mesh.settings import EnvReader
 from mesh.tokens import ALGORITHM, KeyRing
-from session_svc.accounts import Accounts
-from session_svc.oauth import OAuthError, OAuthServer
+from session_svc.accounts import Accounts, SignInThrottled
+from session_svc.oauth import SUPPORTED_SCOPES, OAuthError, OAuthServer, granted_scope
 
 log = logging.getLogger("opsmesh.identity")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(raw: str, env: EnvReader, name: str) -> tuple[Network, ...]:
+    """Comma-separated addresses or CIDRs (``127.0.0.1/32, ::1``); a bad entry is a problem."""
+    networks = []
+    for entry in filter(None, (part.strip() for part in raw.split(","))):
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            env.problem(f"{name}: {entry!r} is no IP address or CIDR")
+    return tuple(networks)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +59,8 @@ class IssuerSettings:
     http_port: int = 8090
     """0 turns the HTTP endpoints off."""
     access_token_ttl: float = 900.0
+    trusted_proxies: tuple[Network, ...] = ()
+    """Peers whose X-Forwarded-For is believed (the edge); none: the peer is the client."""
 
     @classmethod
     def from_env(cls, env: EnvReader) -> IssuerSettings:
@@ -45,7 +71,57 @@ class IssuerSettings:
             access_token_ttl=env.seconds(
                 "OPSMESH_ACCESS_TOKEN_TTL", 900, minimum=60, maximum=86400
             ),
+            trusted_proxies=parse_networks(
+                env.string("OPSMESH_TRUSTED_PROXIES", ""), env, "OPSMESH_TRUSTED_PROXIES"
+            ),
         )
+
+
+def client_address(peer: str, forwarded_for: list[str], trusted: tuple[Network, ...]) -> str:
+    """The client's address: walking X-Forwarded-For from the right (the hop nearest to us),
+    past every trusted proxy, the first address that is not one. Anything further left was
+    written by the client itself and is never believed."""
+    hops = [hop.strip() for header in forwarded_for for hop in header.split(",")]
+    address = peer
+    for hop in reversed([h for h in hops if h]):
+        if not _is_trusted(address, trusted):
+            break
+        try:
+            address = str(ipaddress.ip_address(hop))
+        except ValueError:
+            break  # garbage from beyond the trusted hops: the last trusted hop is the client
+    return address
+
+
+def _is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(parsed in network for network in trusted)
+
+
+def basic_credentials(header: str) -> tuple[str, str] | None:
+    """``Authorization: Basic`` client credentials (RFC 6749 §2.3.1: each part form-encoded),
+    None without the Basic scheme, OAuthError ``invalid_client`` if malformed."""
+    scheme, _, encoded = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise _bad_client("malformed Basic credentials") from None
+    client_id, colon, secret = decoded.partition(":")
+    if not colon or not client_id:
+        raise _bad_client("Basic credentials need client_id:client_secret")
+    try:
+        return unquote_plus(client_id, errors="strict"), unquote_plus(secret, errors="strict")
+    except UnicodeDecodeError:
+        raise _bad_client("Basic credentials percent-encode no UTF-8") from None
+
+
+def _bad_client(description: str) -> OAuthError:
+    return OAuthError("invalid_client", description, 401)
 
 
 _LOGIN = jinja2.Environment(autoescape=True).from_string(
@@ -73,14 +149,48 @@ _AUTHORIZE_FIELDS = (
     "code_challenge_method",
     "nonce",
 )
+FORM_TOKEN_FIELD = "form_token"  # noqa: S105 - a form field's name, no secret
+LOGIN_COOKIE = "opsmesh_login"
+# Every identity response: no MIME sniffing, no URL (with codes or state) in Referer headers.
+# same-origin, not no-referrer: under no-referrer a browser posts the sign-in form with
+# `Origin: null`, which the form's Origin check must refuse; other sites still get no referrer.
+_BASELINE_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin"}
+
+
+def form_token(browser_secret: str, params: Mapping[str, str]) -> str:
+    """The login form's token: the authorization request, keyed with the browser's cookie."""
+    request = "\n".join(f"{name}={params.get(name, '')}" for name in _AUTHORIZE_FIELDS)
+    digest = hmac.new(browser_secret.encode(), request.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 def _oauth_error(error: OAuthError) -> web.Response:
+    headers = {"Cache-Control": "no-store"}
+    if error.error == "invalid_client":
+        headers["WWW-Authenticate"] = 'Basic realm="opsmesh"'
     return web.json_response(
         {"error": error.error, "error_description": error.description},
         status=error.status,
-        headers={"Cache-Control": "no-store"},
+        headers=headers,
     )
+
+
+@web.middleware
+async def _baseline_headers(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except web.HTTPException as redirect:
+        redirect.headers.update(_BASELINE_HEADERS)
+        raise
+    response.headers.update(_BASELINE_HEADERS)
+    return response
 
 
 class IdentityHttp:
@@ -98,7 +208,7 @@ class IdentityHttp:
         self._issuer = issuer
         self._oauth = oauth
         self._accounts = accounts
-        app = web.Application(client_max_size=64 * 1024)
+        app = web.Application(client_max_size=64 * 1024, middlewares=[_baseline_headers])
         app.router.add_get("/.well-known/jwks.json", self._jwks)
         app.router.add_get("/.well-known/openid-configuration", self._discovery)
         if oauth is not None and accounts is not None:
@@ -127,7 +237,7 @@ class IdentityHttp:
                 token_endpoint=f"{self._issuer}/oauth/token",
                 revocation_endpoint=f"{self._issuer}/oauth/revoke",
                 response_types_supported=["code"],
-                scopes_supported=["openid", "offline_access"],
+                scopes_supported=list(SUPPORTED_SCOPES),
                 subject_types_supported=["public"],
                 claims_supported=["sub", "preferred_username", "org_id", "roles", "sid", "nonce"],
                 grant_types_supported=["authorization_code", "refresh_token", "client_credentials"],
@@ -151,51 +261,93 @@ class IdentityHttp:
             raise OAuthError("invalid_request", "PKCE with code_challenge_method=S256 is required")
         if not 43 <= len(params["code_challenge"]) <= 128:
             raise OAuthError("invalid_request", "code_challenge must be 43-128 characters")
+        granted_scope(params["scope"])
         return params
+
+    def _client_address(self, request: web.Request) -> str:
+        return client_address(
+            request.remote or "unknown",
+            request.headers.getall("X-Forwarded-For", []),
+            self._settings.trusted_proxies,
+        )
 
     async def _authorize_page(self, request: web.Request) -> web.Response:
         try:
             params = self._checked_request(request.query)
         except OAuthError as error:
             return _oauth_error(error)
-        return self._login(params, "", "", 200)
+        secret = request.cookies.get(LOGIN_COOKIE, "")
+        if len(secret) < 32:
+            secret = secrets.token_urlsafe(32)
+        response = self._login(params, secret, "", "", 200)
+        response.set_cookie(
+            LOGIN_COOKIE,
+            secret,
+            path="/oauth/authorize",
+            httponly=True,
+            samesite="Strict",
+            secure=self._issuer.startswith("https:"),
+        )
+        return response
 
     def _login(
-        self, params: dict[str, str], error: str, username: str, status: int
+        self, params: dict[str, str], secret: str, error: str, username: str, status: int
     ) -> web.Response:
+        hidden = {**params, FORM_TOKEN_FIELD: form_token(secret, params)}
         return web.Response(
-            text=_LOGIN.render(hidden=params, error=error, username=username),
+            text=_LOGIN.render(hidden=hidden, error=error, username=username),
             content_type="text/html",
             status=status,
             headers={
                 "Cache-Control": "no-store",
                 "X-Frame-Options": "DENY",
+                # The form posts here and its answer redirects to the client: both allowed.
                 "Content-Security-Policy": (
-                    "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'"
+                    "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
+                    f"form-action 'self' {_origin(params['redirect_uri'])}; "
+                    "frame-ancestors 'none'"
                 ),
             },
         )
 
+    def _forged(self, request: web.Request, params: dict[str, str], token: str) -> bool:
+        """Did the POST not come from our own login page in this browser?"""
+        origin = request.headers.get("Origin")
+        if origin is not None and origin.lower() != _origin(self._issuer):
+            return True
+        secret = request.cookies.get(LOGIN_COOKIE, "")
+        return not secret or not hmac.compare_digest(token, form_token(secret, params))
+
     async def _authorize(self, request: web.Request) -> web.StreamResponse:
         assert self._oauth is not None
         assert self._accounts is not None
-        form = await request.post()
+        form = {k: str(v) for k, v in (await request.post()).items()}
         try:
-            params = self._checked_request({k: str(v) for k, v in form.items()})
+            params = self._checked_request(form)
         except OAuthError as error:
             return _oauth_error(error)
-        username = str(form.get("username", ""))[:128]
-        address = request.remote or "unknown"
-        wait = await self._accounts.locked(username, address)
-        if wait:
-            response = self._login(
-                params, "Too many failed sign-ins; try again later.", username, 429
+        if self._forged(request, params, form.get(FORM_TOKEN_FIELD, "")):
+            raise web.HTTPForbidden(
+                text="This sign-in form did not come from this server; start the sign-in again.",
+                headers={"Cache-Control": "no-store"},
             )
-            response.headers["Retry-After"] = str(int(wait) + 1)
+        secret = request.cookies[LOGIN_COOKIE]
+        username = form.get("username", "")[:128]
+        try:
+            account = await self._accounts.verify(
+                username, form.get("password", ""), self._client_address(request)
+            )
+        except ResourceExhausted as refused:
+            message = (
+                "Too many failed sign-ins; try again later."
+                if isinstance(refused, SignInThrottled)
+                else "The server is busy; try again in a moment."
+            )
+            response = self._login(params, secret, message, username, 429)
+            response.headers["Retry-After"] = str(int(refused.retry_after or 1) + 1)
             return response
-        account = await self._accounts.verify(username, str(form.get("password", "")), address)
         if account is None:
-            return self._login(params, "Wrong user or password.", username, 401)
+            return self._login(params, secret, "Wrong user or password.", username, 401)
         code = await self._oauth.issue_code(
             account,
             client_id=params["client_id"],
@@ -213,32 +365,30 @@ class IdentityHttp:
         assert self._oauth is not None
         form = {k: str(v) for k, v in (await request.post()).items()}
         try:
-            grant = form.get("grant_type", "")
-            if grant == "authorization_code":
-                body = await self._oauth.exchange_code(
-                    code=form.get("code", ""),
-                    client_id=form.get("client_id", ""),
-                    redirect_uri=form.get("redirect_uri", ""),
-                    verifier=form.get("code_verifier", ""),
-                )
-            elif grant == "client_credentials":
-                client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
-                basic = request.headers.get("Authorization", "")
-                if basic.lower().startswith("basic "):
-                    decoded = base64.b64decode(basic[6:].strip() + "==").decode(errors="replace")
-                    client_id, _, secret = decoded.partition(":")
-                body = self._oauth.client_credentials(client_id=client_id, secret=secret)
-            elif grant == "refresh_token":
-                body = await self._oauth.refresh(
-                    refresh_token=form.get("refresh_token", ""), client_id=form.get("client_id", "")
-                )
-            else:
-                raise OAuthError(
-                    "unsupported_grant_type", f"grant_type {grant[:40]!r} is not supported"
-                )
+            body = await self._grant(form, request.headers.get("Authorization", ""))
         except OAuthError as error:
             return _oauth_error(error)
         return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+    async def _grant(self, form: Mapping[str, str], authorization: str) -> dict[str, object]:
+        assert self._oauth is not None
+        basic = basic_credentials(authorization)
+        grant = form.get("grant_type", "")
+        if grant == "authorization_code":
+            return await self._oauth.exchange_code(
+                code=form.get("code", ""),
+                client_id=form.get("client_id", ""),
+                redirect_uri=form.get("redirect_uri", ""),
+                verifier=form.get("code_verifier", ""),
+            )
+        if grant == "client_credentials":
+            client_id, secret = basic or (form.get("client_id", ""), form.get("client_secret", ""))
+            return self._oauth.client_credentials(client_id=client_id, secret=secret)
+        if grant == "refresh_token":
+            return await self._oauth.refresh(
+                refresh_token=form.get("refresh_token", ""), client_id=form.get("client_id", "")
+            )
+        raise OAuthError("unsupported_grant_type", f"grant_type {grant[:40]!r} is not supported")
 
     async def _revoke(self, request: web.Request) -> web.Response:
         assert self._oauth is not None
@@ -256,3 +406,5 @@ class IdentityHttp:
 
     async def stop(self) -> None:
         await self._runner.cleanup()
+        if self._accounts is not None:
+            self._accounts.close()

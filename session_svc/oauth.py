@@ -2,11 +2,13 @@
 refresh tokens whose reuse revokes the whole family (RFC 9700 §4.14.2).
 
 Codes and refresh tokens are opaque random strings stored only as SHA-256 hashes.
-A code is single use; presenting it again revokes the family it started. Each
-refresh returns a new pair; the spent token may be presented once more only
-within ``reuse_grace`` right after its rotation (a client's own race), anything
-else revokes the family. A family (the ``sid`` claim of its access tokens) lives
-at most ``refresh_absolute``; each refresh token at most ``refresh_idle``.
+A code is single use; presenting it again revokes the family it started. A refresh
+token is issued only when the granted scope includes ``offline_access``. Each refresh
+(one atomic Lua script) returns a new pair; the spent token may be presented once
+more within ``reuse_grace`` and is then answered with the very same successor (a lost
+response is retryable, nothing more); any other reuse revokes the family. A family
+(the ``sid`` claim of its access tokens) lives at most ``refresh_absolute``; each
+refresh token at most ``refresh_idle``; every key written has a TTL.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from cryptography.fernet import Fernet, InvalidToken
 
 from mesh.auth import AuthSettings
 from mesh.context import Principal
@@ -30,6 +33,13 @@ from mesh.settings import EnvReader
 from mesh.tokens import KeyRing, issue_access_token
 from session_svc.accounts import Account
 
+SUPPORTED_SCOPES = ("openid", "offline_access")
+"""What a client may ask for; ``offline_access`` is what earns a refresh token."""
+
+# Rotates a refresh token. A spent token is answered once more, within the grace and while
+# its successor is still unused, with that same successor (sealed so that only the holder
+# of the spent token can open it): a response lost on the way is retryable. Any other
+# presentation of a spent token is theft or a broken client, and revokes the family.
 _REFRESH = """
 local token = redis.call('HGETALL', KEYS[1])
 if #token == 0 then return {'invalid'} end
@@ -39,29 +49,31 @@ local family = ARGV[1] .. 'fam:' .. t.family
 if redis.call('EXISTS', family) == 0 then return {'invalid'} end
 if redis.call('HGET', family, 'client') ~= ARGV[6] then return {'invalid'} end
 if redis.call('HGET', family, 'revoked') == '1' then return {'revoked'} end
+local f = redis.call('HMGET', family, 'user', 'org', 'roles', 'scope', 'current')
 local now = tonumber(ARGV[2])
 local used = tonumber(t.used_at or '0')
 if used > 0 then
-  local current = redis.call('HGET', family, 'current')
-  if t.successor == current and now - used <= tonumber(ARGV[3]) then
-    redis.call('DEL', ARGV[1] .. 'rt:' .. current)
-  else
-    redis.call('HSET', family, 'revoked', '1')
-    return {'reused', t.family}
+  local successor_used = redis.call('HGET', ARGV[1] .. 'rt:' .. t.successor, 'used_at')
+  if t.graced ~= '1' and now - used <= tonumber(ARGV[3]) and f[5] == t.successor
+      and successor_used == '0' then
+    redis.call('HSET', KEYS[1], 'graced', '1')
+    return {'grace', t.family, f[1], f[2], f[3], f[4] or '', t.sealed}
   end
+  redis.call('HSET', family, 'revoked', '1')
+  return {'reused', t.family}
 end
-redis.call('HSET', KEYS[1], 'used_at', now, 'successor', ARGV[4])
+redis.call('HSET', KEYS[1], 'used_at', now, 'successor', ARGV[4], 'sealed', ARGV[7])
 local fresh = ARGV[1] .. 'rt:' .. ARGV[4]
 redis.call('HSET', fresh, 'family', t.family, 'used_at', 0, 'successor', '')
 local ttl = math.min(tonumber(ARGV[5]), redis.call('PTTL', family))
 redis.call('PEXPIRE', fresh, ttl)
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('HSET', family, 'current', ARGV[4])
-return {'ok', t.family, redis.call('HGET', family, 'user'), redis.call('HGET', family, 'org'),
-        redis.call('HGET', family, 'roles')}
+return {'ok', t.family, f[1], f[2], f[3], f[4] or ''}
 """
 
-# Takes a code once; a second presentation finds the tombstone and revokes what it issued.
+# Takes a code once; a second presentation finds the tombstone and revokes what it issued
+# (if it issued anything: a failed exchange left no family, and none is created here).
 _TAKE_CODE = """
 local code = redis.call('GETDEL', KEYS[1])
 if code then
@@ -70,10 +82,17 @@ if code then
 end
 local family = redis.call('GET', KEYS[2])
 if family then
-  redis.call('HSET', ARGV[3] .. 'fam:' .. family, 'revoked', '1')
+  local key = ARGV[3] .. 'fam:' .. family
+  if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, 'revoked', '1') end
   return {'replayed', family}
 end
 return {'invalid'}
+"""
+
+# Revokes an existing family; an unknown one is left unwritten (every key has a TTL).
+_REVOKE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'revoked', '1') end
+return 0
 """
 
 
@@ -149,6 +168,23 @@ def _digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
+def granted_scope(requested: str) -> str:
+    """The scope a request may be granted (each supported scope once, in the request's order),
+    or OAuthError ``invalid_scope`` for one the server does not support."""
+    scopes = list(dict.fromkeys(requested.split()))
+    unknown = [scope for scope in scopes if scope not in SUPPORTED_SCOPES]
+    if unknown:
+        raise OAuthError("invalid_scope", f"unsupported scope {unknown[0][:40]!r}")
+    return " ".join(scopes)
+
+
+def _sealer(spent_token: str) -> Fernet:
+    """Seals a successor with a key only the holder of the spent token can derive (Redis
+    keeps the spent token's SHA-256, which is not this key)."""
+    key = hashlib.sha256(b"opsmesh-successor\0" + spent_token.encode()).digest()
+    return Fernet(base64.urlsafe_b64encode(key))
+
+
 def s256(verifier: str) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
 
@@ -172,6 +208,7 @@ class OAuthServer:
         self._prefix = prefix
         self._refresh = client.register_script(_REFRESH)
         self._take_code = client.register_script(_TAKE_CODE)
+        self._revoke = client.register_script(_REVOKE)
 
     def check_client(self, client_id: str, redirect_uri: str) -> None:
         allowed = self.settings.clients.get(client_id)
@@ -199,7 +236,7 @@ class OAuthServer:
                 "client": client_id,
                 "redirect": redirect_uri,
                 "challenge": challenge,
-                "scope": scope,
+                "scope": granted_scope(scope),
                 "nonce": nonce,
                 "auth_time": int(time.time()),
             }
@@ -248,11 +285,23 @@ class OAuthServer:
         if not secrets.compare_digest(s256(verifier), record["challenge"]):
             raise OAuthError("invalid_grant", "code_verifier does not match the code_challenge")
         principal = Principal(record["user"], record["org"], frozenset(record["roles"]))
-        refresh = secrets.token_urlsafe(32)
-        now_ms = int(time.time() * 1000)
+        offline = "offline_access" in record["scope"].split()
+        refresh = secrets.token_urlsafe(32) if offline else ""
+        await self._start_family(family, principal, client_id, record["scope"], refresh)
+        body = {**self._access(principal, family), "scope": record["scope"]}
+        if refresh:  # only a client granted offline_access keeps a session without the user
+            body["refresh_token"] = refresh
+        if "openid" in record["scope"].split():
+            body["id_token"] = self._id_token(record, client_id, family)
+        return body
+
+    async def _start_family(
+        self, family: str, principal: Principal, client_id: str, scope: str, refresh: str
+    ) -> None:
+        """The family record (the ``sid`` of its access tokens) and its first refresh token."""
+        family_key = f"{self._prefix}fam:{family}"
         with redis_errors():
             async with self._redis.pipeline(transaction=True) as pipe:
-                family_key = f"{self._prefix}fam:{family}"
                 pipe.hset(
                     family_key,
                     mapping={
@@ -260,24 +309,18 @@ class OAuthServer:
                         "org": principal.org_id,
                         "roles": ",".join(sorted(principal.roles)),
                         "client": client_id,
-                        "current": _digest(refresh),
-                        "created": now_ms,
+                        "scope": scope,
+                        "current": _digest(refresh) if refresh else "",
+                        "created": int(time.time() * 1000),
                         "revoked": "0",
                     },
                 )
                 pipe.pexpire(family_key, int(self.settings.refresh_absolute * 1000))
-                token_key = f"{self._prefix}rt:{_digest(refresh)}"
-                pipe.hset(token_key, mapping={"family": family, "used_at": 0, "successor": ""})
-                pipe.pexpire(token_key, int(self.settings.refresh_idle * 1000))
+                if refresh:
+                    token_key = f"{self._prefix}rt:{_digest(refresh)}"
+                    pipe.hset(token_key, mapping={"family": family, "used_at": 0, "successor": ""})
+                    pipe.pexpire(token_key, int(self.settings.refresh_idle * 1000))
                 await pipe.execute()
-        body = {
-            **self._access(principal, family),
-            "refresh_token": refresh,
-            "scope": record["scope"],
-        }
-        if "openid" in record["scope"].split():
-            body["id_token"] = self._id_token(record, client_id, family)
-        return body
 
     def _id_token(self, record: Mapping[str, Any], client_id: str, family: str) -> str:
         """An OpenID Connect ID token: who signed in, for the client (its ``aud``), echoing the
@@ -302,6 +345,7 @@ class OAuthServer:
 
     async def refresh(self, *, refresh_token: str, client_id: str) -> dict[str, Any]:
         fresh = secrets.token_urlsafe(32)
+        sealed = _sealer(refresh_token).encrypt(fresh.encode()).decode()
         with redis_errors():
             outcome = await self._refresh(
                 keys=[f"{self._prefix}rt:{_digest(refresh_token)}"],
@@ -312,18 +356,28 @@ class OAuthServer:
                     _digest(fresh),
                     int(self.settings.refresh_idle * 1000),
                     client_id,
+                    sealed,
                 ],
             )
-        verdict = outcome[0].decode() if isinstance(outcome[0], bytes) else outcome[0]
-        if verdict == "reused":
+        parts = [part.decode() if isinstance(part, bytes) else str(part) for part in outcome]
+        if parts[0] == "reused":
             raise OAuthError("invalid_grant", "refresh token reused: the session is revoked")
-        if verdict == "revoked":
+        if parts[0] == "revoked":
             raise OAuthError("invalid_grant", "the session was revoked")
-        if verdict != "ok":
+        if parts[0] == "grace":
+            fresh = self._unseal(refresh_token, parts[6] if len(parts) > 6 else "")
+        elif parts[0] != "ok":
             raise OAuthError("invalid_grant", "unknown or expired refresh token")
-        family, user, org, roles = (part.decode() for part in outcome[1:5])
+        family, user, org, roles, scope = parts[1:6]
         principal = Principal(user, org, frozenset(r for r in roles.split(",") if r))
-        return {**self._access(principal, family), "refresh_token": fresh}
+        return {**self._access(principal, family), "refresh_token": fresh, "scope": scope}
+
+    @staticmethod
+    def _unseal(spent_token: str, sealed: str) -> str:
+        try:
+            return _sealer(spent_token).decrypt(sealed.encode()).decode()
+        except InvalidToken:  # a record from before sealing: no successor to hand out again
+            raise OAuthError("invalid_grant", "refresh token already used") from None
 
     def client_credentials(self, *, client_id: str, secret: str) -> dict[str, Any]:
         """A service's own access token: it may act for any organization, naming it per call."""
@@ -335,7 +389,7 @@ class OAuthServer:
 
     async def revoke_family(self, family: str) -> None:
         with redis_errors():
-            await self._redis.hset(f"{self._prefix}fam:{family}", "revoked", "1")
+            await self._revoke(keys=[f"{self._prefix}fam:{family}"])
 
     async def revoke(self, token: str) -> None:
         """Revokes the family of a refresh token (RFC 7009: unknown tokens are no error)."""

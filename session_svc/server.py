@@ -35,7 +35,7 @@ def build_runner(
     )
     service = SessionService(store, settings.limits)
     ring = KeyRing.load_or_create(settings.issuer.keys_dir)
-    accounts = Accounts(client)
+    accounts = Accounts(client, settings=settings.sign_in)
     oauth = OAuthServer(
         client,
         ring=ring,

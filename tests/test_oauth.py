@@ -105,7 +105,7 @@ def authorize_params(challenge: str, **overrides: str) -> dict[str, str]:
         "client_id": CLIENT,
         "redirect_uri": REDIRECT,
         "state": "xyz",
-        "scope": "openid",
+        "scope": "openid offline_access",
         "code_challenge": challenge,
         "code_challenge_method": "S256",
         **overrides,
@@ -221,15 +221,40 @@ async def test_openid_sign_in_returns_an_id_token_echoing_the_nonce(issuer) -> N
     assert "id_token" not in (await exchange(issuer, code, verifier)).json()
 
 
-async def test_the_immediate_predecessor_is_accepted_only_within_the_grace(issuer) -> None:
+async def test_a_lost_refresh_response_is_retryable_once_with_the_same_successor(
+    issuer,
+) -> None:
     verifier, challenge = pkce()
     first = (await exchange(issuer, await code_for(issuer, challenge), verifier)).json()
     second = await refresh(issuer, first["refresh_token"])
-    racing = await refresh(issuer, first["refresh_token"])  # a second tab, a moment later
-    assert second.status_code == 200
-    assert racing.status_code == 200
-    # The racing refresh replaced the pair it raced with; its own chain goes on.
+    retried = await refresh(issuer, first["refresh_token"])  # the answer got lost: retry
+    assert second.status_code == retried.status_code == 200
+    assert retried.json()["refresh_token"] == second.json()["refresh_token"]
+    assert retried.json()["scope"] == "openid offline_access"
+    # Once only: a third presentation is reuse, and the family goes.
+    assert (await refresh(issuer, first["refresh_token"])).json()["error"] == "invalid_grant"
     assert (await refresh(issuer, second.json()["refresh_token"])).status_code == 400
+
+
+async def test_the_grace_ends_once_the_successor_is_used(issuer) -> None:
+    verifier, challenge = pkce()
+    first = (await exchange(issuer, await code_for(issuer, challenge), verifier)).json()
+    second = (await refresh(issuer, first["refresh_token"])).json()
+    third = await refresh(issuer, second["refresh_token"])
+    assert third.status_code == 200
+    # The client clearly got the successor: presenting its predecessor is theft.
+    assert (await refresh(issuer, first["refresh_token"])).json()["error"] == "invalid_grant"
+    assert (await refresh(issuer, third.json()["refresh_token"])).status_code == 400
+
+
+async def test_only_offline_access_earns_a_refresh_token(issuer) -> None:
+    verifier, challenge = pkce()
+    response = await log_in(issuer, challenge, scope="openid")
+    code = parse_qs(urlsplit(response.headers["location"]).query)["code"][0]
+    body = (await exchange(issuer, code, verifier)).json()
+    assert "refresh_token" not in body
+    assert body["scope"] == "openid"
+    assert await call_as(issuer, body["access_token"]) == grpc.StatusCode.OK
 
 
 @pytest.mark.parametrize(
