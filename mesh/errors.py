@@ -95,6 +95,12 @@ class InvalidArgument(OpsmeshError):
     default_reason = errors_pb2.ERROR_REASON_INVALID_ARGUMENT
 
 
+class MalformedRequest(InvalidArgument):
+    """The request bytes do not decode as the method's request message (a broken client)."""
+
+    default_reason = errors_pb2.ERROR_REASON_MALFORMED_REQUEST
+
+
 class NotFound(OpsmeshError):
     code = grpc.StatusCode.NOT_FOUND
     default_reason = errors_pb2.ERROR_REASON_NOT_FOUND

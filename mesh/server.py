@@ -28,7 +28,7 @@ from mesh.auth import Authenticator
 from mesh.health import HealthMonitor, Probe
 from mesh.metrics import RpcMetrics
 from mesh.reflection import enable_reflection
-from mesh.rpc import RpcInterceptor
+from mesh.rpc import RpcInterceptor, WireCodecInterceptor
 from mesh.settings import ServerSettings, SettingsError
 
 log = logging.getLogger("opsmesh.server")
@@ -103,7 +103,9 @@ class ServiceRunner:
                     authenticator=authenticator,
                     metrics=self.metrics,
                     access_log=settings.access_log,
-                )
+                ),
+                # Inside the RPC interceptor: requests decode within each RPC's lifecycle.
+                WireCodecInterceptor(),
             ],
             options=limits,
         )
