@@ -103,6 +103,14 @@ class WorkerSettings:
     concurrency: int = 8
     ack_wait: float = 30.0
     """Seconds before JetStream redelivers an unacknowledged task; heartbeats extend it."""
+    lease_ttl: float = 30.0
+    """Seconds a running attempt's lease lasts without renewal; a crashed worker's tasks are
+    taken over once it has passed (renewed every third of min(lease_ttl, ack_wait))."""
+    reap_interval: float = 10.0
+    """Seconds between the reaper's passes over open tasks (stale leases, unpublished tasks,
+    queue depth)."""
+    outbox_grace: float = 10.0
+    """Seconds a task may stay recorded but unpublished before the reaper publishes it."""
     grace_period: float = 20.0
     metrics_port: int = 0
     host: str = "127.0.0.1"
@@ -124,6 +132,11 @@ class WorkerSettings:
             service_client_secret=env.string("OPSMESH_SERVICE_CLIENT_SECRET", ""),
             concurrency=env.integer("OPSMESH_WORKER_CONCURRENCY", 8, minimum=1, maximum=1024),
             ack_wait=env.seconds("OPSMESH_WORKER_ACK_WAIT", 30.0, minimum=1, maximum=3600),
+            lease_ttl=env.seconds("OPSMESH_TASK_LEASE_TTL", 30.0, minimum=0.3, maximum=3600),
+            reap_interval=env.seconds(
+                "OPSMESH_TASK_REAP_INTERVAL", 10.0, minimum=0.1, maximum=3600
+            ),
+            outbox_grace=env.seconds("OPSMESH_TASK_OUTBOX_GRACE", 10.0, minimum=0.1, maximum=60),
             grace_period=env.seconds("OPSMESH_GRACE_PERIOD", 20.0, minimum=0, maximum=3600),
             metrics_port=env.integer(
                 "OPSMESH_METRICS_PORT", DEFAULT_WORKER_METRICS_PORT, minimum=0, maximum=65535

@@ -2,8 +2,9 @@
 
 A handler gets a :class:`TaskContext` and must be idempotent: a task may be
 delivered again after a worker died, after its effect already happened.
-Raising :class:`PermanentError` fails the task at once; any other exception is
-transient and retried with backoff until the type's attempts run out.
+Raising :class:`PermanentError` fails the task at once; :class:`TaskBusy` puts it
+back for later without using up an attempt; any other exception is transient and
+retried with backoff until the type's attempts run out.
 """
 
 from __future__ import annotations
@@ -16,6 +17,16 @@ from opsmesh.task.v1 import task_pb2
 
 class PermanentError(Exception):
     """The task can never succeed as it is (bad payload, refused by the target): no retry."""
+
+
+class TaskBusy(Exception):
+    """The task's effect is under way elsewhere (e.g. notify_svc is delivering the email for a
+    call whose worker died): try again after ``retry_after`` seconds, without counting an
+    attempt, since nothing failed."""
+
+    def __init__(self, detail: str, retry_after: float) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
 
 
 class TaskCancelled(Exception):

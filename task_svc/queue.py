@@ -61,7 +61,7 @@ class Publisher:
     def __init__(self, js: JetStreamContext, topology: Topology, *, timeout: float) -> None:
         self._js = js
         self._topology = topology
-        self._timeout = timeout
+        self.timeout = timeout
 
     async def publish(self, task: task_pb2.Task, revision: int) -> None:
         """Queues ``task``; the message carries the record as of ``revision``.
@@ -73,7 +73,7 @@ class Publisher:
             await self._js.publish(
                 self._topology.subject(task.type),
                 task.SerializeToString(),
-                timeout=self._timeout,
+                timeout=self.timeout,
                 stream=self._topology.stream,
                 headers={"Nats-Msg-Id": message_id(task), REVISION_HEADER: str(revision)},
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -17,8 +18,9 @@ from mesh.errors import DependencyUnavailable, FailedPrecondition, InvalidArgume
 from mesh.pagination import decode_token, encode_token, page_size
 from opsmesh.errors.v1 import errors_pb2
 from opsmesh.task.v1 import task_pb2, task_pb2_grpc
-from task_svc import states
+from task_svc import lease, states
 from task_svc.config import RetryPolicy
+from task_svc.outbox import OpenTasks
 from task_svc.queue import Publisher
 from task_svc.store import TaskStore, new_task_id, now
 
@@ -119,6 +121,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         self, store: TaskStore, publisher: Publisher, retry: dict[int, RetryPolicy]
     ) -> None:
         self._store = store
+        self._open = OpenTasks(store.kv)
         self._publisher = publisher
         self._retry = retry
 
@@ -141,25 +144,49 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             version=1,
         )
         task.payload.update(json_format.MessageToDict(payload, preserving_proto_field_name=True))
-        stored, revision, created = await self._store.create(task)
+        stored, revision, created = await self._record(task)
         if not created:
+            await self._open.discard(task)
             return with_typed_payload(stored)
         try:
             await self._publisher.publish(stored, revision)
         except DependencyUnavailable:
-            # Nothing was queued: remove the record so no task waits forever, and let the
-            # client retry with the same idempotency key.
+            # Nothing was queued: remove the record so that the client's retry with the same
+            # idempotency key starts afresh.
             try:
                 await self._store.forget(stored)
             except DependencyUnavailable:
                 log.error(
-                    "task %s was recorded but not queued and could not be removed; it stays "
-                    "pending until resubmitted",
+                    "task %s was recorded but not queued and could not be removed; the "
+                    "reaper queues it once NATS is back",
                     stored.id,
                     extra={"task_id": stored.id},
                 )
             raise
+        # The marker stays "publish": turning it to "queued" here would cost every publish
+        # another round trip. The reaper's first look (within the outbox grace, well inside
+        # JetStream's duplicate window) re-publishes with the same message id, which JetStream
+        # drops, and turns it to "queued" then.
         return with_typed_payload(stored)
+
+    async def _record(self, task: task_pb2.Task) -> tuple[task_pb2.Task, int, bool]:
+        """Writes the outbox marker, then the record: a crash after the marker leaves a task the
+        reaper publishes (or, with no record, a marker it removes), never a recorded task that
+        nobody runs.
+
+        Both writes go out back to back on one connection without waiting for the marker's
+        acknowledgement (a round trip on every publish): asyncio starts the two in order, and
+        JetStream stores one connection's messages to one stream (the bucket) in order.
+        """
+        marked, recorded = await asyncio.gather(
+            self._open.publishing(task), self._store.create(task), return_exceptions=True
+        )
+        if isinstance(recorded, BaseException):
+            raise recorded
+        if isinstance(marked, BaseException):
+            await self._store.forget(task)  # no marker, no record: the client may try again
+            raise marked
+        return recorded
 
     async def PublishWorkspaceTask(
         self, request: task_pb2.PublishWorkspaceTaskRequest, context: Context
@@ -231,11 +258,16 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                     f"task {task_id} is already {states.name(task.status)}",
                     reason=errors_pb2.ERROR_REASON_TASK_FINISHED,
                 )
-            if task.status == states.RUNNING:
+            if task.status == states.RUNNING and not lease.is_stale(task):
+                # Its worker notices at the next lease renewal, stops the handler and
+                # records the cancellation.
                 task.cancel_requested = True
-            else:
-                task.status = states.CANCELLED
-                task.error = reason
+                return
+            if task.status == states.RUNNING:  # its worker died: nobody else would finish it
+                task.attempts[-1].ended_at.CopyFrom(now())
+                task.attempts[-1].error = lease.STALE_ATTEMPT_ERROR
+            task.status = states.CANCELLED
+            task.error = reason
 
         task, _ = await self._store.change(current_principal().org_id, task_id, cancel)
         return task_pb2.CancelTaskResponse(task=with_typed_payload(task))
@@ -246,10 +278,13 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         task_id = _task_id(request.task_id)
 
         def resubmit(task: task_pb2.Task) -> None:
-            if task.status not in (states.FAILED, states.CANCELLED):
+            if lease.is_stale(task):  # its worker died mid-attempt
+                task.attempts[-1].ended_at.CopyFrom(now())
+                task.attempts[-1].error = lease.STALE_ATTEMPT_ERROR
+            elif task.status not in (states.FAILED, states.CANCELLED):
                 raise FailedPrecondition(
-                    f"only failed or cancelled tasks can be retried; task {task_id} is "
-                    f"{states.name(task.status)}",
+                    f"only failed, cancelled or abandoned tasks can be retried; task "
+                    f"{task_id} is {states.name(task.status)}",
                     reason=errors_pb2.ERROR_REASON_TASK_NOT_RETRYABLE,
                 )
             task.status = states.PENDING
@@ -258,6 +293,11 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             task.error = ""
             task.progress.Clear()
 
-        task, revision = await self._store.change(current_principal().org_id, task_id, resubmit)
+        org_id = current_principal().org_id
+        resubmit(await self._store.get(org_id, task_id))  # refuse before marking anything
+        # Marked before the record changes: a crash between the two steps leaves a pending
+        # task the reaper publishes.
+        await self._open.publishing(task_pb2.Task(id=task_id, org_id=org_id))
+        task, revision = await self._store.change(org_id, task_id, resubmit)
         await self._publisher.publish(task, revision)
         return task_pb2.RetryTaskResponse(task=with_typed_payload(task))

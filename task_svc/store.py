@@ -72,6 +72,11 @@ class TaskStore:
     def __init__(self, kv: KeyValue) -> None:
         self._kv = kv
 
+    @property
+    def kv(self) -> KeyValue:
+        """The bucket, which also holds the open-task markers (task_svc/outbox.py)."""
+        return self._kv
+
     async def create(self, task: task_pb2.Task) -> tuple[task_pb2.Task, int, bool]:
         """Stores a new task: ``(task, revision, True)``; with an idempotency key already used,
         ``(the task that key made, its revision, False)`` instead.

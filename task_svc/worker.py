@@ -2,12 +2,15 @@
 
 Run any number of replicas with ``python -m task_svc.worker``. For each message
 the record in the bucket is the truth: a task already finished is acknowledged
-and skipped (a redelivery), otherwise the worker marks it running, keeps the
-message alive with ``in_progress()`` heartbeats, runs the handler and records
-the outcome *before* acknowledging, so a crash at any point leads to a
-redelivery, never to a lost task. Transient failures are retried with
-exponential backoff and jitter through ``nak(delay)``; after the type's last
-attempt the task is failed and kept as a dead letter for RetryTask.
+and skipped (a redelivery); a task whose running attempt holds a live lease
+(task_svc/lease.py) is left to its worker and the message comes back later;
+otherwise the worker claims it with a lease of its own, renews the lease (and
+JetStream's ack deadline) while the handler runs, and records the outcome
+*before* acknowledging, so a crash at any point leads to a redelivery or a
+takeover by the reaper (task_svc/reaper.py), never to a lost task. Transient
+failures are retried with exponential backoff and jitter through
+``nak(delay)``; after the type's last attempt the task is failed and kept as a
+dead letter for RetryTask. docs/tasks.md has the whole lifecycle.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 
 import nats.errors
 from google.protobuf.message import DecodeError
@@ -38,17 +40,20 @@ from mesh.natsconn import close_nats, connect_nats
 from mesh.server import RunnerOptions, ServiceRunner, run_main
 from mesh.settings import ServerSettings
 from opsmesh.task.v1 import task_pb2
-from task_svc import states
+from task_svc import lease, states
+from task_svc.attempt import AttemptContext, LeaseKeeper, quietly
 from task_svc.config import TYPE_NAMES, RetryPolicy, WorkerSettings
 from task_svc.delivery import ProvisioningEmails, email_handler
 from task_svc.handlers import (
     Handler,
     PermanentError,
+    TaskBusy,
     TaskCancelled,
     email_without_notifier,
     workspace_without_cluster,
 )
-from task_svc.queue import REVISION_HEADER, ensure_topology
+from task_svc.queue import REVISION_HEADER, Publisher, ensure_topology
+from task_svc.reaper import Reaper, ReaperSettings
 from task_svc.store import TaskStore, now
 from task_svc.workspace import KubeClient, workspace_handler
 
@@ -82,39 +87,6 @@ class WorkerMetrics:
         )
 
 
-@dataclass
-class _Context:
-    """What a handler sees of the task it runs (implements handlers.TaskContext)."""
-
-    worker: Worker
-    task: task_pb2.Task
-    revision: int
-    attempt: int
-
-    async def change(self, mutate: Callable[[task_pb2.Task], None]) -> None:
-        """Changes the record, starting from the revision this attempt last wrote."""
-        self.task, self.revision = await self.worker.store.change(
-            self.task.org_id, self.task.id, mutate, known=(self.task, self.revision)
-        )
-
-    async def progress(self, step: str, done: int, total: int, message: str = "") -> None:
-        def record(task: task_pb2.Task) -> None:
-            task.progress.CopyFrom(
-                task_pb2.TaskProgress(
-                    step=step, steps_done=done, steps_total=total, message=message
-                )
-            )
-
-        await self.change(record)
-        if self.task.cancel_requested:
-            raise TaskCancelled()
-
-    async def check_cancelled(self) -> None:
-        self.task, self.revision = await self.worker.store.read(self.task.org_id, self.task.id)
-        if self.task.cancel_requested:
-            raise TaskCancelled()
-
-
 class Worker:
     def __init__(
         self,
@@ -124,8 +96,10 @@ class Worker:
         settings: WorkerSettings,
         handlers: Mapping[int, Handler],
         registry: CollectorRegistry | None = None,
+        reaper: Reaper | None = None,
     ) -> None:
         self._js = js
+        self._reaper = reaper
         self.store = store
         self._settings = settings
         self._handlers = dict(handlers)
@@ -141,6 +115,8 @@ class Worker:
             self._loops.append(
                 asyncio.create_task(self._fetch_loop(task_type), name=f"fetch-{task_type}")
             )
+        if self._reaper is not None:
+            self._loops.append(asyncio.create_task(self._reaper.run(self._stopping), name="reaper"))
         log.info(
             "worker %s consuming %s with %d slots",
             self._settings.worker_id,
@@ -215,140 +191,158 @@ class Worker:
         except DependencyUnavailable as error:
             # The record could not be read or written: leave the message to be redelivered.
             log.warning("task %s: %s; will be redelivered", queued.id, error.message)
-            await _quietly(message.nak(delay=2.0))
+            await quietly(message.nak(delay=2.0))
 
     async def _run(self, queued: task_pb2.Task, revision: int, message: Msg) -> None:
         policy = self._settings.retry[queued.type]
-        worker_id = self._settings.worker_id
-        first_delivery = message.metadata.num_delivered == 1
-
-        def start(record: task_pb2.Task) -> None:
-            if record.status in states.TERMINAL:
-                # Already done: a redelivery, or cancelled while queued.
-                raise _Skip()
-            if record.status == states.RUNNING:
-                if first_delivery:
-                    # A second message for a task another worker is running (a publish
-                    # repeated after the de-duplication window): its message covers it.
-                    raise _Skip()
-                # Redelivered while marked running: its worker died or stalled mid-attempt.
-                if record.attempts and not record.attempts[-1].HasField("ended_at"):
-                    record.attempts[-1].ended_at.CopyFrom(now())
-                    record.attempts[-1].error = "worker stopped responding"
-                record.retry_count += 1
-                if record.retry_count >= policy.max_attempts:
-                    record.status = states.FAILED
-                    record.error = (
-                        f"worker stopped responding; gave up after {policy.max_attempts} attempts"
-                    )
-                    return
-            record.status = states.RUNNING
-            record.error = ""
-            record.progress.Clear()
-            record.attempts.add(number=len(record.attempts) + 1, worker=worker_id, started_at=now())
-
+        start = lease.claim(self._settings.worker_id, self._settings.lease_ttl, policy.max_attempts)
         try:
             # Starts from the copy in the message; the compare-and-set re-reads the record
             # only if it changed since it was queued.
             task, revision = await self.store.change(
                 queued.org_id, queued.id, start, known=(queued, revision)
             )
-        except _Skip:
-            await message.ack()
+        except lease.AlreadyFinished:
+            await message.ack()  # a redelivery, or cancelled while queued
+            return
+        except lease.LeaseHeld as held:
+            # Another worker runs it (a second message, or a redelivery after a NATS
+            # restart): look again once its lease could have lapsed.
+            await quietly(message.nak(delay=held.remaining + self._lease_interval()))
             return
         except NotFound:
             log.warning("task %s has no record; dropping its message", queued.id)
             await message.ack()
             return
         if task.status == states.FAILED:
-            await message.ack()
+            await message.ack()  # its last attempt's worker died: recorded as failed
             return
-        context = _Context(worker=self, task=task, revision=revision, attempt=len(task.attempts))
+        context = AttemptContext(self.store, task, revision, worker_id=self._settings.worker_id)
         await self._attempt(context, message, policy)
 
-    async def _attempt(self, context: _Context, message: Msg, policy: RetryPolicy) -> None:
+    def _lease_interval(self) -> float:
+        return min(self._settings.lease_ttl, self._settings.ack_wait) / 3
+
+    async def _attempt(self, context: AttemptContext, message: Msg, policy: RetryPolicy) -> None:
         task = context.task
         type_name = TYPE_NAMES[task.type]
-        heartbeat = _Heartbeat(message, self._settings.ack_wait / 3)
+        handler = asyncio.create_task(_call(self._handlers[task.type], context))
+        keeper = LeaseKeeper(
+            context,
+            message,
+            handler,
+            ttl=self._settings.lease_ttl,
+            interval=self._lease_interval(),
+        )
         started = time.perf_counter()
-        outcome = "succeeded"
+        outcome = "handed_back"
         try:
-            await self._handlers[task.type](context)
-        except TaskCancelled:
-            outcome = "cancelled"
-            await self._finish(context, states.CANCELLED, "cancelled while running")
-            await message.ack()
-        except PermanentError as error:
-            outcome = "failed"
-            log.error("task %s failed: %s", task.id, error, extra=_task_extra(context))
-            await self._finish(context, states.FAILED, str(error))
-            await message.ack()
-        except asyncio.CancelledError:
-            outcome = "handed_back"
-            await asyncio.shield(self._hand_back(context, message))
-            raise
-        except DependencyUnavailable:
-            raise
-        except Exception as error:  # noqa: BLE001 - anything else is transient by contract
-            detail = f"{type(error).__name__}: {error}"
-            retries = context.task.retry_count + 1
-            if retries >= policy.max_attempts:
-                outcome = "dead_letter"
-                log.error(
-                    "task %s failed for good after %d attempts: %s",
-                    task.id,
-                    policy.max_attempts,
-                    detail,
-                    extra=_task_extra(context),
-                )
-                await self._finish(
-                    context,
-                    states.FAILED,
-                    f"{detail} (gave up after {policy.max_attempts} attempts)",
-                )
-                await message.ack()
-            else:
-                outcome = "retrying"
-                delay = backoff(retries, policy)
-                log.warning(
-                    "task %s attempt %d failed, retrying in %.1fs: %s",
-                    task.id,
-                    context.attempt,
-                    delay,
-                    detail,
-                    extra=_task_extra(context),
-                )
-                await self._finish(context, states.RETRYING, detail, retry=True)
-                await message.nak(delay=delay)
-        else:
-            await self._finish(context, states.SUCCEEDED, "")
-            await message.ack()
+            outcome = await self._outcome(context, handler, keeper, message, policy)
+        except lease.LeaseLost:
+            # Taken over while running: the new owner records the outcome. The message goes
+            # back so that nothing is acknowledged on an outcome this worker did not record.
+            outcome = "lease_lost"
+            log.warning("task %s: lease lost", task.id, extra=_task_extra(context))
+            await quietly(message.nak())
         finally:
-            heartbeat.cancel()
+            keeper.cancel()
             self.metrics.finished.labels(type=type_name, outcome=outcome).inc()
             self.metrics.duration.labels(type=type_name).observe(time.perf_counter() - started)
 
+    async def _outcome(
+        self,
+        context: AttemptContext,
+        handler: asyncio.Task[None],
+        keeper: LeaseKeeper,
+        message: Msg,
+        policy: RetryPolicy,
+    ) -> str:
+        """Awaits the handler, records what came of it, then acks (or naks); the outcome's name."""
+        try:
+            await handler
+        except asyncio.CancelledError:
+            if keeper.stopped is None:  # the worker itself is stopping
+                await asyncio.shield(self._hand_back(context, message))
+                raise
+            if isinstance(keeper.stopped, lease.LeaseLost):
+                raise keeper.stopped from None
+            return await self._settle(context, message, states.CANCELLED, "cancelled while running")
+        except TaskCancelled:
+            return await self._settle(context, message, states.CANCELLED, "cancelled while running")
+        except TaskBusy as busy:
+            await self._finish(context, states.RETRYING, str(busy))
+            await message.nak(delay=busy.retry_after)
+            return "deferred"
+        except PermanentError as error:
+            log.error("task %s failed: %s", context.task.id, error, extra=_task_extra(context))
+            await self._settle(context, message, states.FAILED, str(error))
+            return "failed"
+        except (DependencyUnavailable, lease.LeaseLost):
+            raise
+        except Exception as error:  # noqa: BLE001 - anything else is transient by contract
+            return await self._failed_attempt(context, message, policy, error)
+        return await self._settle(context, message, states.SUCCEEDED, "")
+
+    async def _settle(self, context: AttemptContext, message: Msg, status: int, error: str) -> str:
+        """Records a final outcome, then acknowledges the message."""
+        await self._finish(context, status, error)
+        await message.ack()
+        return states.name(status)
+
+    async def _failed_attempt(
+        self, context: AttemptContext, message: Msg, policy: RetryPolicy, error: Exception
+    ) -> str:
+        detail = f"{type(error).__name__}: {error}"
+        retries = context.task.retry_count + 1
+        if retries >= policy.max_attempts:
+            log.error(
+                "task %s failed for good after %d attempts: %s",
+                context.task.id,
+                policy.max_attempts,
+                detail,
+                extra=_task_extra(context),
+            )
+            await self._settle(
+                context,
+                message,
+                states.FAILED,
+                f"{detail} (gave up after {policy.max_attempts} attempts)",
+            )
+            return "dead_letter"
+        delay = backoff(retries, policy)
+        log.warning(
+            "task %s attempt %d failed, retrying in %.1fs: %s",
+            context.task.id,
+            context.attempt,
+            delay,
+            detail,
+            extra=_task_extra(context),
+        )
+        await self._finish(context, states.RETRYING, detail, retry=True)
+        await message.nak(delay=delay)
+        return "retrying"
+
     async def _finish(
-        self, context: _Context, status: int, error: str, *, retry: bool = False
+        self, context: AttemptContext, status: int, error: str, *, retry: bool = False
     ) -> None:
         def finish(record: task_pb2.Task) -> None:
             record.status = status  # type: ignore[assignment]
             record.error = error
             if retry:
                 record.retry_count += 1
-            if record.attempts:
-                record.attempts[-1].ended_at.CopyFrom(now())
-                record.attempts[-1].error = error
+            record.attempts[-1].ended_at.CopyFrom(now())
+            record.attempts[-1].error = error
 
         await context.change(finish)
 
-    async def _hand_back(self, context: _Context, message: Msg) -> None:
+    async def _hand_back(self, context: AttemptContext, message: Msg) -> None:
         """Returns a task the worker could not finish before stopping: queued again at once."""
         try:
             await self._finish(context, states.RETRYING, "worker stopped before finishing")
             await message.nak()
         except Exception as error:  # noqa: BLE001 - best effort; redelivery covers it
-            # Not acknowledged either way: JetStream redelivers it after ack_wait.
+            # Not acknowledged either way: JetStream redelivers it after ack_wait, and the
+            # lease lapses for whoever gets it.
             log.warning("could not hand back task %s: %s", context.task.id, error)
 
     async def stop(self) -> None:
@@ -368,45 +362,21 @@ class Worker:
             await asyncio.gather(*pending, return_exceptions=True)
 
     @property
+    def js(self) -> JetStreamContext:
+        return self._js
+
+    @property
     def in_flight(self) -> int:
         return len(self._in_flight)
 
 
-def _task_extra(context: _Context) -> dict[str, object]:
+async def _call(handler: Handler, context: AttemptContext) -> None:
+    await handler(context)
+
+
+def _task_extra(context: AttemptContext) -> dict[str, object]:
     """Log fields that tie a line to its task and organization (a worker has no caller)."""
     return {"task_id": context.task.id, "org_id": context.task.org_id, "attempt": context.attempt}
-
-
-class _Skip(Exception):
-    """The message needs no work: acknowledge it and move on."""
-
-
-class _Heartbeat:
-    """Tells JetStream every ``interval`` that a long task is still being worked on.
-
-    A timer rather than a task per message: most tasks finish before the first beat.
-    """
-
-    def __init__(self, message: Msg, interval: float) -> None:
-        self._message = message
-        self._interval = interval
-        self._loop = asyncio.get_running_loop()
-        self._beat: asyncio.Task[None] | None = None
-        self._timer = self._loop.call_later(interval, self._fire)
-
-    def _fire(self) -> None:
-        self._beat = self._loop.create_task(_quietly(self._message.in_progress()))
-        self._timer = self._loop.call_later(self._interval, self._fire)
-
-    def cancel(self) -> None:
-        self._timer.cancel()
-
-
-async def _quietly(action: object) -> None:
-    try:
-        await action  # type: ignore[misc]
-    except Exception as error:  # noqa: BLE001 - acks/heartbeats are best effort
-        log.debug("ignored: %s", error)
 
 
 def handlers_for(
@@ -440,6 +410,30 @@ def handlers_for(
     return handlers, closers
 
 
+def reaper_for(
+    client: Client,
+    js: JetStreamContext,
+    store: TaskStore,
+    settings: WorkerSettings,
+    handlers: Mapping[int, Handler],
+    registry: CollectorRegistry,
+) -> Reaper:
+    return Reaper(
+        nc=client,
+        js=js,
+        store=store,
+        publisher=Publisher(js, settings.topology, timeout=settings.nats.request_timeout),
+        settings=ReaperSettings(
+            topology=settings.topology,
+            retry=settings.retry,
+            types=tuple(handlers),
+            interval=settings.reap_interval,
+            outbox_grace=settings.outbox_grace,
+        ),
+        registry=registry,
+    )
+
+
 async def serve(environ: Mapping[str, str], handlers: Mapping[int, Handler] | None = None) -> None:
     settings = WorkerSettings.from_env(environ)
     configure_logging(service="task_worker", level=settings.log_level, fmt=settings.log_format)
@@ -448,12 +442,14 @@ async def serve(environ: Mapping[str, str], handlers: Mapping[int, Handler] | No
     store = TaskStore(await ensure_topology(js, settings.topology))
     registry = CollectorRegistry()
     configured, closers = handlers_for(settings)
+    chosen = handlers or configured
     worker = Worker(
         js=js,
         store=store,
         settings=settings,
-        handlers=handlers or configured,
+        handlers=chosen,
         registry=registry,
+        reaper=reaper_for(client, js, store, settings, chosen, registry),
     )
 
     async def nats_connected() -> None:

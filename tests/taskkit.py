@@ -8,9 +8,11 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from grpc import aio
 from nats.aio.client import Client
+from prometheus_client import CollectorRegistry
 
 from mesh.natsconn import NatsSettings, connect_nats
 from mesh.server import ServiceRunner
@@ -21,7 +23,7 @@ from task_svc.handlers import PermanentError, TaskContext
 from task_svc.queue import ensure_topology
 from task_svc.server import build_runner
 from task_svc.store import TaskStore
-from task_svc.worker import Worker
+from task_svc.worker import Worker, reaper_for
 from tests.conftest import FAST_HEALTH
 
 EMAIL = task_pb2.TASK_TYPE_EMAIL
@@ -113,23 +115,39 @@ async def running_worker(
     ack_wait: float = 5.0,
     grace: float = 2.0,
     worker_id: str = "w1",
+    lease_ttl: float = 5.0,
+    reap_interval: float | None = None,
 ) -> AsyncIterator[Worker]:
+    """A worker in this process; with ``reap_interval``, running its reaper too."""
     client: Client = await connect_nats(NatsSettings(url=stack.nats_url), name=worker_id)
     js = client.jetstream(timeout=2.0)
     store = TaskStore(await ensure_topology(js, stack.topology))
+    settings = WorkerSettings(
+        nats=NatsSettings(url=stack.nats_url, request_timeout=2.0),
+        topology=stack.topology,
+        retry=retry_policies(max_attempts),
+        worker_id=worker_id,
+        concurrency=concurrency,
+        ack_wait=ack_wait,
+        lease_ttl=lease_ttl,
+        reap_interval=reap_interval or 1.0,
+        outbox_grace=0.5,
+        grace_period=grace,
+    )
+    handlers: dict[int, Any] = dict.fromkeys(types, handler)
+    registry = CollectorRegistry()
+    reaper = (
+        None
+        if reap_interval is None
+        else reaper_for(client, js, store, settings, handlers, registry)
+    )
     worker = Worker(
         js=js,
         store=store,
-        settings=WorkerSettings(
-            nats=NatsSettings(url=stack.nats_url),
-            topology=stack.topology,
-            retry=retry_policies(max_attempts),
-            worker_id=worker_id,
-            concurrency=concurrency,
-            ack_wait=ack_wait,
-            grace_period=grace,
-        ),
-        handlers=dict.fromkeys(types, handler),  # type: ignore[misc]
+        settings=settings,
+        handlers=handlers,
+        registry=registry,
+        reaper=reaper,
     )
     await worker.start()
     try:
@@ -137,3 +155,21 @@ async def running_worker(
     finally:
         await worker.stop()
         await client.close()
+
+
+@asynccontextmanager
+async def task_store(stack: TaskStack) -> AsyncIterator[TaskStore]:
+    """Direct access to the stack's records bucket, to stage what a crash leaves behind."""
+    client: Client = await connect_nats(NatsSettings(url=stack.nats_url), name="staging")
+    try:
+        yield TaskStore(await ensure_topology(client.jetstream(timeout=2.0), stack.topology))
+    finally:
+        await client.close()
+
+
+def abandon(task: task_pb2.Task) -> None:
+    """Makes ``task`` look run by a worker that died: running, its attempt's lease lapsed."""
+    task.status = task_pb2.TASK_STATUS_RUNNING
+    attempt = task.attempts.add(number=len(task.attempts) + 1, worker="dead")
+    attempt.started_at.GetCurrentTime()
+    attempt.lease_expires_at.GetCurrentTime()

@@ -3,19 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import grpc
 import nats
 import pytest
 from grpc import aio
+from nats.js import JetStreamContext
 
 from devtools.servers import NatsServer
 from opsmesh.task.v1 import task_pb2 as pb
+from task_svc import lease
 from task_svc.handlers import workspace_without_cluster
+from task_svc.outbox import OpenTasks
+from task_svc.queue import Publisher
 from task_svc.service import with_typed_payload
+from task_svc.store import TaskStore, new_task_id
 from tests.helpers import assert_eventually, error_details, identity
-from tests.taskkit import Script, ScriptedHandler, TaskStack, running_worker, task_stack
+from tests.taskkit import (
+    EMAIL,
+    Script,
+    ScriptedHandler,
+    TaskStack,
+    abandon,
+    running_worker,
+    task_stack,
+    task_store,
+)
 
 ALICE = identity("alice", "acme")
 EVE = identity("eve", "evilcorp")
@@ -497,3 +512,175 @@ def test_typed_payload_ignores_unknown_fields_and_survives_a_bad_record() -> Non
     untyped = pb.Task(id="t4")
     untyped.payload.update({"x": 1})
     assert with_typed_payload(untyped).WhichOneof("typed_payload") is None
+
+
+async def test_a_redelivery_takes_over_the_attempt_of_a_dead_worker(stack) -> None:
+    # After a NATS crash the message comes back with num_delivered == 1 while the record
+    # still shows the dead worker's attempt: the lapsed lease, not the count, decides.
+    handler = ScriptedHandler()
+    task = await publish_email(stack)
+    async with task_store(stack) as store:
+        await store.change(task.org_id, task.id, abandon)
+    async with running_worker(stack, handler, worker_id="heir"):
+        done = await wait_status(stack, task.id, pb.TASK_STATUS_SUCCEEDED)
+    assert [(a.worker, a.error) for a in done.attempts] == [
+        ("dead", "worker stopped responding"),
+        ("heir", ""),
+    ]
+    assert done.retry_count == 1
+    assert handler.effects[task.id] == 1
+
+
+async def test_a_live_lease_is_left_alone_and_its_duplicate_message_waits(stack) -> None:
+    nid = str(uuid.uuid4())
+    release = asyncio.Event()
+    handler = ScriptedHandler(scripts={nid: Script(release=release)})
+    task = await publish_email(stack, nid)
+    async with running_worker(stack, handler, lease_ttl=0.6, concurrency=4) as worker:
+        await asyncio.wait_for(handler.started_event(nid).wait(), 10)
+        async with task_store(stack) as store:
+            record, revision = await store.read(task.org_id, task.id)
+            copy = pb.Task()
+            copy.CopyFrom(record)
+            copy.version += 1000  # another message id: not dropped as a duplicate
+            await Publisher(worker.js, stack.topology, timeout=2.0).publish(copy, revision)
+        await asyncio.sleep(1.5)  # the duplicate was fetched, found the lease live, went back
+        assert handler.calls[nid] == 1
+        release.set()
+        done = await wait_status(stack, task.id, pb.TASK_STATUS_SUCCEEDED)
+
+        async def drained() -> None:
+            assert await queue_depth(stack, worker.js) == 0
+
+        await assert_eventually(drained, timeout=10)
+    assert handler.calls[nid] == 1
+    assert len(done.attempts) == 1
+
+
+async def test_the_reaper_takes_over_a_stale_attempt_whose_message_is_gone(stack) -> None:
+    handler = ScriptedHandler()
+    async with task_store(stack) as store:
+        task = await stage_task(store)
+        await store.change(task.org_id, task.id, abandon)
+        await OpenTasks(store.kv).queued(task)  # its message was queued and is gone
+    async with running_worker(stack, handler, reap_interval=0.2):
+        done = await wait_status(stack, task.id, pb.TASK_STATUS_SUCCEEDED, within=10)
+    assert [a.worker for a in done.attempts] == ["dead", "w1"]
+    assert handler.effects[task.id] == 1
+
+
+async def test_a_task_recorded_but_never_published_is_published_by_the_reaper(stack) -> None:
+    # The crash between writing the record and publishing its message.
+    handler = ScriptedHandler()
+    async with task_store(stack) as store:
+        task = await stage_task(store)
+        leftover = pb.Task(id=str(uuid.uuid4()), org_id="acme")  # marker, record never written
+        await OpenTasks(store.kv).publishing(leftover)
+        async with running_worker(stack, handler, reap_interval=0.2):
+            done = await wait_status(stack, task.id, pb.TASK_STATUS_SUCCEEDED, within=10)
+
+            async def cleared() -> None:
+                assert await OpenTasks(store.kv).listing() == []
+
+            await assert_eventually(cleared, timeout=10)
+    assert done.attempts[0].worker == "w1"
+    assert handler.effects[task.id] == 1
+
+
+async def test_cancel_stops_a_handler_that_never_checks(stack) -> None:
+    nid = str(uuid.uuid4())
+    handler = ScriptedHandler(scripts={nid: Script(release=asyncio.Event())})  # never set
+    task = await publish_email(stack, nid)
+    async with running_worker(stack, handler, lease_ttl=0.6):
+        await asyncio.wait_for(handler.started_event(nid).wait(), 10)
+        await stack.stub.CancelTask(pb.CancelTaskRequest(task_id=task.id), metadata=ALICE)
+        done = await wait_status(stack, task.id, pb.TASK_STATUS_CANCELLED, within=5)
+    assert done.error == "cancelled while running"
+    assert done.attempts[0].HasField("ended_at")
+    assert task.id not in handler.effects
+
+
+async def test_retry_and_cancel_accept_a_task_whose_worker_died(stack) -> None:
+    handler = ScriptedHandler()
+    retried, cancelled = await publish_email(stack), await publish_email(stack)
+    async with task_store(stack) as store:
+        for task in (retried, cancelled):
+            await store.change(task.org_id, task.id, abandon)
+    gone = (
+        await stack.stub.CancelTask(pb.CancelTaskRequest(task_id=cancelled.id), metadata=ALICE)
+    ).task
+    assert gone.status == pb.TASK_STATUS_CANCELLED
+    assert gone.attempts[0].error == "worker stopped responding"
+    again = (
+        await stack.stub.RetryTask(pb.RetryTaskRequest(task_id=retried.id), metadata=ALICE)
+    ).task
+    assert again.status == pb.TASK_STATUS_PENDING
+    async with running_worker(stack, handler):
+        await wait_status(stack, retried.id, pb.TASK_STATUS_SUCCEEDED)
+    assert cancelled.id not in handler.effects
+
+
+async def stage_task(store: TaskStore) -> pb.Task:
+    """A pending email task written straight to the bucket, with no work message."""
+    task = pb.Task(
+        id=new_task_id(),
+        type=pb.TASK_TYPE_EMAIL,
+        status=pb.TASK_STATUS_PENDING,
+        org_id="acme",
+        created_by="alice",
+        max_attempts=3,
+        version=1,
+    )
+    task.payload.update({"notification_id": str(uuid.uuid4())})
+    await OpenTasks(store.kv).publishing(task)
+    await store.create(task)
+    return task
+
+
+async def queue_depth(stack: TaskStack, js: JetStreamContext) -> int:
+    """Messages the email consumer has not seen acknowledged, and what the stream still holds."""
+    consumer = await js.consumer_info(stack.topology.stream, stack.topology.consumer(EMAIL))
+    stream = await js.stream_info(stack.topology.stream)
+    return max(consumer.num_pending + consumer.num_ack_pending, stream.state.messages)
+
+
+async def test_a_worker_that_lost_its_lease_stops_and_records_nothing(stack) -> None:
+    nid = str(uuid.uuid4())
+    release = asyncio.Event()
+    handler = ScriptedHandler(scripts={nid: Script(release=release)})
+    task = await publish_email(stack, nid)
+    async with running_worker(stack, handler, lease_ttl=0.6, worker_id="slow") as worker:
+        await asyncio.wait_for(handler.started_event(nid).wait(), 10)
+        async with task_store(stack) as store:
+
+            def stolen(record: pb.Task) -> None:  # as if "slow" had lapsed and "thief" took over
+                record.attempts[-1].ended_at.GetCurrentTime()
+                record.attempts[-1].error = "worker stopped responding"
+                attempt = record.attempts.add(number=2, worker="thief")
+                attempt.lease_expires_at.FromSeconds(int(time.time()) + 3600)
+
+            await store.change(task.org_id, task.id, stolen)
+
+            async def stopped() -> None:
+                lost = worker.metrics.finished.labels(type="email", outcome="lease_lost")
+                assert lost._value.get() == 1
+
+            await assert_eventually(stopped, timeout=5)
+            record = await store.get(task.org_id, task.id)
+    assert record.status == pb.TASK_STATUS_RUNNING
+    assert [a.worker for a in record.attempts] == ["slow", "thief"]
+    assert task.id not in handler.effects
+
+
+def test_lease_rules_for_records_without_one() -> None:
+    legacy = pb.Task(status=pb.TASK_STATUS_RUNNING)
+    legacy.attempts.add(number=1, worker="old")  # written before leases existed
+    assert lease.is_stale(legacy)
+    assert lease.lease_remaining(pb.Task(status=pb.TASK_STATUS_PENDING)) == 0.0
+    last_try = pb.Task(status=pb.TASK_STATUS_RUNNING, retry_count=2)
+    last_try.attempts.add(number=3, worker="dead")
+    lease.claim("w1", 30.0, max_attempts=3)(last_try)
+    assert last_try.status == pb.TASK_STATUS_FAILED
+    assert "gave up after 3 attempts" in last_try.error
+    with pytest.raises(lease.LeaseLost):
+        lease.check_owner(last_try, "w1", 3)
