@@ -154,22 +154,30 @@ class NotificationStore:
                 "try again later",
                 retry_after=max(remaining, 100) / 1000,
             )
-        renewing = asyncio.create_task(self._keep_renewing(key, token, lease_ms))
+        done = asyncio.Event()
+        renewing = asyncio.create_task(self._keep_renewing(key, token, lease_ms, done))
         try:
             yield
         finally:
+            done.set()
             renewing.cancel()
             await asyncio.gather(renewing, return_exceptions=True)
             await self._let_go(key, token)
 
-    async def _keep_renewing(self, key: str, token: str, lease_ms: int) -> None:
-        while True:
+    async def _keep_renewing(
+        self, key: str, token: str, lease_ms: int, done: asyncio.Event
+    ) -> None:
+        # `done` as well as cancel(): on Python 3.11 a cancel that lands while redis-py's own
+        # socket timeout expires comes out as a TimeoutError, which would look like a failed
+        # renewal and keep this loop (and the claim) alive forever.
+        while not done.is_set():
             await asyncio.sleep(lease_ms / 3000)
             try:
                 with redis_errors():
                     held = await self._renew(keys=[key], args=[token, lease_ms])
             except OpsmeshError as error:
-                log.warning("could not renew the delivery claim %s: %s", key, error.message)
+                if not done.is_set():
+                    log.warning("could not renew the delivery claim %s: %s", key, error.message)
                 continue
             if not held:
                 log.warning("lost the delivery claim %s (it lapsed); a redelivery may resend", key)

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 from grpc import aio
 
 from devtools.servers import NatsServer, RedisServer, free_port
@@ -475,5 +476,32 @@ async def test_a_claim_taken_over_or_unreachable_is_logged_not_fatal(
 
             await assert_eventually(renewal_failed, timeout=5)
         assert "could not release the delivery claim" in caplog.text
+    finally:
+        await client.aclose()
+
+
+async def test_a_claim_is_let_go_even_when_its_renewal_swallows_the_cancel(
+    own_redis: RedisServer,
+) -> None:
+    # Python 3.11: a cancel landing as redis-py's socket timeout expires surfaces as a
+    # TimeoutError. The renewal must still stop, or the claim lives (and refuses) forever.
+    client = connect_redis(RedisSettings(url=own_redis.url))
+    store = NotificationStore(client, key_prefix="swallow:", retention_ms=60_000)
+    renewing = asyncio.Event()
+
+    async def renew_swallowing_the_cancel(**_: object) -> int:
+        renewing.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise redis.exceptions.TimeoutError("Timeout reading from socket") from None
+        return 1
+
+    store._renew = renew_swallowing_the_cancel  # type: ignore[method-assign,assignment]
+    try:
+        async with asyncio.timeout(5):
+            async with store.claimed("acme", "n1", lease=0.06):
+                await renewing.wait()
+        assert await client.get("swallow:claim:4:acme:n1") is None
     finally:
         await client.aclose()
