@@ -1,7 +1,9 @@
 """The development mail sink: a real SMTP server (aiosmtpd) that keeps every message.
 
 ``python -m devtools.mailsink serve DIR --port 2525`` stores each received
-message in the Maildir ``DIR`` (``--tls-cert``/``--tls-key`` offer STARTTLS);
+message in the Maildir ``DIR`` (``--tls-cert``/``--tls-key`` offer STARTTLS;
+``--round-trip 0.02`` answers each SMTP command 20 ms late, like a relay across a
+network, for benchmarks);
 ``python -m devtools.mailsink list DIR`` shows them (date, recipients,
 subject); ``show DIR N`` prints one.
 """
@@ -9,6 +11,7 @@ subject); ``show DIR N`` prints one.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import mailbox
 import signal
 import ssl
@@ -18,18 +21,56 @@ from collections.abc import Sequence
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
+from typing import Any, AnyStr
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.handlers import Mailbox
+from aiosmtpd.smtp import SMTP
 
 
-def serve(directory: str, host: str, port: int, cert: str = "", key: str = "") -> None:
+class _DistantSMTP(SMTP):
+    """Sends each reply ``round_trip`` seconds late (once per reply, not per line of a
+    multi-line one): what a relay across a network costs a sender per exchange."""
+
+    def __init__(self, *args: Any, round_trip: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._round_trip = round_trip
+
+    async def push(self, status: AnyStr) -> None:
+        last_line = len(status) < 4 or status[3:4] in (" ", b" ")
+        if last_line:
+            await asyncio.sleep(self._round_trip)
+        await super().push(status)
+
+
+class _SinkController(Controller):
+    def __init__(self, handler: Any, *, round_trip: float, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._round_trip = round_trip
+
+    def factory(self) -> SMTP:
+        if not self._round_trip:
+            return SMTP(self.handler, **self.SMTP_kwargs)
+        return _DistantSMTP(self.handler, round_trip=self._round_trip, **self.SMTP_kwargs)
+
+
+def serve(
+    directory: str,
+    host: str,
+    port: int,
+    cert: str = "",
+    key: str = "",
+    *,
+    round_trip: float = 0.0,
+) -> None:
     tls = None
     if cert:
         # STARTTLS offered, as real relays do; plain sessions stay allowed for local tools.
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(cert, key or None)
-    controller = Controller(Mailbox(Path(directory)), hostname=host, port=port, tls_context=tls)
+    controller = _SinkController(
+        Mailbox(Path(directory)), round_trip=round_trip, hostname=host, port=port, tls_context=tls
+    )
     controller.start()
     print(f"mail sink listening on {host}:{port}, storing into {directory}", flush=True)
     stop = threading.Event()
@@ -53,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serving.add_argument("--port", type=int, default=2525)
     serving.add_argument("--tls-cert", default="", help="PEM certificate: offer STARTTLS")
     serving.add_argument("--tls-key", default="", help="PEM key of --tls-cert")
+    serving.add_argument(
+        "--round-trip", type=float, default=0.0, help="seconds each reply is late (benchmarks)"
+    )
     listing = commands.add_parser("list")
     listing.add_argument("directory")
     showing = commands.add_parser("show")
@@ -60,7 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     showing.add_argument("number", type=int)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        serve(args.directory, args.host, args.port, args.tls_cert, args.tls_key)
+        serve(
+            args.directory,
+            args.host,
+            args.port,
+            args.tls_cert,
+            args.tls_key,
+            round_trip=args.round_trip,
+        )
         return 0
     found = messages(args.directory)
     if args.command == "list":
