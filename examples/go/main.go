@@ -2,7 +2,7 @@
 // a live task watch and the rich error details every opsmesh error carries.
 //
 //	through the edge (Envoy checks the token):  go run . -addr localhost:8080 -token "$TOKEN" -health-addr localhost:50051
-//	straight to the services (trusted headers): go run . -session-addr localhost:50051 -task-addr localhost:50054 -user dev -org devorg
+//	straight to the services: go run . -session-addr localhost:50051 -task-addr localhost:50054 -token "$TOKEN"
 package main
 
 import (
@@ -33,7 +33,7 @@ func main() {
 	taskAddr := flag.String("task-addr", "", "task service (default -addr)")
 	healthAddr := flag.String("health-addr", "", "where to check gRPC health (default -session-addr)")
 	token := flag.String("token", "", "access token, sent as 'authorization: Bearer ...'")
-	user := flag.String("user", "", "x-opsmesh-user-id, for services that trust identity headers")
+	user := flag.String("user", "", "x-opsmesh-user-id, for services in trusted-headers mode (tests; make up refuses it)")
 	org := flag.String("org", "", "x-opsmesh-org-id, likewise")
 	flag.Parse()
 	*sessionAddr = or(*sessionAddr, *addr)

@@ -1,6 +1,6 @@
 """A small opsmesh client in Python (grpc.aio): health, a session, and an error's details.
 
-    python examples/python/client.py --addr localhost:50051 --user dev --org devorg
+    python examples/python/client.py --addr localhost:50051 --token "$TOKEN"
     python examples/python/client.py --addr localhost:8080 --token "$TOKEN" \
         --health-addr localhost:50051
 
@@ -27,7 +27,7 @@ async def main() -> None:
     parser.add_argument("--addr", default="localhost:8080", help="the edge, or session_svc")
     parser.add_argument("--health-addr", help="where to check gRPC health (default --addr)")
     parser.add_argument("--token", help="access token, sent as 'authorization: Bearer ...'")
-    parser.add_argument("--user", help="x-opsmesh-user-id (services that trust the header)")
+    parser.add_argument("--user", help="x-opsmesh-user-id (trusted-headers mode only)")
     parser.add_argument("--org", help="x-opsmesh-org-id")
     args = parser.parse_args()
     # Every call carries the caller's identity: a bearer token, or the trusted headers.
