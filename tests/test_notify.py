@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -266,6 +265,19 @@ async def test_recipients_are_checked_like_an_attacker_would_try_them(
     assert error_details(caught.value)["BadRequest"].field_violations[0].field == field
 
 
+async def delivered_for_good(notify: NotifyStack, notification: pb.Notification, who=ALICE) -> None:
+    """Waits until the notification's delivery task is final. Its outcome is recorded before its
+    message is acknowledged and a redelivery of a final task sends nothing, so from here on the
+    sink's count cannot change: no sleeping in the hope that a duplicate would show up."""
+    request = task_pb.GetTaskRequest(task_id=notification.task_id)
+
+    async def final() -> None:
+        task = (await notify.tasks.stub.GetTask(request, metadata=who)).task
+        assert task.status == task_pb.TASK_STATUS_SUCCEEDED, task_pb.TaskStatus.Name(task.status)
+
+    await assert_eventually(final, timeout=20)
+
+
 async def wait_notification(
     notify: NotifyStack, notification_id: str, status: int, who=ALICE
 ) -> pb.Notification:
@@ -301,7 +313,7 @@ async def test_invitation_is_delivered_once_with_both_parts(notify) -> None:
     assert sent.attempts == 1
     assert sent.provider == "smtp"
     assert sent.message_id == f"<{first.id}@opsmesh>"
-    await asyncio.sleep(0.3)  # a duplicate would arrive by now
+    await delivered_for_good(notify, sent)
     assert len(notify.sink.messages) == 1
     message, envelope = notify.sink.messages[0]
     assert sorted(envelope) == ["Bob@example.com", "audit@example.com"]
@@ -542,8 +554,8 @@ async def test_signed_billing_event_sends_one_email_even_when_replayed(hooked) -
     again = await post(hooked, "/webhooks/billing", body, signed)
     assert again.json() == first.json(), "the same event is the same notification"
     (notification_id,) = first.json()["notification_ids"]
-    await wait_notification(hooked, notification_id, pb.NOTIFICATION_STATUS_SENT)
-    await asyncio.sleep(0.3)
+    sent = await wait_notification(hooked, notification_id, pb.NOTIFICATION_STATUS_SENT)
+    await delivered_for_good(hooked, sent, who=identity("billing-webhook", sent.org_id))
     assert len(hooked.sink.messages) == 1
     assert hooked.sink.messages[0][0]["Subject"] == "Payment of 49.00 EUR failed"
 

@@ -195,15 +195,19 @@ async def test_watch_streams_every_transition_until_terminal(stack) -> None:
     handler = ScriptedHandler(scripts={nid: Script(transient_failures=1, steps=2)})
     task = await publish_email(stack, nid)
     seen: list[tuple[int, int]] = []
+    watching = asyncio.Event()
 
     async def watch() -> None:
         async for update in stack.stub.WatchTask(
             pb.WatchTaskRequest(task_id=task.id), metadata=ALICE
         ):
             seen.append((update.task.status, update.task.version))
+            watching.set()
 
     watcher = asyncio.ensure_future(watch())
-    await asyncio.sleep(0.2)  # let the watch start before the worker does
+    # The watch's first answer is the current state, sent once it follows the record: from then
+    # on it misses no transition, so the worker may start.
+    await asyncio.wait_for(watching.wait(), 10)
     async with running_worker(stack, handler):
         await asyncio.wait_for(watcher, 15)
     statuses = [status for status, _ in seen]
@@ -474,15 +478,17 @@ async def test_email_task_comes_back_with_its_typed_payload_while_it_runs(stack)
     assert published.WhichOneof("typed_payload") == "email"
     assert published.email.notification_id == nid
     seen: list[pb.Task] = []
+    watching = asyncio.Event()
 
     async def watch() -> None:
         async for update in stack.stub.WatchTask(
             pb.WatchTaskRequest(task_id=published.id), metadata=ALICE
         ):
             seen.append(update.task)
+            watching.set()
 
     watcher = asyncio.ensure_future(watch())
-    await asyncio.sleep(0.2)  # let the watch start before the worker does
+    await asyncio.wait_for(watching.wait(), 10)  # the current state first: the watch follows
     async with running_worker(stack, handler):
         await asyncio.wait_for(watcher, 15)
     assert [t.status for t in seen][-1] == pb.TASK_STATUS_SUCCEEDED
