@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from chat_svc.agents.catalog import AgentLimits
 from chat_svc.model import ModelSettings
 from mesh.auth import AuthSettings
-from mesh.redisconn import RedisSettings
+from mesh.redisconn import DEFAULT_REDIS_URL, RedisSettings
 from mesh.settings import EnvReader, ServerSettings
 
 DEFAULT_GRPC_PORT = 50052
@@ -20,7 +20,7 @@ class ChatSettings:
     server: ServerSettings
     model: ModelSettings
     redis: RedisSettings
-    history_dsn: str = "chdb://.run/chat-history"
+    history_dsn: str
     """clickhouse-connect DSN: chdb://PATH (embedded) or http(s)://host:8123/db."""
     session_address: str = "127.0.0.1:50051"
     history_turns: int = 20
@@ -45,8 +45,12 @@ class ChatSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ChatSettings:
         env = EnvReader(environ)
-        dsn = env.string("OPSMESH_HISTORY_DSN", "chdb://.run/chat-history")
-        if not dsn.startswith(
+        dsn = env.string("OPSMESH_HISTORY_DSN", "")
+        if not dsn:
+            env.problem(
+                "OPSMESH_HISTORY_DSN is required: chdb://PATH (embedded) or a ClickHouse URL"
+            )
+        elif not dsn.startswith(
             ("chdb://", "http://", "https://", "clickhouse://", "clickhouses://")
         ):
             env.problem(f"OPSMESH_HISTORY_DSN={dsn!r}: expected chdb://PATH or a ClickHouse URL")
@@ -55,7 +59,7 @@ class ChatSettings:
                 env, default_port=DEFAULT_GRPC_PORT, default_metrics_port=DEFAULT_METRICS_PORT
             ),
             model=ModelSettings.from_env(env),
-            redis=RedisSettings.from_env(env, default_url="redis://127.0.0.1:16379/0"),
+            redis=RedisSettings.from_env(env, default_url=DEFAULT_REDIS_URL),
             history_dsn=dsn,
             session_address=env.string("OPSMESH_SESSION_ADDR", "127.0.0.1:50051"),
             history_turns=env.integer("OPSMESH_CHAT_HISTORY_TURNS", 20, minimum=0, maximum=500),

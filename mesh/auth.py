@@ -69,11 +69,14 @@ class AuthSettings:
 
     @classmethod
     def from_env(cls, env: EnvReader) -> AuthSettings:
-        issuer = env.string("OPSMESH_JWT_ISSUER", "http://127.0.0.1:8090").rstrip("/")
+        issuer = env.string("OPSMESH_JWT_ISSUER", "").rstrip("/")
+        mode = env.string(
+            "OPSMESH_AUTH_MODE", "trusted-headers", choices=("trusted-headers", "jwt")
+        )
+        if mode == "jwt" and not issuer:
+            env.problem("OPSMESH_JWT_ISSUER is required with OPSMESH_AUTH_MODE=jwt: the issuer URL")
         return cls(
-            mode=env.string(
-                "OPSMESH_AUTH_MODE", "trusted-headers", choices=("trusted-headers", "jwt")
-            ),
+            mode=mode,
             issuer=issuer,
             audience=env.string("OPSMESH_JWT_AUDIENCE", "opsmesh"),
             jwks_url=env.string("OPSMESH_JWKS_URL", f"{issuer}/.well-known/jwks.json"),

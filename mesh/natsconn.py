@@ -35,9 +35,13 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+"""NATS' own default address: the dev stack (``make up``) sets its own explicitly."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class NatsSettings:
-    url: str = "nats://127.0.0.1:4222"
+    url: str = DEFAULT_NATS_URL
     connect_timeout: float = 2.0
     request_timeout: float = 2.0
     """Timeout of JetStream API calls and publish acknowledgements."""

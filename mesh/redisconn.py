@@ -26,6 +26,9 @@ from redis.backoff import NoBackoff
 from mesh.errors import DependencyUnavailable
 from mesh.settings import EnvReader
 
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+"""Redis' own default address: the dev stack (``make up``) sets its own explicitly."""
+
 # Errors that mean "Redis cannot serve this now" (down, failing over, loading, timing out).
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from mesh.auth import AuthSettings
 from mesh.clients import ServiceClientSettings
-from mesh.redisconn import RedisSettings
+from mesh.redisconn import DEFAULT_REDIS_URL, RedisSettings
 from mesh.settings import EnvReader, ServerSettings
 from notify_svc.smtp import SmtpSettings
 from notify_svc.webhooks import WebhookSettings
@@ -46,7 +46,7 @@ class NotifySettings:
             server=ServerSettings.from_env(
                 env, default_port=DEFAULT_GRPC_PORT, default_metrics_port=DEFAULT_METRICS_PORT
             ),
-            redis=RedisSettings.from_env(env, default_url="redis://127.0.0.1:16379/0"),
+            redis=RedisSettings.from_env(env, default_url=DEFAULT_REDIS_URL),
             smtp=SmtpSettings.from_env(env),
             provider=env.string("OPSMESH_MAIL_PROVIDER", "smtp", choices=("smtp", "sendgrid")),
             fallback=env.string("OPSMESH_MAIL_FALLBACK", "", choices=("", "smtp", "sendgrid")),

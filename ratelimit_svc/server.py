@@ -10,14 +10,15 @@ from envoy.service.ratelimit.v3 import rls_pb2_grpc
 
 from mesh.health import Probe
 from mesh.logs import configure_service_logging
-from mesh.redisconn import RedisSettings, connect_redis
+from mesh.redisconn import DEFAULT_REDIS_URL, RedisSettings, connect_redis
 from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
 from mesh.settings import EnvReader, ServerSettings
 from ratelimit_svc.edgeauth import edge_authenticator, edge_credential_from_env
 from ratelimit_svc.limits import DEFAULT_LOCAL_CACHE_SIZE, Limiter, load_rules
 from ratelimit_svc.service import SERVICE_NAME, RateLimitService
 
-DEFAULT_RULES = Path(__file__).resolve().parent.parent / "envoy" / "ratelimits.toml"
+DEFAULT_RULES = Path(__file__).resolve().parent / "ratelimits.toml"
+"""The rules shipped as package data: an installed wheel runs without the repository."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,7 +40,7 @@ class RateLimitSettings:
             env.problem(f"OPSMESH_RATELIMIT_RULES={str(rules)!r}: no such file")
         settings = cls(
             server=ServerSettings.from_env(env, default_port=50055, default_metrics_port=9155),
-            redis=RedisSettings.from_env(env, default_url="redis://127.0.0.1:16379/0"),
+            redis=RedisSettings.from_env(env, default_url=DEFAULT_REDIS_URL),
             rules=rules,
             failure_mode=env.string(
                 "OPSMESH_RATELIMIT_FAILURE_MODE", "open", choices=("open", "closed")

@@ -33,7 +33,7 @@ from mesh.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from mesh.redisconn import RedisSettings, connect_redis, redis_errors
+from mesh.redisconn import DEFAULT_REDIS_URL, RedisSettings, connect_redis, redis_errors
 from mesh.settings import EnvReader
 
 MIN_PASSWORD = 12
@@ -264,7 +264,7 @@ async def _create_from_cli(argv: list[str] | None = None) -> int:
         sys.stdin.readline().rstrip("\n") if args.password_stdin else secrets.token_urlsafe(12)
     )
     env = EnvReader(os.environ)
-    client = connect_redis(RedisSettings.from_env(env, default_url="redis://127.0.0.1:16379/0"))
+    client = connect_redis(RedisSettings.from_env(env, default_url=DEFAULT_REDIS_URL))
     try:
         account = await Accounts(client).create(
             org_id=args.org, user_id=args.user, password=password, roles=args.roles

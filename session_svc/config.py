@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from mesh.auth import AuthSettings
-from mesh.redisconn import RedisSettings
+from mesh.redisconn import DEFAULT_REDIS_URL, RedisSettings
 from mesh.settings import EnvReader, ServerSettings
 from session_svc.accounts import SignInSettings
 from session_svc.identity import IssuerSettings
@@ -35,7 +35,7 @@ class SessionSettings:
     limits: SessionLimits
     key_prefix: str = "opsmesh:session:"
     auth: AuthSettings = field(default_factory=AuthSettings)
-    issuer: IssuerSettings = field(default_factory=IssuerSettings)
+    issuer: IssuerSettings
     oauth: OAuthSettings = field(default_factory=OAuthSettings)
     sign_in: SignInSettings = field(default_factory=SignInSettings)
 
@@ -45,7 +45,7 @@ class SessionSettings:
         server = ServerSettings.from_env(
             env, default_port=DEFAULT_GRPC_PORT, default_metrics_port=DEFAULT_METRICS_PORT
         )
-        redis = RedisSettings.from_env(env, default_url="redis://127.0.0.1:16379/0")
+        redis = RedisSettings.from_env(env, default_url=DEFAULT_REDIS_URL)
         day = 86400.0
         min_ttl = env.seconds("OPSMESH_SESSION_MIN_TTL", 60.0, minimum=1, maximum=365 * day)
         max_ttl = env.seconds("OPSMESH_SESSION_MAX_TTL", 30 * day, minimum=1, maximum=365 * day)
@@ -76,5 +76,10 @@ class SessionSettings:
             oauth=OAuthSettings.from_env(env),
             sign_in=SignInSettings.from_env(env),
         )
+        if settings.issuer.http_port and not settings.auth.issuer:
+            env.problem(
+                "OPSMESH_JWT_ISSUER is required: the issuer URL its tokens and discovery name "
+                "(or OPSMESH_SESSION_HTTP_PORT=0 for no OAuth endpoints)"
+            )
         env.check()
         return settings

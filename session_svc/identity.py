@@ -54,7 +54,8 @@ def parse_networks(raw: str, env: EnvReader, name: str) -> tuple[Network, ...]:
 
 @dataclass(frozen=True, kw_only=True)
 class IssuerSettings:
-    keys_dir: Path = Path(".run/keys")
+    keys_dir: Path
+    """The token signing keys (OPSMESH_JWT_KEYS_DIR, required)."""
     http_host: str = "127.0.0.1"
     http_port: int = 8090
     """0 turns the HTTP endpoints off."""
@@ -65,7 +66,7 @@ class IssuerSettings:
     @classmethod
     def from_env(cls, env: EnvReader) -> IssuerSettings:
         return cls(
-            keys_dir=Path(env.string("OPSMESH_JWT_KEYS_DIR", ".run/keys")),
+            keys_dir=_keys_dir(env),
             http_host=env.string("OPSMESH_HOST", "127.0.0.1"),
             http_port=env.integer("OPSMESH_SESSION_HTTP_PORT", 8090, minimum=0, maximum=65535),
             access_token_ttl=env.seconds(
@@ -75,6 +76,15 @@ class IssuerSettings:
                 env.string("OPSMESH_TRUSTED_PROXIES", ""), env, "OPSMESH_TRUSTED_PROXIES"
             ),
         )
+
+
+def _keys_dir(env: EnvReader) -> Path:
+    """Where the signing keys live: required, because a default path would make a second key
+    ring wherever the service happened to start."""
+    raw = env.string("OPSMESH_JWT_KEYS_DIR", "")
+    if not raw:
+        env.problem("OPSMESH_JWT_KEYS_DIR is required: the directory of the token signing keys")
+    return Path(raw)
 
 
 def client_address(peer: str, forwarded_for: list[str], trusted: tuple[Network, ...]) -> str:

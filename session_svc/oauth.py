@@ -149,9 +149,9 @@ class OAuthSettings:
                 )
                 break
             services[client_id] = _digest(secret)
-        defaults = cls()
         return cls(
-            clients=clients or defaults.clients,
+            # No public client unless configured: a redirect URI is the deployment's own.
+            clients=clients or {},
             service_clients=services,
             code_ttl=env.seconds("OPSMESH_OAUTH_CODE_TTL", 60, minimum=5, maximum=600),
             refresh_idle=env.seconds(

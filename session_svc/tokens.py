@@ -44,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = EnvReader({**os.environ, **overrides})
     issuer = IssuerSettings.from_env(env)
     auth = AuthSettings.from_env(env)
+    if not auth.issuer:
+        env.problem("OPSMESH_JWT_ISSUER is required: the issuer the tokens name")
     try:
         env.check()
     except SettingsError as error:

@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from mesh.auth import AuthSettings
-from mesh.natsconn import NatsSettings
-from mesh.redisconn import RedisSettings
+from mesh.natsconn import DEFAULT_NATS_URL, NatsSettings
+from mesh.redisconn import DEFAULT_REDIS_URL, RedisSettings
 from mesh.settings import EnvReader, ServerSettings
 from opsmesh.task.v1 import task_pb2
 from task_svc.workspace import KubeSettings
@@ -75,11 +75,11 @@ class TaskSettings:
             server=ServerSettings.from_env(
                 env, default_port=DEFAULT_GRPC_PORT, default_metrics_port=DEFAULT_METRICS_PORT
             ),
-            nats=NatsSettings.from_env(env, default_url="nats://127.0.0.1:14222"),
+            nats=NatsSettings.from_env(env, default_url=DEFAULT_NATS_URL),
             topology=_topology(env),
             retry=_retry_policies(env),
             auth=AuthSettings.from_env(env),
-            revocations=RedisSettings.from_env(env, default_url="redis://127.0.0.1:16379/0"),
+            revocations=RedisSettings.from_env(env, default_url=DEFAULT_REDIS_URL),
         )
         env.check()
         return settings
@@ -121,7 +121,7 @@ class WorkerSettings:
     def from_env(cls, environ: Mapping[str, str]) -> WorkerSettings:
         env = EnvReader(environ)
         settings = cls(
-            nats=NatsSettings.from_env(env, default_url="nats://127.0.0.1:14222"),
+            nats=NatsSettings.from_env(env, default_url=DEFAULT_NATS_URL),
             topology=_topology(env),
             retry=_retry_policies(env),
             worker_id=env.string("OPSMESH_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),

@@ -511,6 +511,7 @@ def test_one_ipv6_client_counts_as_its_slash_64(address: str, key: str) -> None:
 def test_sign_in_settings_are_read_and_checked() -> None:
     env = EnvReader(
         {
+            "OPSMESH_JWT_KEYS_DIR": "/nonexistent/keys",
             "OPSMESH_TRUSTED_PROXIES": "127.0.0.1, 10.0.0.0/8, fd00::/8",
             "OPSMESH_LOGIN_MAX_FAILURES": "3",
             "OPSMESH_LOGIN_MAX_FAILURES_PER_ACCOUNT": "0",
@@ -522,7 +523,12 @@ def test_sign_in_settings_are_read_and_checked() -> None:
     assert [str(n) for n in issuer.trusted_proxies] == ["127.0.0.1/32", "10.0.0.0/8", "fd00::/8"]
     assert (sign_in.max_failures, sign_in.max_failures_per_account) == (3, 0)
     assert sign_in.hash_queue == 4
-    bad = EnvReader({"OPSMESH_TRUSTED_PROXIES": "10.0.0.0/8, edge.internal"})
+    bad = EnvReader(
+        {
+            "OPSMESH_JWT_KEYS_DIR": "/nonexistent/keys",
+            "OPSMESH_TRUSTED_PROXIES": "10.0.0.0/8, edge.internal",
+        }
+    )
     IssuerSettings.from_env(bad)
     with pytest.raises(SettingsError, match=r"edge\.internal"):
         bad.check()

@@ -84,18 +84,44 @@ def test_env_reader_parses_units_and_booleans() -> None:
     env.check()
 
 
+REQUIRED_SESSION_ENV = {
+    "OPSMESH_JWT_KEYS_DIR": "/var/lib/opsmesh/keys",
+    "OPSMESH_JWT_ISSUER": "https://opsmesh.example",
+}
+
+
 def test_session_settings_defaults_and_cross_checks() -> None:
-    settings = SessionSettings.from_env({})
+    settings = SessionSettings.from_env(REQUIRED_SESSION_ENV)
     assert settings.server.port == 50051
     assert settings.server.metrics_port == 9151
-    assert settings.redis.url == "redis://127.0.0.1:16379/0"
+    # Production's defaults, not the dev stack's (make up sets its own ports and paths).
+    assert settings.redis.url == "redis://127.0.0.1:6379/0"
+    assert settings.oauth.clients == {}
     assert settings.limits.default_ttl == 3600
+    with pytest.raises(SettingsError) as missing:
+        SessionSettings.from_env({})
+    assert "OPSMESH_JWT_KEYS_DIR is required" in str(missing.value)
+    assert "OPSMESH_JWT_ISSUER is required" in str(missing.value)
+    assert (
+        SessionSettings.from_env(
+            {"OPSMESH_JWT_KEYS_DIR": "/k", "OPSMESH_SESSION_HTTP_PORT": "0"}
+        ).auth.issuer
+        == ""
+    )  # no OAuth endpoints: no issuer needed
     with pytest.raises(SettingsError, match="OPSMESH_SESSION_TTL=10s must lie within"):
-        SessionSettings.from_env({"OPSMESH_SESSION_TTL": "10s", "OPSMESH_SESSION_MIN_TTL": "1m"})
+        SessionSettings.from_env(
+            {**REQUIRED_SESSION_ENV, "OPSMESH_SESSION_TTL": "10s", "OPSMESH_SESSION_MIN_TTL": "1m"}
+        )
     with pytest.raises(SettingsError, match="OPSMESH_REDIS_SENTINELS"):
-        SessionSettings.from_env({"OPSMESH_REDIS_SENTINELS": "host-without-port"})
+        SessionSettings.from_env(
+            {**REQUIRED_SESSION_ENV, "OPSMESH_REDIS_SENTINELS": "host-without-port"}
+        )
     sentinel = SessionSettings.from_env(
-        {"OPSMESH_REDIS_SENTINELS": "s1:26379, [::1]:26380", "OPSMESH_REDIS_PASSWORD": "pw"}
+        {
+            **REQUIRED_SESSION_ENV,
+            "OPSMESH_REDIS_SENTINELS": "s1:26379, [::1]:26380",
+            "OPSMESH_REDIS_PASSWORD": "pw",
+        }
     )
     assert sentinel.redis.sentinels == (("s1", 26379), ("::1", 26380))
     assert sentinel.redis.password == "pw"
