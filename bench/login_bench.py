@@ -92,6 +92,8 @@ def start_processes(repo: Path, workdir: Path) -> Processes:
         OPSMESH_METRICS_PORT="0",
         OPSMESH_SESSION_HTTP_PORT=str(http_port),
         OPSMESH_JWT_KEYS_DIR=str(workdir / "keys"),
+        OPSMESH_JWT_ISSUER=f"http://127.0.0.1:{http_port}",
+        OPSMESH_OAUTH_CLIENTS=f"{CLIENT}={REDIRECT}",
         OPSMESH_REDIS_URL=redis_server.url,
         OPSMESH_TRUSTED_PROXIES="127.0.0.1",
         OPSMESH_LOG_LEVEL="WARNING",
