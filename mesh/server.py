@@ -30,6 +30,7 @@ from mesh.metrics import RpcMetrics
 from mesh.reflection import enable_reflection
 from mesh.rpc import RpcInterceptor, WireCodecInterceptor
 from mesh.settings import ServerSettings, SettingsError
+from mesh.settingsdoc import parse_command_line
 
 log = logging.getLogger("opsmesh.server")
 
@@ -215,7 +216,11 @@ def run(main: Coroutine[Any, Any, None]) -> None:
 
 
 def run_main(name: str, serve: Callable[[Mapping[str, str]], Coroutine[Any, Any, None]]) -> None:
-    """A service's ``main``: serve with the process environment; bad settings exit with 2."""
+    """A service's ``main``: serve with the process environment; bad settings exit with 2.
+
+    ``--help`` prints the service's settings and exits before anything connects.
+    """
+    parse_command_line(serve.__module__)
     try:
         run(serve(os.environ))
     except SettingsError as error:

@@ -21,16 +21,17 @@ from aiohttp import web
 
 from mesh.logs import configure_logging
 from mesh.settings import EnvReader, SettingsError
+from mesh.settingsdoc import parse_command_line
 
 log = logging.getLogger("opsmesh.webui")
 
-DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "ui" / "dist"
 IMMUTABLE = "public, max-age=31536000, immutable"
 
 
 @dataclass(frozen=True, kw_only=True)
 class WebSettings:
-    root: Path = DEFAULT_ROOT
+    root: Path
+    """The web client build (index.html, assets/); required: the wheel carries no UI."""
     host: str = "127.0.0.1"
     port: int = 8095
     connect_src: tuple[str, ...] = ()
@@ -41,7 +42,7 @@ class WebSettings:
     @classmethod
     def from_env(cls, env: EnvReader) -> WebSettings:
         settings = cls(
-            root=Path(env.string("OPSMESH_WEB_ROOT", str(DEFAULT_ROOT))),
+            root=_web_root(env),
             host=env.string("OPSMESH_HOST", "127.0.0.1"),
             port=env.integer("OPSMESH_WEB_PORT", 8095, minimum=0, maximum=65535),
             connect_src=tuple(env.string("OPSMESH_WEB_CONNECT_SRC", "").split()),
@@ -52,6 +53,18 @@ class WebSettings:
         )
         env.check()
         return settings
+
+
+def _web_root(env: EnvReader) -> Path:
+    raw = env.string("OPSMESH_WEB_ROOT", "")
+    if not raw:
+        env.problem(
+            "OPSMESH_WEB_ROOT is not set: the folder of a web client build"
+            " ('npm --workspace ui run build' writes ui/dist)"
+        )
+    elif not Path(raw).is_dir():
+        env.problem(f"OPSMESH_WEB_ROOT={raw!r}: no such directory")
+    return Path(raw)
 
 
 def security_headers(connect_src: tuple[str, ...]) -> dict[str, str]:
@@ -141,6 +154,8 @@ async def serve(settings: WebSettings) -> None:
 
 
 def main() -> None:
+    # webui is no gRPC service: its settings are its own, not the mesh modules' it imports.
+    parse_command_line(__name__, follow_mesh=False)
     try:
         settings = WebSettings.from_env(EnvReader(os.environ))
     except SettingsError as error:
