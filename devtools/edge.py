@@ -14,7 +14,7 @@ from pathlib import Path
 from devtools.servers import ManagedProcess, ServerStartError, free_port
 
 CONFIG = Path(__file__).resolve().parent.parent / "envoy" / "envoy.yaml"
-# The dev stack's ports, as written in envoy.yaml (DESIGN.md).
+# The dev stack's ports, as written in envoy.yaml (docs/architecture.md).
 DEFAULT_PORTS = {
     "edge": 8080,
     "admin": 9901,

@@ -1,7 +1,7 @@
 """The local dev stack behind ``make up``, ``make restart``, ``make down`` and ``make status``.
 
 Starts Redis, NATS (JetStream) and every service that exists, detached, on the
-default ports of DESIGN.md (never Redis' 6379 or NATS' 4222, which a machine
+default ports of docs/architecture.md (never Redis' 6379 or NATS' 4222, which a machine
 may already run), waits until each is ready (services: gRPC health SERVING),
 and records what it started in ``<run dir>/stack.json`` (0600: command lines and
 environments hold the stack's secrets) so ``down`` stops exactly that and
@@ -67,7 +67,7 @@ class ServiceSpec:
     ready: str
 
 
-# (name, module, gRPC port, metrics port, log line that says it serves), from DESIGN.md.
+# (name, module, gRPC port, metrics port, log line that says it serves), from docs/architecture.md.
 SERVICES = (
     ("session_svc", "session_svc", 50051, 9151, r"serving opsmesh\.session\.v1\.SessionService"),
     ("chat_svc", "chat_svc", 50052, 9152, r"serving opsmesh\.chat\.v1\.ChatService"),
