@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, struct_pb2
 
 from chat_svc.agents.catalog import Agent
 from chat_svc.agents.tools import Tool, ToolContext, ToolFailure, ToolOutput
@@ -29,6 +29,7 @@ from chat_svc.model import ModelServer
 from chat_svc.parts import Part, ToolCallPart
 from mesh.context import Principal
 from mesh.errors import OpsmeshError
+from mesh.protos import timestamp_from_millis
 from opsmesh.chat.v1 import chat_pb2
 
 log = logging.getLogger("opsmesh.chat")
@@ -297,8 +298,7 @@ class Generation:
         deadline_ms = int((time.time() + self.agent.limits.approval_timeout) * 1000)
         description = tool.explain(arguments)
         record["approval"] = {"description": description, "decision": "pending", "reason": ""}
-        deadline = timestamp_pb2.Timestamp()
-        deadline.FromMilliseconds(deadline_ms)
+        deadline = timestamp_from_millis(deadline_ms)
         self.feed.event(
             approval_required=chat_pb2.ApprovalRequired(
                 tool_call_id=call_id,

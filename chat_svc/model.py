@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,7 @@ import httpx
 import ollama
 
 from chat_svc.parts import LineError, Part, parse_line
+from mesh.backoff import half_jitter
 from mesh.errors import (
     DeadlineExceeded,
     DependencyUnavailable,
@@ -87,8 +87,7 @@ class ModelSettings:
 
 
 def _backoff(attempt: int, settings: ModelSettings) -> float:
-    ceiling = min(settings.backoff_cap, settings.backoff_base * 2.0 ** (attempt - 1))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - jitter
+    return half_jitter(attempt, base=settings.backoff_base, cap=settings.backoff_cap)
 
 
 class _RefusedError(Exception):

@@ -8,11 +8,9 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeAlias
+from typing import Any
 
-import grpc
-from google.protobuf import json_format, timestamp_pb2
-from grpc import aio
+from google.protobuf import json_format
 
 from chat_svc.agents.catalog import Agent
 from chat_svc.agents.tools import ToolContext
@@ -27,15 +25,17 @@ from chat_svc.turns import Claim, Turns, replay
 from mesh.clients import identity_metadata
 from mesh.clock import StrictMillis
 from mesh.context import Principal, current_principal
+from mesh.downstream import Deadline, downstream_errors
 from mesh.errors import (
     AlreadyExists,
-    DependencyUnavailable,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     OpsmeshError,
 )
 from mesh.pagination import decode_token, encode_token, page_size
+from mesh.protos import timestamp_from_datetime, timestamp_from_millis
+from mesh.servicer import Context, parse_uuid
 from opsmesh.chat.v1 import chat_pb2, chat_pb2_grpc
 from opsmesh.errors.v1 import errors_pb2
 from opsmesh.session.v1 import session_pb2, session_pb2_grpc
@@ -43,7 +43,6 @@ from opsmesh.session.v1 import session_pb2, session_pb2_grpc
 log = logging.getLogger("opsmesh.chat")
 
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
-Context: TypeAlias = "aio.ServicerContext[object, object]"
 _TOKEN_KIND = "history"  # noqa: S105 - a token kind, not a secret
 _ROLES = {
     "user": chat_pb2.MESSAGE_ROLE_USER,
@@ -52,19 +51,6 @@ _ROLES = {
 }
 # How long a generation may run at most (its stop registration expires after that).
 _MAX_GENERATION_SECONDS = 3600.0
-
-
-def _uuid(value: str, field: str) -> str:
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise InvalidArgument(f"{field} {value[:64]!r} is not a UUID", field=field) from None
-
-
-def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,16 +118,16 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         return datetime.fromtimestamp(self._clock.next() / 1000, UTC)
 
     async def _session(self, principal: Principal, session_id: str) -> session_pb2.Session:
-        try:
+        with downstream_errors(
+            "session service",
+            not_found=lambda: NotFound(f"session {session_id} not found"),
+            only_transient=False,
+        ):
             reply = await self._sessions.GetSession(
                 session_pb2.GetSessionRequest(session_id=session_id),
                 metadata=identity_metadata(principal),
-                timeout=5,
+                timeout=Deadline.LOOKUP,
             )
-        except aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(f"session {session_id} not found") from None
-            raise DependencyUnavailable("session service", error.details() or "") from error
         return reply.session
 
     async def _earlier(self, principal: Principal, session_id: str) -> list[Turn]:
@@ -188,7 +174,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         return messages
 
     def _validate(self, request: chat_pb2.StreamChatRequest) -> _Ask:
-        session_id = _uuid(request.session_id, "session_id")
+        session_id = parse_uuid(request.session_id, "session_id")
         text = request.message
         if not text.strip():
             raise InvalidArgument("message must not be empty", field="message")
@@ -199,7 +185,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             )
         client_message_id = ""
         if request.client_message_id:
-            client_message_id = _uuid(request.client_message_id, "client_message_id")
+            client_message_id = parse_uuid(request.client_message_id, "client_message_id")
         return _Ask(
             session_id=session_id,
             text=text,
@@ -491,7 +477,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
     async def StopGeneration(
         self, request: chat_pb2.StopGenerationRequest, context: Context
     ) -> chat_pb2.StopGenerationResponse:
-        generation_id = _uuid(request.generation_id, "generation_id")
+        generation_id = parse_uuid(request.generation_id, "generation_id")
         stopped = await self._stops.request_stop(generation_id, current_principal())
         if stopped is None:
             raise NotFound(f"generation {generation_id} not found")
@@ -500,7 +486,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
     async def DecideToolCall(
         self, request: chat_pb2.DecideToolCallRequest, context: Context
     ) -> chat_pb2.DecideToolCallResponse:
-        generation_id = _uuid(request.generation_id, "generation_id")
+        generation_id = parse_uuid(request.generation_id, "generation_id")
         call_id = request.tool_call_id
         if not call_id or len(call_id) > 64 or not call_id.isascii() or not call_id.isprintable():
             raise InvalidArgument(
@@ -526,16 +512,16 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         self, request: chat_pb2.ListApprovalsRequest, context: Context
     ) -> chat_pb2.ListApprovalsResponse:
         principal = current_principal()
-        session_id = _uuid(request.session_id, "session_id")
+        session_id = parse_uuid(request.session_id, "session_id")
         found = []
         for pending in await self._approvals.pending(principal, session_id):
             approval = chat_pb2.ApprovalRequired(
                 tool_call_id=pending.tool_call_id,
                 name=pending.name,
                 description=pending.description,
+                deadline=timestamp_from_millis(pending.deadline_ms),
             )
             approval.arguments.update(pending.arguments)
-            approval.deadline.FromMilliseconds(pending.deadline_ms)
             found.append(
                 chat_pb2.PendingApproval(generation_id=pending.generation_id, approval=approval)
             )
@@ -545,7 +531,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         self, request: chat_pb2.GetHistoryRequest, context: Context
     ) -> chat_pb2.GetHistoryResponse:
         principal = current_principal()
-        session_id = _uuid(request.session_id, "session_id")
+        session_id = parse_uuid(request.session_id, "session_id")
         limit = page_size(request.page_size, default=100, maximum=500)
         cursor = decode_token(request.page_token, _TOKEN_KIND)
         after = None
@@ -590,7 +576,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             org_id=message.org_id,
             role=_ROLES.get(message.role, chat_pb2.MESSAGE_ROLE_UNSPECIFIED),
             content=message.content,
-            created_at=_timestamp(message.timestamp),
+            created_at=timestamp_from_datetime(message.timestamp),
             incomplete=message.incomplete,
         )
         proto.metadata.update(message.metadata)
@@ -614,6 +600,6 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                 is_default=name == settings.default,
             )
             if model.modified_at is not None:
-                entry.modified_at.CopyFrom(_timestamp(model.modified_at))
+                entry.modified_at.CopyFrom(timestamp_from_datetime(model.modified_at))
             result.append(entry)
         return chat_pb2.ListModelsResponse(models=result)

@@ -28,11 +28,12 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mesh.servicer import Context
+
 log = logging.getLogger("opsmesh.edgeinfo")
 
 Status: TypeAlias = int
 """A ``HealthCheckResponse.ServingStatus``."""
-Context: TypeAlias = "aio.ServicerContext[object, object]"
 SERVING: Status = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING: Status = health_pb2.HealthCheckResponse.NOT_SERVING
 UNKNOWN: Status = health_pb2.HealthCheckResponse.UNKNOWN

@@ -7,17 +7,15 @@ delivery guarantees (one delivery at a time, crash-safe recording) in docs/notif
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable
-from typing import TypeAlias
 
-import grpc
 from google.protobuf import json_format, struct_pb2
-from grpc import aio
 
 from mesh.clients import Credentials, trusted_headers
 from mesh.context import Principal, current_principal
-from mesh.errors import DependencyUnavailable, FailedPrecondition, InvalidArgument
+from mesh.downstream import Deadline, downstream_errors
+from mesh.errors import DependencyUnavailable, FailedPrecondition
+from mesh.servicer import Context, check_idempotency_key, parse_uuid
 from notify_svc.authz import DELIVER_ROLES, PREVIEW_ROLES, require_role
 from notify_svc.catalog import Catalog, resolve_locale
 from notify_svc.messages import build_message, check_all
@@ -34,9 +32,6 @@ log = logging.getLogger("opsmesh.notify")
 
 SERVICE_NAME = notify_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name
 
-Context: TypeAlias = "aio.ServicerContext[object, object]"
-
-_MAX_IDEMPOTENCY_KEY = 128
 QUEUED = notify_pb2.NOTIFICATION_STATUS_QUEUED
 SENDING = notify_pb2.NOTIFICATION_STATUS_SENDING
 SENT = notify_pb2.NOTIFICATION_STATUS_SENT
@@ -44,12 +39,7 @@ FAILED = notify_pb2.NOTIFICATION_STATUS_FAILED
 
 
 def _notification_id(value: str) -> str:
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise InvalidArgument(
-            f"notification_id {value[:64]!r} is not a notification id", field="notification_id"
-        ) from None
+    return parse_uuid(value, "notification_id", kind="notification id")
 
 
 class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
@@ -120,11 +110,7 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
     ) -> notify_pb2.Notification:
         """Checks, records and queues one email for ``principal`` (RPCs and webhooks)."""
         key = request.idempotency_key
-        if len(key) > _MAX_IDEMPOTENCY_KEY or not key.isprintable():
-            raise InvalidArgument(
-                f"idempotency_key must be at most {_MAX_IDEMPOTENCY_KEY} printable characters",
-                field="idempotency_key",
-            )
+        check_idempotency_key(key)
         self._catalog.get(request.template).check_sender(principal)
         recipients = check_all(request)
         rendered = self._render(request.template, request.locale, request.data)
@@ -148,19 +134,15 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
     async def _enqueue(
         self, principal: Principal, notification: notify_pb2.Notification
     ) -> notify_pb2.Notification:
-        try:
+        with downstream_errors("task service"):
             reply = await self._tasks.PublishEmailTask(
                 task_pb2.PublishEmailTaskRequest(
                     payload=task_pb2.EmailTaskPayload(notification_id=notification.id),
                     idempotency_key=f"notification:{notification.id}",
                 ),
                 metadata=await self._credentials(principal),
-                timeout=5,
+                timeout=Deadline.QUEUE,
             )
-        except aio.AioRpcError as error:
-            if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise DependencyUnavailable("task service", error.details() or "") from error
-            raise
         task_id = reply.task.id
 
         def record(current: notify_pb2.Notification) -> None:

@@ -8,19 +8,17 @@ outage is logged, once per outage.
 from __future__ import annotations
 
 import logging
-from typing import TypeAlias
 
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from grpc import aio
 
 from mesh.errors import DependencyUnavailable
 from mesh.redisconn import redis_errors
+from mesh.servicer import Context
 from ratelimit_svc.limits import Descriptor, Limiter, Rule, Verdict
 
 log = logging.getLogger("opsmesh.ratelimit")
 
 SERVICE_NAME = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
-Context: TypeAlias = "aio.ServicerContext[object, object]"
 _UNITS = {
     "second": rls_pb2.RateLimitResponse.RateLimit.SECOND,
     "minute": rls_pb2.RateLimitResponse.RateLimit.MINUTE,

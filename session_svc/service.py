@@ -5,15 +5,14 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-import uuid
-from typing import TypeAlias
 
-from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
-from grpc import aio
+from google.protobuf import duration_pb2, struct_pb2
 
 from mesh.context import current_principal
 from mesh.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted
 from mesh.pagination import decode_token, encode_token, page_size
+from mesh.protos import duration_from_millis, timestamp_from_millis
+from mesh.servicer import Context, parse_uuid
 from opsmesh.errors.v1 import errors_pb2
 from opsmesh.session.v1 import session_pb2, session_pb2_grpc
 from session_svc.config import SessionLimits
@@ -36,33 +35,13 @@ _MAX_PAGE = 200
 # this bounds the retries under pathological contention (then ABORTED, nothing applied).
 _MAX_MERGE_ATTEMPTS = 64
 
-Context: TypeAlias = "aio.ServicerContext[object, object]"
-
 
 def _session_id(value: str) -> str:
-    try:
-        parsed = uuid.UUID(value)
-    except ValueError:
-        raise InvalidArgument(
-            f"session_id {value[:64]!r} is not a UUID", field="session_id"
-        ) from None
-    return str(parsed)
+    return parse_uuid(value, "session_id")
 
 
 def _not_found(session_id: str) -> NotFound:
     return NotFound(f"session {session_id} not found (expired, ended, or never existed)")
-
-
-def _timestamp(ms: int) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromMilliseconds(ms)
-    return stamp
-
-
-def _duration(ms: int) -> duration_pb2.Duration:
-    duration = duration_pb2.Duration()
-    duration.FromMilliseconds(ms)
-    return duration
 
 
 def to_proto(stored: StoredSession) -> session_pb2.Session:
@@ -72,10 +51,10 @@ def to_proto(stored: StoredSession) -> session_pb2.Session:
         org_id=stored.org_id,
         title=stored.title,
         version=stored.version,
-        ttl=_duration(stored.ttl_ms),
-        created_at=_timestamp(stored.created_ms),
-        updated_at=_timestamp(stored.updated_ms),
-        expires_at=_timestamp(stored.expires_ms),
+        ttl=duration_from_millis(stored.ttl_ms),
+        created_at=timestamp_from_millis(stored.created_ms),
+        updated_at=timestamp_from_millis(stored.updated_ms),
+        expires_at=timestamp_from_millis(stored.expires_ms),
         context_size_bytes=stored.context_size,
     )
     if stored.context is not None:
@@ -215,7 +194,8 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         except SessionNotFound:
             raise _not_found(session_id) from None
         return session_pb2.TouchSessionResponse(
-            expires_at=_timestamp(stored.expires_ms), ttl=_duration(stored.ttl_ms)
+            expires_at=timestamp_from_millis(stored.expires_ms),
+            ttl=duration_from_millis(stored.ttl_ms),
         )
 
     async def ExpireSession(

@@ -5,17 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import uuid
 from collections.abc import AsyncIterator
-from typing import TypeAlias
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from grpc import aio
 
 from mesh.context import current_principal
 from mesh.errors import DependencyUnavailable, FailedPrecondition, InvalidArgument
 from mesh.pagination import decode_token, encode_token, page_size
+from mesh.servicer import Context, check_idempotency_key, parse_uuid
 from opsmesh.errors.v1 import errors_pb2
 from opsmesh.task.v1 import task_pb2, task_pb2_grpc
 from task_svc import lease, states
@@ -28,29 +26,15 @@ log = logging.getLogger("opsmesh.tasks")
 
 SERVICE_NAME = task_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name
 
-Context: TypeAlias = "aio.ServicerContext[object, object]"
-
 _TOKEN_KIND = "tasks"  # noqa: S105 - a token kind, not a secret
 _DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?")
 _QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?")
 _EMAIL = re.compile(r"[^@\s\r\n]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}")
-_MAX_IDEMPOTENCY_KEY = 128
 _MAX_NOTIFY_EMAILS = 20
 
 
 def _task_id(value: str, field: str = "task_id") -> str:
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise InvalidArgument(f"{field} {value[:64]!r} is not a task id", field=field) from None
-
-
-def _check_idempotency_key(key: str) -> None:
-    if len(key) > _MAX_IDEMPOTENCY_KEY or not key.isprintable():
-        raise InvalidArgument(
-            f"idempotency_key must be at most {_MAX_IDEMPOTENCY_KEY} printable characters",
-            field="idempotency_key",
-        )
+    return parse_uuid(value, field, kind="task id")
 
 
 def _check_workspace(payload: task_pb2.WorkspaceTaskPayload) -> None:
@@ -129,7 +113,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         self, task_type: int, payload: Message, idempotency_key: str
     ) -> task_pb2.Task:
         principal = current_principal()
-        _check_idempotency_key(idempotency_key)
+        check_idempotency_key(idempotency_key)
         stamp = now()
         task = task_pb2.Task(
             id=new_task_id(),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -31,6 +30,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mesh.backoff import half_jitter
 from mesh.clients import Credentials, ServiceCredentials, trusted_headers
 from mesh.context import Principal
 from mesh.errors import DependencyUnavailable, NotFound
@@ -64,8 +64,7 @@ DEFAULT_WORKER_GRPC_PORT = 50056
 
 def backoff(retry: int, policy: RetryPolicy) -> float:
     """Delay before retry number ``retry`` (1-based): exponential, capped, half of it jittered."""
-    ceiling: float = min(policy.backoff_cap, policy.backoff_base * 2.0 ** (retry - 1))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - jitter, not security
+    return half_jitter(retry, base=policy.backoff_base, cap=policy.backoff_cap)
 
 
 class WorkerMetrics:

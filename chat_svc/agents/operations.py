@@ -17,10 +17,9 @@ from grpc import aio
 from pydantic import BaseModel, Field
 
 from chat_svc.agents.tools import Tool, ToolContext, ToolFailure, ToolOutput, tool
+from mesh.downstream import Deadline
 from opsmesh.task.v1 import task_pb2, task_pb2_grpc
 
-# Downstream calls fail fast: a tool that waits long blocks the whole answer.
-_TASK_CALL_SECONDS = 5.0
 _WORKSPACE = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
 _STATUS_NAMES = {
     value.number: value.name.removeprefix("TASK_STATUS_").lower()
@@ -117,7 +116,7 @@ async def read_task(
         reply = await tasks.GetTask(
             task_pb2.GetTaskRequest(task_id=task_id),
             metadata=context.metadata,
-            timeout=_TASK_CALL_SECONDS,
+            timeout=Deadline.LOOKUP,
         )
     except aio.AioRpcError as error:
         raise _failure(error, f"task {task_id}") from None
@@ -140,7 +139,7 @@ def operations_tools(tasks: task_pb2_grpc.TaskServiceAsyncStub | None) -> list[T
                     payload=payload, idempotency_key=context.idempotency_key
                 ),
                 metadata=context.metadata,
-                timeout=_TASK_CALL_SECONDS,
+                timeout=Deadline.LOOKUP,
             )
         except aio.AioRpcError as error:
             raise _failure(error, f"workspace {workspace}") from None
@@ -187,7 +186,7 @@ def operations_tools(tasks: task_pb2_grpc.TaskServiceAsyncStub | None) -> list[T
             reply = await tasks.ListTasks(
                 task_pb2.ListTasksRequest(**filters),
                 metadata=context.metadata,
-                timeout=_TASK_CALL_SECONDS,
+                timeout=Deadline.LOOKUP,
             )
         except aio.AioRpcError as error:
             raise _failure(error, "task list") from None
