@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import grpc
+import httpx
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from mesh.auth import ORG_HEADER, ROLES_HEADER, USER_HEADER
+from opsmesh.session.v1 import session_pb2
 
 T = TypeVar("T")
 
@@ -59,3 +61,54 @@ def error_details(error: grpc.aio.AioRpcError) -> dict[str, object]:
                 detail.Unpack(message)
                 found[kind.DESCRIPTOR.name] = message
     return found
+
+
+async def wait_envoy_live(admin_port: int, *, timeout: float = 20.0) -> None:  # noqa: ASYNC109
+    """Until Envoy's admin ``/ready`` says LIVE: its listeners are warm (the JWKS fetched)."""
+
+    async def live() -> None:
+        async with httpx.AsyncClient() as admin:
+            reply = await admin.get(f"http://127.0.0.1:{admin_port}/ready")
+        assert reply.text.strip() == "LIVE"
+
+    await assert_eventually(live, timeout=timeout)
+
+
+async def redeem_code(
+    http: httpx.AsyncClient,
+    *,
+    code: str,
+    verifier: str,
+    client_id: str,
+    redirect_uri: str,
+    overrides: Mapping[str, str] | None = None,
+) -> httpx.Response:
+    """The token endpoint's answer to an authorization code (fields replaced by ``overrides``)."""
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "client_id": client_id,
+        "redirect_uri": redirect_uri,
+        "code_verifier": verifier,
+    }
+    return await http.post("/oauth/token", data={**form, **(overrides or {})})
+
+
+async def refresh_grant(http: httpx.AsyncClient, token: str, client_id: str) -> httpx.Response:
+    """The token endpoint's answer to a refresh token."""
+    return await http.post(
+        "/oauth/token",
+        data={"grant_type": "refresh_token", "refresh_token": token, "client_id": client_id},
+    )
+
+
+async def status_with_token(sessions: Any, access_token: str) -> grpc.StatusCode:
+    """What the session service answers ListSessions with this access token (OK or the code)."""
+    try:
+        await sessions.ListSessions(
+            session_pb2.ListSessionsRequest(),
+            metadata=(("authorization", f"Bearer {access_token}"),),
+        )
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK

@@ -39,7 +39,7 @@ from ratelimit_svc.server import build_runner as build_ratelimit
 from session_svc.identity import IssuerSettings
 from session_svc.server import build_runner as build_session
 from tests.conftest import FAST_HEALTH, session_settings
-from tests.helpers import assert_eventually
+from tests.helpers import assert_eventually, wait_envoy_live
 
 USER_LIMIT = 20
 ADDRESS_LIMIT = 50
@@ -124,14 +124,8 @@ async def edge(request, redis_server: RedisServer, tmp_path: Path) -> AsyncItera
     envoy = envoy_process(config, tmp_path / "envoy.log")
     envoy.start(timeout=30)
 
-    async def live() -> None:
-        # LIVE once listeners are warm (the JWKS fetched from the session service).
-        async with httpx.AsyncClient() as admin:
-            reply = await admin.get(f"http://127.0.0.1:{ports['admin']}/ready")
-        assert reply.text.strip() == "LIVE"
-
     try:
-        await assert_eventually(live, timeout=20)
+        await wait_envoy_live(ports["admin"])
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['edge']}") as http:
             yield Edge(
                 f"127.0.0.1:{ports['edge']}", http, KeyRing(tmp_path / "keys"), issuer, ports

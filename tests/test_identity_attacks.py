@@ -27,13 +27,17 @@ from mesh.errors import ResourceExhausted
 from mesh.redisconn import RedisSettings, connect_redis
 from mesh.server import ServiceRunner
 from mesh.settings import EnvReader, SettingsError
-from opsmesh.session.v1 import session_pb2 as pb
 from opsmesh.session.v1 import session_pb2_grpc
 from session_svc.accounts import Accounts, SignInSettings, SignInThrottled, address_key
 from session_svc.config import SessionSettings
 from session_svc.identity import IssuerSettings, client_address, parse_networks
 from session_svc.server import build_runner
-from tests.helpers import assert_eventually
+from tests.helpers import (
+    redeem_code,
+    refresh_grant,
+    status_with_token,
+    wait_envoy_live,
+)
 
 CLIENT = "opsmesh-web"
 REDIRECT = "http://localhost:5173/oauth/callback"
@@ -106,13 +110,8 @@ async def stack(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Stac
     envoy = envoy_process(config, tmp_path / "envoy.log")
     envoy.start(timeout=30)
 
-    async def live() -> None:
-        async with httpx.AsyncClient() as admin:
-            reply = await admin.get(f"http://127.0.0.1:{ports['admin']}/ready")
-        assert reply.text.strip() == "LIVE"
-
     try:
-        await assert_eventually(live, timeout=20)
+        await wait_envoy_live(ports["admin"])
         async with (
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['edge']}", timeout=30) as edge,
             aio.insecure_channel(f"127.0.0.1:{ports['session']}") as channel,
@@ -184,15 +183,8 @@ async def tokens_for(stack: Stack) -> dict[str, str]:
     signed_in = await sign_in(stack.edge, stack.user, PASSWORD, some_address(), form=form)
     assert signed_in.status_code == 302, signed_in.text
     code = parse_qs(urlsplit(signed_in.headers["location"]).query)["code"][0]
-    response = await stack.edge.post(
-        "/oauth/token",
-        data={
-            "grant_type": "authorization_code",
-            "code": code,
-            "client_id": CLIENT,
-            "redirect_uri": REDIRECT,
-            "code_verifier": verifier,
-        },
+    response = await redeem_code(
+        stack.edge, code=code, verifier=verifier, client_id=CLIENT, redirect_uri=REDIRECT
     )
     assert response.status_code == 200, response.text
     tokens: dict[str, str] = response.json()
@@ -200,20 +192,11 @@ async def tokens_for(stack: Stack) -> dict[str, str]:
 
 
 async def refresh(stack: Stack, token: str) -> httpx.Response:
-    return await stack.edge.post(
-        "/oauth/token",
-        data={"grant_type": "refresh_token", "refresh_token": token, "client_id": CLIENT},
-    )
+    return await refresh_grant(stack.edge, token, CLIENT)
 
 
 async def session_status(stack: Stack, access_token: str) -> grpc.StatusCode:
-    try:
-        await stack.sessions.ListSessions(  # type: ignore[misc]  # an aio stub
-            pb.ListSessionsRequest(), metadata=(("authorization", f"Bearer {access_token}"),)
-        )
-    except aio.AioRpcError as error:
-        return error.code()
-    return grpc.StatusCode.OK
+    return await status_with_token(stack.sessions, access_token)
 
 
 # --- item 1: sign-in lockout ------------------------------------------------------------------
@@ -353,15 +336,8 @@ async def test_only_offline_access_earns_a_refresh_token(stack: Stack) -> None:
     signed_in = await sign_in(stack.edge, stack.user, PASSWORD, some_address(), form=form)
     code = parse_qs(urlsplit(signed_in.headers["location"]).query)["code"][0]
     body = (
-        await stack.edge.post(
-            "/oauth/token",
-            data={
-                "grant_type": "authorization_code",
-                "code": code,
-                "client_id": CLIENT,
-                "redirect_uri": REDIRECT,
-                "code_verifier": verifier,
-            },
+        await redeem_code(
+            stack.edge, code=code, verifier=verifier, client_id=CLIENT, redirect_uri=REDIRECT
         )
     ).json()
     assert body["scope"] == "openid"

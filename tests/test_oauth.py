@@ -40,6 +40,7 @@ from session_svc.server import build_runner
 from task_svc.config import TaskSettings, Topology
 from task_svc.server import build_runner as build_tasks
 from tests.conftest import FAST_HEALTH, session_settings
+from tests.helpers import redeem_code, refresh_grant, status_with_token
 from tests.taskkit import retry_policies
 
 CLIENT = "opsmesh-web"
@@ -138,34 +139,22 @@ async def code_for(issuer: Issuer, challenge: str) -> str:
 
 
 async def exchange(issuer: Issuer, code: str, verifier: str, **overrides: str) -> httpx.Response:
-    return await issuer.http.post(
-        "/oauth/token",
-        data={
-            "grant_type": "authorization_code",
-            "code": code,
-            "client_id": CLIENT,
-            "redirect_uri": REDIRECT,
-            "code_verifier": verifier,
-            **overrides,
-        },
+    return await redeem_code(
+        issuer.http,
+        code=code,
+        verifier=verifier,
+        client_id=CLIENT,
+        redirect_uri=REDIRECT,
+        overrides=overrides,
     )
 
 
 async def refresh(issuer: Issuer, token: str) -> httpx.Response:
-    return await issuer.http.post(
-        "/oauth/token",
-        data={"grant_type": "refresh_token", "refresh_token": token, "client_id": CLIENT},
-    )
+    return await refresh_grant(issuer.http, token, CLIENT)
 
 
 async def call_as(issuer: Issuer, access_token: str) -> grpc.StatusCode:
-    try:
-        await issuer.sessions.ListSessions(
-            pb.ListSessionsRequest(), metadata=(("authorization", f"Bearer {access_token}"),)
-        )
-    except aio.AioRpcError as error:
-        return error.code()
-    return grpc.StatusCode.OK
+    return await status_with_token(issuer.sessions, access_token)
 
 
 async def test_pkce_login_refresh_rotation_and_reuse_revokes_the_family(issuer) -> None:
