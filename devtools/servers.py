@@ -496,7 +496,8 @@ class PrometheusServer(_HttpServer):
 
     name = "prometheus"
     config_name = "prometheus.yml"
-    _ready = _LISTENING + r"(?s:.*)Server is ready to receive web requests"
+    # Both lines come from different goroutines, so either may be logged first.
+    _ready = r"(?s)\A(?=.*Server is ready to receive web requests)(?=.*" + _LISTENING + ")"
 
     def _argv(self) -> list[str]:
         return [

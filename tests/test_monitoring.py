@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from chat_svc.monitoring import (
 from devtools import stack
 from devtools.servers import (
     MESH_RULES,
+    PrometheusServer,
     ScrapeTarget,
     ServerStartError,
     find_binary,
@@ -579,3 +581,22 @@ def test_missing_binaries_name_their_debian_package(monkeypatch: pytest.MonkeyPa
         find_binary("prometheus")
     with pytest.raises(ServerStartError, match=r"apt-get install prometheus-alertmanager\)"):
         find_binary("prometheus-alertmanager")
+
+
+_LISTENING_LINE = 'msg="Listening on" address=127.0.0.1:21351'
+_READY_LINE = 'msg="Server is ready to receive web requests."'
+
+
+@pytest.mark.parametrize(
+    "log",
+    [f"{_LISTENING_LINE}\n{_READY_LINE}", f"{_READY_LINE}\n{_LISTENING_LINE}"],
+    ids=["listening-first", "ready-first"],
+)
+def test_prometheus_readiness_accepts_either_log_order(log: str) -> None:
+    # Prometheus logs the two lines from different goroutines; CI once saw them reversed.
+    ready = re.compile(PrometheusServer._ready)
+    match = ready.search(log)
+    assert match is not None
+    assert match.group(1) == "21351"
+    assert ready.search(_LISTENING_LINE) is None
+    assert ready.search(_READY_LINE) is None
