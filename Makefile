@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 NODE   := node_modules/.installed
 TOOLS  := node_modules/.bin/protoc-gen-es
 PROTOS := $(shell find proto -name '*.proto' | sort)
-PY_PACKAGES := mesh session_svc devtools
+PY_PACKAGES := mesh identity_svc session_svc devtools
 UI_BUILD := ui/dist/index.html
 UI_SOURCES := $(shell find ui/src ui/public gen/ts -type f 2>/dev/null) \
   ui/index.html ui/vite.config.ts ui/tsconfig.json

@@ -102,7 +102,6 @@ async def run(args: argparse.Namespace) -> int:
         OPSMESH_REDIS_URL=redis.url,
         OPSMESH_NATS_URL=nats.url,
         OPSMESH_METRICS_PORT="0",
-        OPSMESH_SESSION_HTTP_PORT="0",
         OPSMESH_JWT_KEYS_DIR=str(workdir / "keys"),
         OPSMESH_LOG_LEVEL="WARNING",
     )

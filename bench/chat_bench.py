@@ -123,7 +123,6 @@ def _processes(args: argparse.Namespace, workdir: Path, redis_url: str) -> dict[
         os.environ,
         OPSMESH_REDIS_URL=redis_url,
         OPSMESH_METRICS_PORT="0",
-        OPSMESH_SESSION_HTTP_PORT="0",
         OPSMESH_JWT_KEYS_DIR=str(workdir / "keys"),
         OPSMESH_LOG_LEVEL="INFO",
         OPSMESH_SESSION_MAX_PER_USER="10000",

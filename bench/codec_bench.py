@@ -35,7 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from measure import latencies, percentile, throughput
 from prometheus_client import CollectorRegistry
 
-from devtools.edge import envoy_process, free_edge_ports, render
+from devtools.edge import EdgeTopology, envoy_process, free_edge_ports, render
 from devtools.servers import free_port
 from mesh.auth import authenticator_from_mode
 from mesh.metrics import RpcMetrics
@@ -151,10 +151,13 @@ async def edge_results(samples: int, rounds: int, workdir: Path) -> dict[str, Re
         authenticator=authenticator_from_mode("trusted-headers"),
     )
     await backend.start()
-    config = render(ports)
+    config = render(EdgeTopology.dev(ports))
     without = dict(ports, edge=free_port(), admin=free_port())
     variants = {
-        "Envoy without header_limits": (without, LUA_FILTER.sub("", render(without), count=1)),
+        "Envoy without header_limits": (
+            without,
+            LUA_FILTER.sub("", render(EdgeTopology.dev(without)), count=1),
+        ),
         "Envoy with header_limits (Lua)": (ports, config),
     }
     assert "lua.v3.Lua" not in variants["Envoy without header_limits"][1]

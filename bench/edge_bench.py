@@ -1,9 +1,9 @@
 """What the edge costs: unary RPCs straight to the session service vs through Envoy with
 jwt_authn and global rate limiting, and ShouldRateLimit on its own, in one run.
 
-Every process is real: session_svc (verifying JWTs itself), ratelimit_svc on Redis, Envoy
-with envoy/envoy.yaml (ports moved). Prints p50/p99 latency (sequential) and throughput
-(32 concurrent callers) for both paths and the latency Envoy adds.
+Every process is real: identity_svc (the issuer), session_svc (verifying JWTs itself),
+ratelimit_svc on Redis, Envoy with envoy/envoy.yaml (ports moved). Prints p50/p99 latency
+(sequential) and throughput (32 concurrent callers) for both paths and the latency Envoy adds.
 Target: Envoy + JWT + rate limiting adds <= 2 ms p50.
 
     .venv/bin/python bench/edge_bench.py [--samples 2000]
@@ -25,10 +25,10 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc import aio
 from measure import latencies, percentile, throughput
 
-from devtools.edge import envoy_process, free_edge_ports, render
+from devtools.edge import EdgeTopology, envoy_process, free_edge_ports, render
 from devtools.servers import ManagedProcess, RedisServer
+from identity_svc.keys import KeyRing, issue_access_token
 from mesh.context import Principal
-from mesh.tokens import KeyRing, issue_access_token
 from opsmesh.session.v1 import session_pb2, session_pb2_grpc
 
 
@@ -36,7 +36,7 @@ async def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="edge-bench-"))
     redis = RedisServer(workdir / "redis").start()
     ports = free_edge_ports()
-    issuer = f"http://127.0.0.1:{ports['session_http']}"
+    issuer = f"http://127.0.0.1:{ports['identity_http']}"
     env = dict(
         os.environ,
         OPSMESH_REDIS_URL=redis.url,
@@ -50,15 +50,22 @@ async def run(args: argparse.Namespace) -> int:
     rules.write_text(
         '[[rule]]\nname = "u"\nkeys = ["user"]\nrequests_per_unit = 100000000\nunit = "hour"\n'
     )
+    identity = ManagedProcess(
+        "identity_svc",
+        [sys.executable, "-m", "identity_svc"],
+        log_path=workdir / "identity.log",
+        ready=re.compile("serving opsmesh"),
+        env=dict(
+            env, OPSMESH_GRPC_PORT="0", OPSMESH_IDENTITY_HTTP_PORT=str(ports["identity_http"])
+        ),
+    )
     session = ManagedProcess(
         "session_svc",
         [sys.executable, "-m", "session_svc"],
         log_path=workdir / "session.log",
         ready=re.compile("serving opsmesh"),
         env=dict(
-            env,
-            OPSMESH_GRPC_PORT=str(ports["session"]),
-            OPSMESH_SESSION_HTTP_PORT=str(ports["session_http"]),
+            env, OPSMESH_GRPC_PORT=str(ports["session"]), OPSMESH_REVOCATION_FEED_URL=redis.url
         ),
     )
     ratelimit = ManagedProcess(
@@ -71,9 +78,9 @@ async def run(args: argparse.Namespace) -> int:
         ),
     )
     config = workdir / "envoy.yaml"
-    config.write_text(render(ports, issuer=issuer))
+    config.write_text(render(EdgeTopology.dev(ports, issuer=issuer)))
     envoy = envoy_process(config, workdir / "envoy.log")
-    processes = [session, ratelimit, envoy]
+    processes = [identity, session, ratelimit, envoy]
     for process in processes:
         process.start(timeout=60)
     try:

@@ -1,12 +1,14 @@
 """Sign-in under attack and under load (issue #13 items 1, 5, 6), this tree beside a baseline.
 
-Each run starts ``python -m session_svc`` from a source tree (this one; with ``--before``
-also a pristine clone, e.g. ``git clone -q /work/main /tmp/base && git -C /tmp/base
+Each run starts the service that checks passwords (``python -m identity_svc``; in a tree
+from before the identity split, ``python -m session_svc``) from a source tree (this one; with
+``--before`` also a pristine clone, e.g. ``git clone -q /work/main /tmp/base && git -C /tmp/base
 checkout -q 4408011``) on a fresh Redis and measures, talking to it directly as the edge
 would (X-Forwarded-For from 127.0.0.1, which is a trusted proxy):
 
-* ListSessions p50/p99, idle and while 8 sign-ins run all the time, and the ratio to idle
-  (argon2 on the event loop stalls every RPC behind it);
+* an RPC of that same process (GetCurrentUser; ListSessions before the split) p50/p99, idle
+  and while 8 sign-ins run all the time, and the ratio to idle (argon2 on the event loop
+  stalls every RPC behind it);
 * lockout: after failed sign-ins of made-up users from one client, does the right password
   from another client get 429?
 * passwords checked when 50 wrong guesses for one user arrive at once (the limit is 5);
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import hashlib
 import os
 import re
@@ -29,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +44,7 @@ from measure import percentile
 
 from devtools.servers import RedisServer, free_port
 from mesh.auth import ORG_HEADER, USER_HEADER
+from opsmesh.identity.v1 import identity_pb2, identity_pb2_grpc
 from opsmesh.session.v1 import session_pb2 as pb
 from opsmesh.session.v1 import session_pb2_grpc
 
@@ -58,7 +62,8 @@ METADATA = ((USER_HEADER, "ada"), (ORG_HEADER, "bench"))
 @dataclass
 class Service:
     http: httpx.AsyncClient
-    sessions: session_pb2_grpc.SessionServiceStub
+    call: Callable[[], Awaitable[object]]
+    """One unary RPC of the process that checks passwords."""
     redis: aioredis.Redis
 
 
@@ -80,17 +85,20 @@ class Processes:
     service: subprocess.Popen[bytes]
     grpc_port: int
     http_port: int
+    split: bool
+    """Does the tree have identity_svc (else the session service checks passwords)?"""
 
 
 def start_processes(repo: Path, workdir: Path) -> Processes:
-    """Redis, the users ada and bob, and the session service of ``repo`` (its own cwd)."""
+    """Redis, the users ada and bob, and the identity service of ``repo`` (its own cwd)."""
     redis_server = RedisServer(workdir / "redis").start()
     grpc_port, http_port = free_port(), free_port()
     env = dict(
         os.environ,
         OPSMESH_GRPC_PORT=str(grpc_port),
         OPSMESH_METRICS_PORT="0",
-        OPSMESH_SESSION_HTTP_PORT=str(http_port),
+        OPSMESH_IDENTITY_HTTP_PORT=str(http_port),
+        OPSMESH_SESSION_HTTP_PORT=str(http_port),  # the name before the identity split
         OPSMESH_JWT_KEYS_DIR=str(workdir / "keys"),
         OPSMESH_JWT_ISSUER=f"http://127.0.0.1:{http_port}",
         OPSMESH_OAUTH_CLIENTS=f"{CLIENT}={REDIRECT}",
@@ -98,7 +106,9 @@ def start_processes(repo: Path, workdir: Path) -> Processes:
         OPSMESH_TRUSTED_PROXIES="127.0.0.1",
         OPSMESH_LOG_LEVEL="WARNING",
     )
-    create = [sys.executable, "-m", "session_svc.accounts", "create", "--org", "bench"]
+    split = (repo / "identity_svc").is_dir()
+    module = "identity_svc" if split else "session_svc"
+    create = [sys.executable, "-m", f"{module}.accounts", "create", "--org", "bench"]
     for user in ("ada", "bob"):
         subprocess.run(
             [*create, "--user", user, "--password-stdin"],
@@ -109,11 +119,11 @@ def start_processes(repo: Path, workdir: Path) -> Processes:
             check=True,
             capture_output=True,
         )
-    with (workdir / "session.log").open("wb") as log:
+    with (workdir / f"{module}.log").open("wb") as log:
         service = subprocess.Popen(
-            [sys.executable, "-m", "session_svc"], cwd=repo, env=env, stdout=log, stderr=log
+            [sys.executable, "-m", module], cwd=repo, env=env, stdout=log, stderr=log
         )
-    return Processes(redis_server, service, grpc_port, http_port)
+    return Processes(redis_server, service, grpc_port, http_port, split)
 
 
 def stop_processes(processes: Processes) -> None:
@@ -123,7 +133,7 @@ def stop_processes(processes: Processes) -> None:
 
 
 @asynccontextmanager
-async def session_service(repo: Path, workdir: Path) -> AsyncIterator[Service]:
+async def identity_service(repo: Path, workdir: Path) -> AsyncIterator[Service]:
     processes = await asyncio.to_thread(start_processes, repo, workdir)
     try:
         async with (
@@ -134,7 +144,20 @@ async def session_service(repo: Path, workdir: Path) -> AsyncIterator[Service]:
         ):
             await _ready(http)
             client = aioredis.Redis.from_url(processes.redis.url)
-            yield Service(http, session_pb2_grpc.SessionServiceStub(channel), client)
+            call: Callable[[], Awaitable[object]]
+            if processes.split:
+                identity = identity_pb2_grpc.IdentityServiceStub(channel)
+                call = functools.partial(
+                    identity.GetCurrentUser,
+                    identity_pb2.GetCurrentUserRequest(),
+                    metadata=METADATA,
+                )
+            else:
+                sessions = session_pb2_grpc.SessionServiceStub(channel)
+                call = functools.partial(
+                    sessions.ListSessions, pb.ListSessionsRequest(), metadata=METADATA
+                )
+            yield Service(http, call, client)
             await client.aclose()
     finally:
         await asyncio.to_thread(stop_processes, processes)
@@ -149,7 +172,7 @@ async def _ready(http: httpx.AsyncClient) -> None:
         except httpx.TransportError:
             pass
         await asyncio.sleep(0.1)
-    raise RuntimeError("the session service did not come up")
+    raise RuntimeError("the identity service did not come up")
 
 
 async def sign_in(
@@ -182,12 +205,11 @@ class Latencies:
 
 
 async def list_latencies(service: Service, samples: int) -> Latencies:
-    request = pb.ListSessionsRequest()
     found = Latencies([], 0)
     for _ in range(samples):
         began = time.perf_counter()
         try:
-            await service.sessions.ListSessions(request, metadata=METADATA)  # type: ignore[misc]
+            await service.call()
         except aio.AioRpcError:
             found.failed += 1
         found.seconds.append(time.perf_counter() - began)
@@ -255,7 +277,7 @@ async def forget_failures(service: Service) -> None:
 
 async def measure(repo: Path, args: argparse.Namespace) -> Figures:
     with tempfile.TemporaryDirectory(prefix="login-bench-") as workdir:
-        async with session_service(repo, Path(workdir)) as service:
+        async with identity_service(repo, Path(workdir)) as service:
             await list_latencies(service, 50)  # warm-up
             idle = await list_latencies(service, args.samples)
             busy = await latency_under_logins(service, args.samples, args.logins)
@@ -283,7 +305,7 @@ def report(name: str, figures: Figures, logins: int) -> None:
     busy_p99 = figures.busy_p99 / figures.idle_p99
     locked = "yes" if figures.locked_out_others else "no"
     print(f"{name}:")
-    print(f"  ListSessions idle:  p50 {figures.idle_p50:8.2f} ms  p99 {figures.idle_p99:8.2f} ms")
+    print(f"  one RPC idle:       p50 {figures.idle_p50:8.2f} ms  p99 {figures.idle_p99:8.2f} ms")
     print(
         f"  with {logins} logins:    p50 {figures.busy_p50:8.2f} ms  p99 {figures.busy_p99:8.2f} ms"
         f"  (x{busy_p50:.1f} / x{busy_p99:.1f} of idle), {figures.busy_failed} failed"

@@ -63,7 +63,6 @@ async def run(args: argparse.Namespace) -> int:
         os.environ,
         OPSMESH_GRPC_PORT=str(port),
         OPSMESH_METRICS_PORT="0",
-        OPSMESH_SESSION_HTTP_PORT="0",
         OPSMESH_JWT_KEYS_DIR=str(workdir / "keys"),
         OPSMESH_REDIS_URL=redis_server.url,
         OPSMESH_LOG_LEVEL="INFO",

@@ -20,6 +20,7 @@ from mesh.auth import Authenticator, authenticator_for
 from mesh.health import Probe
 from mesh.logs import configure_service_logging
 from mesh.redisconn import connect_redis
+from mesh.revocations import RevocationFeed
 from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
 from opsmesh.chat.v1 import chat_pb2_grpc
 from opsmesh.session.v1 import session_pb2_grpc
@@ -38,6 +39,7 @@ async def build_runner(
     writer = HistoryWriter(history)
     models = ModelServer(settings.model)
     redis = connect_redis(settings.redis)
+    revocations = RevocationFeed.open(settings.auth.revocation_feed_url, default=redis)
     stops = StopSignals(redis)
     recent = RecentTurns(redis, keep=max(1, settings.history_turns), ttl=settings.recent_turns_ttl)
     session_channel = aio.insecure_channel(settings.session_address)
@@ -70,7 +72,7 @@ async def build_runner(
         registrations=[
             Registration.of(SERVICE_NAME, service, chat_pb2_grpc.add_ChatServiceServicer_to_server)
         ],
-        authenticator=authenticator or authenticator_for(settings.auth, redis=redis),
+        authenticator=authenticator or authenticator_for(settings.auth, revocations=revocations),
         # Ollama being away is reported per request (UNAVAILABLE with what is missing), not as
         # NOT_SERVING: history, models listing errors and stop still work without it.
         probes=[Probe(name="redis", check=redis.ping), Probe(name="history", check=history.ping)],
@@ -82,6 +84,7 @@ async def build_runner(
                 writer.close,
                 models.close,
                 close_channels,
+                revocations.aclose,
                 redis.aclose,
                 history.close,
             ),

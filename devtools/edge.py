@@ -1,89 +1,184 @@
-"""Envoy for the dev stack and the tests: envoy/envoy.yaml with its addresses moved."""
+"""Envoy for the dev stack, the tests and Kubernetes: envoy/envoy.yaml.j2 rendered with a topology.
+
+``python -m devtools.edge render > envoy/envoy.yaml`` rewrites the dev stack's rendering (the
+file ``envoy -c envoy/envoy.yaml`` and ``make lint`` use; tests/test_edge_config.py fails when it
+is stale).
+"""
 
 from __future__ import annotations
 
-import json
+import ipaddress
 import re
 import shutil
 import signal
 import subprocess
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
+
+import jinja2
 
 from devtools.servers import ManagedProcess, ServerStartError, free_port
 
-CONFIG = Path(__file__).resolve().parent.parent / "envoy" / "envoy.yaml"
-# The dev stack's ports, as written in envoy.yaml (docs/architecture.md).
-DEFAULT_PORTS = {
-    "edge": 8080,
-    "admin": 9901,
-    "session_http": 8090,
-    "session": 50051,
-    "chat": 50052,
-    "notify": 50053,
-    "task": 50054,
-    "ratelimit": 50055,
-    "edgeinfo": 50057,
-    "web": 8095,
-}
-DEFAULT_ISSUER = "http://localhost:8080"
+ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
+TEMPLATE = ENVOY_DIR / "envoy.yaml.j2"
+CONFIG = ENVOY_DIR / "envoy.yaml"
+"""The dev topology's rendering, committed: ``envoy -c envoy/envoy.yaml`` needs no Python."""
+
+LOOPBACK = "127.0.0.1"
 DEFAULT_UI_ORIGIN = "http://localhost:5173"
 """``make ui-dev``'s Vite server, which CORS allows beside the edge's own origin."""
-LISTENER = "address: 127.0.0.1, port_value: 8080 }"
 UNSET_EDGE_CREDENTIAL = "unset-edge-credential"
-"""envoy.yaml's stand-in for the secret Envoy shows ratelimit_svc (ratelimit_svc/edgeauth.py)."""
+"""The dev rendering's stand-in for the secret Envoy shows ratelimit_svc
+(ratelimit_svc/edgeauth.py); the stack and the deployments put their own there."""
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+"""Cluster names go into the template as they are (the routes name them): identifiers only."""
+
+
+def _check_port(port: int, what: str) -> None:
+    if not 0 < port < 65536:
+        raise ValueError(f"{what}: port {port} is not in 1..65535")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Address:
+    """Where Envoy listens (the edge, its admin)."""
+
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        _check_port(self.port, f"address {self.host}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Upstream:
+    """One Envoy cluster: the service the routes call by ``name``, at ``host:port``."""
+
+    name: str
+    host: str
+    port: int
+    grpc: bool
+    """gRPC services get HTTP/2 to the upstream; the others (web, identity_http) HTTP/1.1."""
+
+    def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.name):
+            raise ValueError(f"upstream name {self.name!r}: lowercase letters, digits and _ only")
+        if not self.host:
+            raise ValueError(f"upstream {self.name}: empty host")
+        _check_port(self.port, f"upstream {self.name}")
+
+    @property
+    def discovery(self) -> Literal["STATIC", "STRICT_DNS"]:
+        """STATIC needs an IP address; a name (a Kubernetes Service) is resolved by DNS."""
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return "STRICT_DNS"
+        return "STATIC"
+
+
+# The dev stack's edge (docs/architecture.md): ports as devtools/stack.py runs the services.
+DEV_LISTENER = Address(host=LOOPBACK, port=8080)
+DEV_ADMIN = Address(host=LOOPBACK, port=9901)
+DEV_UPSTREAMS = (
+    Upstream(name="web", host=LOOPBACK, port=8095, grpc=False),
+    Upstream(name="identity_http", host=LOOPBACK, port=8090, grpc=False),
+    Upstream(name="identity", host=LOOPBACK, port=50058, grpc=True),
+    Upstream(name="session", host=LOOPBACK, port=50051, grpc=True),
+    Upstream(name="chat", host=LOOPBACK, port=50052, grpc=True),
+    Upstream(name="notify", host=LOOPBACK, port=50053, grpc=True),
+    Upstream(name="task", host=LOOPBACK, port=50054, grpc=True),
+    Upstream(name="edgeinfo", host=LOOPBACK, port=50057, grpc=True),
+    Upstream(name="ratelimit", host=LOOPBACK, port=50055, grpc=True),
+)
+DEFAULT_PORTS = {
+    "edge": DEV_LISTENER.port,
+    "admin": DEV_ADMIN.port,
+    **{upstream.name: upstream.port for upstream in DEV_UPSTREAMS},
+}
+"""Every port the dev topology uses, by name: what ``EdgeTopology.dev(ports)`` can move."""
+JWKS_PATH = "/.well-known/jwks.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EdgeTopology:
+    """Everything that differs between one deployment's edge and another's; the template
+    (envoy/envoy.yaml.j2) holds the rest: routes, filters, limits."""
+
+    listener: Address
+    admin: Address
+    upstreams: tuple[Upstream, ...]
+    issuer: str
+    """The tokens' ``iss``: the public URL the browser signs in at."""
+    jwks_uri: str
+    """Where Envoy fetches the issuer's keys (through the ``identity_http`` cluster)."""
+    cors_origins: tuple[str, ...]
+    ratelimit_domain: str = "opsmesh"
+    """ratelimit_svc's counters are per domain: tests take their own so none leak."""
+    edge_credential: str = UNSET_EDGE_CREDENTIAL
+
+    def __post_init__(self) -> None:
+        names = [upstream.name for upstream in self.upstreams]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"edge topology: upstreams named twice: {', '.join(duplicates)}")
+        if not self.cors_origins:
+            raise ValueError("edge topology: no CORS origin (the web client needs its own)")
+
+    @classmethod
+    def dev(
+        cls,
+        ports: Mapping[str, int] | None = None,
+        *,
+        bind_address: str = LOOPBACK,
+        issuer: str | None = None,
+        ratelimit_domain: str = "opsmesh",
+        edge_credential: str = UNSET_EDGE_CREDENTIAL,
+        ui_origin: str = DEFAULT_UI_ORIGIN,
+    ) -> EdgeTopology:
+        """The dev stack's edge on loopback, with ``ports`` (``DEFAULT_PORTS`` names) moved:
+        the issuer defaults to the edge's own URL, which CORS allows beside ``ui_origin``."""
+        moved = dict(ports or {})
+        unknown = sorted(set(moved) - set(DEFAULT_PORTS))
+        if unknown:
+            raise ValueError(f"edge topology: no port named {', '.join(unknown)}")
+        port = DEFAULT_PORTS | moved
+        edge_url = f"http://localhost:{port['edge']}"
+        return cls(
+            listener=Address(host=bind_address, port=port["edge"]),
+            admin=Address(host=DEV_ADMIN.host, port=port["admin"]),
+            upstreams=tuple(replace(u, port=port[u.name]) for u in DEV_UPSTREAMS),
+            issuer=issuer or edge_url,
+            jwks_uri=f"http://{LOOPBACK}:{port['identity_http']}{JWKS_PATH}",
+            cors_origins=_unique((ui_origin, edge_url)),
+            ratelimit_domain=ratelimit_domain,
+            edge_credential=edge_credential,
+        )
+
+
+def render(topology: EdgeTopology, *, template: Path = TEMPLATE) -> str:
+    """envoy.yaml for ``topology``."""
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(template.parent),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,  # noqa: S701 - YAML, every free-form value goes through tojson
+    )
+    return environment.get_template(template.name).render(topology=topology)
 
 
 def free_edge_ports() -> dict[str, int]:
-    """A free port for every ``DEFAULT_PORTS`` name, to ``render`` an edge beside a running one."""
+    """A free port for every ``DEFAULT_PORTS`` name, to render an edge beside a running one."""
     return {name: free_port() for name in DEFAULT_PORTS}
 
 
-def render(
-    ports: Mapping[str, int],
-    *,
-    config: Path = CONFIG,
-    domain: str = "opsmesh",
-    issuer: str | None = None,
-    bind_address: str = "127.0.0.1",
-    edge_credential: str = UNSET_EDGE_CREDENTIAL,
-    ui_origin: str = DEFAULT_UI_ORIGIN,
-) -> str:
-    """envoy.yaml with every ``DEFAULT_PORTS`` port replaced by ``ports`` (missing: unchanged),
-    its rate limit domain set to ``domain``, the tokens' issuer to ``issuer`` (default: the
-    edge's own URL, ``http://localhost:<edge port>``), the listener on ``bind_address``, the
-    secret shown to ratelimit_svc and CORS allowing the edge's own origin and ``ui_origin``."""
-    text = _replace_once(
-        config.read_text(), LISTENER, LISTENER.replace("127.0.0.1", bind_address, 1)
-    )
-    moved = {DEFAULT_PORTS[name]: port for name, port in ports.items()}
-    text = re.sub(
-        r"port_value: (\d+)",
-        lambda m: f"port_value: {moved.get(int(m.group(1)), int(m.group(1)))}",
-        text,
-    )
-    session_http = moved.get(DEFAULT_PORTS["session_http"], DEFAULT_PORTS["session_http"])
-    text = text.replace("domain: opsmesh\n", f"domain: {domain}\n")
-    edge = moved.get(DEFAULT_PORTS["edge"], DEFAULT_PORTS["edge"])
-    text = text.replace(
-        f"issuer: {DEFAULT_ISSUER}\n", f"issuer: {issuer or f'http://localhost:{edge}'}\n"
-    )
-    text = _replace_once(
-        text, f"- exact: {DEFAULT_ISSUER}\n", f"- exact: http://localhost:{edge}\n"
-    )
-    text = _replace_once(text, f"- exact: {DEFAULT_UI_ORIGIN}\n", f"- exact: {ui_origin}\n")
-    text = _replace_once(
-        text, f"value: {UNSET_EDGE_CREDENTIAL} }}", f"value: {json.dumps(edge_credential)} }}"
-    )
-    return text.replace("http://127.0.0.1:8090", f"http://127.0.0.1:{session_http}")
-
-
-def _replace_once(text: str, old: str, new: str) -> str:
-    """Replaces the one ``old``; envoy.yaml without it is a config render() no longer fits."""
-    if text.count(old) != 1:
-        raise ValueError(f"envoy config: expected {old.strip()!r} exactly once")
-    return text.replace(old, new)
+def _unique(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(values))
 
 
 def envoy_binary() -> str:
@@ -128,7 +223,20 @@ def supervise(argv: list[str]) -> int:
     return child.wait()
 
 
+USAGE = "usage: python -m devtools.edge render | supervise COMMAND..."
+
+
+def main(argv: list[str]) -> int:
+    """``render``: the dev topology's envoy.yaml to stdout; ``supervise``: see ``supervise``."""
+    match argv:
+        case ["render"]:
+            sys.stdout.write(render(EdgeTopology.dev()))
+            return 0
+        case ["supervise", *command] if command:
+            return supervise(command)
+    print(USAGE, file=sys.stderr)
+    return 2
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["supervise"]:
-        raise SystemExit("usage: python -m devtools.edge supervise COMMAND...")
-    raise SystemExit(supervise(sys.argv[2:]))
+    raise SystemExit(main(sys.argv[1:]))

@@ -3,8 +3,8 @@
 ``python -m devtools.k8s`` writes the generated files; ``python -m devtools.k8s --check`` exits 1
 naming every stale one (tests/test_k8s.py checks the same, so drift fails ``make test``):
 
-- ``base/edge/envoy.yml``: envoy/envoy.yaml (through devtools.edge.render) with the cluster's
-  addresses: every cluster resolves its Service by DNS, the JWKS comes from ``session:8090``, the
+- ``base/edge/envoy.yml``: envoy/envoy.yaml.j2 rendered (devtools.edge.render) with the cluster's
+  topology: every cluster resolves its Service by DNS, the JWKS comes from ``identity:8090``, the
   admin listens on the pod's address (probes, metrics) and the issuer is the public URL;
   ``overlays/dev/envoy.yml`` is the same for the dev overlay's public URL.
 - ``base/mesh/ratelimits.toml``: ratelimit_svc/ratelimits.toml, for ratelimit_svc's ConfigMap.
@@ -18,17 +18,15 @@ Ports are the dev stack's (devtools/stack.py), so one number means one thing eve
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml  # type: ignore[import-untyped]  # no types-PyYAML in the dev extras
 
-from devtools.edge import CONFIG as EDGE_SOURCE
-from devtools.edge import render
+from devtools.edge import Address, EdgeTopology, render
 from ratelimit_svc.edgeauth import EDGE_CREDENTIAL_VARIABLE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,10 +49,11 @@ META_CONFIG = "opsmesh-mesh"
 JWT_KEYS_DIR = "/var/run/opsmesh/jwt-keys"
 RULES_DIR = "/etc/opsmesh/ratelimit"
 
-# Envoy cluster (envoy/envoy.yaml) -> the Service that answers it (same port as in the dev stack).
+# Envoy cluster (devtools/edge.py) -> the Service that answers it (same port as in the dev stack).
 EDGE_CLUSTERS = {
     "web": "webui",
-    "session_http": "session",
+    "identity_http": "identity",
+    "identity": "identity",
     "session": "session",
     "chat": "chat",
     "notify": "notify",
@@ -83,13 +82,13 @@ REDIS_ENV = (
 )
 NATS_URL = "nats://$(NATS_USER):$(NATS_PASSWORD)@nats:4222"
 CLICKHOUSE = "http://$(CLICKHOUSE_USER):$(CLICKHOUSE_PASSWORD)@clickhouse:8123"
-JWKS_URL = "http://session:8090/.well-known/jwks.json"
+JWKS_URL = "http://identity:8090/.well-known/jwks.json"
 EDGE_SECRET_NAME = "opsmesh-ratelimit-edge"  # noqa: S105 - a Secret's name
 """What Envoy shows ratelimit_svc (key ``credential``; ratelimit_svc/edgeauth.py)."""
 EDGE_CREDENTIAL_SLOT = "__OPSMESH_RATELIMIT_EDGE_CREDENTIAL__"
 """Where the Envoy pod writes the Secret into its config at start (never in a ConfigMap)."""
 TRUSTED_PROXIES = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16"
-"""session_svc believes X-Forwarded-For from the pod network: NetworkPolicies let only Envoy
+"""identity_svc believes X-Forwarded-For from the pod network: NetworkPolicies let only Envoy
 (and the worker, which sends none) reach its HTTP port. Narrow it to the cluster's pod CIDR."""
 
 
@@ -128,11 +127,11 @@ class Component:
 
 COMPONENTS = (
     Component(
-        name="session",
-        module="session_svc",
-        grpc_port=50051,
-        metrics_port=9151,
-        summary="sessions and the identity issuer (OAuth, JWKS on :8090)",
+        name="identity",
+        module="identity_svc",
+        grpc_port=50058,
+        metrics_port=9158,
+        summary="the identity issuer: OAuth 2.1, accounts, signing keys (OAuth, JWKS on :8090)",
         extra_ports=(("http", 8090),),
         redis=True,
         secret_env=(
@@ -141,7 +140,7 @@ COMPONENTS = (
         ),
         config_env=(("OPSMESH_TRUSTED_PROXIES", META_CONFIG, "OPSMESH_TRUSTED_PROXIES"),),
         env=(
-            ("OPSMESH_SESSION_HTTP_PORT", "8090"),
+            ("OPSMESH_IDENTITY_HTTP_PORT", "8090"),
             ("OPSMESH_JWT_KEYS_DIR", JWT_KEYS_DIR),
             ("OPSMESH_OAUTH_CLIENTS", "opsmesh-web=$(OPSMESH_JWT_ISSUER)/oauth/callback"),
             (
@@ -150,6 +149,14 @@ COMPONENTS = (
             ),
         ),
         volumes=(("jwt-keys", JWT_KEYS_DIR, {"secret": {"secretName": "opsmesh-jwt-keys"}}),),
+    ),
+    Component(
+        name="session",
+        module="session_svc",
+        grpc_port=50051,
+        metrics_port=9151,
+        summary="chat sessions",
+        redis=True,
     ),
     Component(
         name="chat",
@@ -216,7 +223,7 @@ COMPONENTS = (
             ("OPSMESH_WEBHOOK_PORT", "8093"),
             ("OPSMESH_SMTP_SECURITY", "starttls"),
             ("OPSMESH_TASK_ADDR", "task:50054"),
-            ("OPSMESH_SERVICE_TOKEN_URL", "http://session:8090/oauth/token"),
+            ("OPSMESH_SERVICE_TOKEN_URL", "http://identity:8090/oauth/token"),
             ("OPSMESH_SERVICE_CLIENT_ID", "notify"),
         ),
         grace=20,
@@ -240,6 +247,7 @@ COMPONENTS = (
         metrics_port=9157,
         summary="health and reflection at the edge for every public service",
         env=(
+            ("OPSMESH_IDENTITY_ADDR", "identity:50058"),
             ("OPSMESH_SESSION_ADDR", "session:50051"),
             ("OPSMESH_CHAT_ADDR", "chat:50052"),
             ("OPSMESH_NOTIFY_ADDR", "notify:50053"),
@@ -259,7 +267,7 @@ COMPONENTS = (
         secret_env=(("OPSMESH_SERVICE_CLIENT_SECRET", "opsmesh-service-clients", "task-worker"),),
         env=(
             ("OPSMESH_NOTIFY_ADDR", "notify:50053"),
-            ("OPSMESH_SERVICE_TOKEN_URL", "http://session:8090/oauth/token"),
+            ("OPSMESH_SERVICE_TOKEN_URL", "http://identity:8090/oauth/token"),
             ("OPSMESH_SERVICE_CLIENT_ID", "task-worker"),
         ),
         # A task runs at most ack-wait (30 s) between heartbeats; the rest are handed back.
@@ -297,53 +305,34 @@ def _meta(name: str, **extra: str) -> dict[str, Any]:
 # --- Envoy -------------------------------------------------------------------------------
 
 
-def render_edge(public_url: str = PUBLIC_URL, *, source: Path = EDGE_SOURCE) -> str:
-    """envoy/envoy.yaml for the cluster: clusters resolve their Services by DNS (ports as in the
-    dev stack), the JWKS is fetched from session, the admin listens on the pod's address (probes,
-    metrics; NetworkPolicies keep it to Prometheus) and the issuer is ``public_url``, which
-    CORS also allows."""
-    # The pod's own address; the credential's slot is filled from the Secret at start.
-    text = render(
-        {},
-        config=source,
+def edge_topology(public_url: str = PUBLIC_URL, *, dev: EdgeTopology | None = None) -> EdgeTopology:
+    """The dev topology (``dev``, default ``EdgeTopology.dev()``) moved into the cluster: every
+    upstream resolves its Service by DNS (ports as in the dev stack), the JWKS is fetched from
+    identity, the listener and the admin listen on the pod's address (probes, metrics;
+    NetworkPolicies keep the admin to Prometheus) and the issuer is ``public_url``, which CORS
+    also allows. The credential's slot is filled from the Secret at start."""
+    dev = dev or EdgeTopology.dev()
+    unknown = [u.name for u in dev.upstreams if u.name not in EDGE_CLUSTERS]
+    if unknown:
+        raise ValueError(f"edge clusters {unknown} have no Service in devtools/k8s.py")
+    return replace(
+        dev,
+        listener=Address(host="0.0.0.0", port=EDGE_PORT),  # the pod's own address
+        admin=Address(host="0.0.0.0", port=EDGE_ADMIN_PORT),
+        upstreams=tuple(replace(u, host=EDGE_CLUSTERS[u.name]) for u in dev.upstreams),
         issuer=public_url,
-        bind_address="0.0.0.0",
+        jwks_uri=JWKS_URL,
+        cors_origins=tuple(dict.fromkeys((*dev.cors_origins, public_url))),
         edge_credential=EDGE_CREDENTIAL_SLOT,
     )
-    head, sep, clusters = text.partition("\n  clusters:\n")
-    if not sep:
-        raise ValueError(f"{source}: no static_resources.clusters")
 
-    def to_service(match: re.Match[str]) -> str:
-        block = match.group(0)
-        name = match.group(1)
-        if name not in EDGE_CLUSTERS:
-            raise ValueError(f"{source}: cluster {name!r} has no Service in devtools/k8s.py")
-        block = block.replace("type: STATIC\n", "type: STRICT_DNS\n", 1)
-        moved = block.replace("address: 127.0.0.1,", f"address: {EDGE_CLUSTERS[name]},")
-        if moved == block:
-            raise ValueError(f"{source}: cluster {name!r} is not at 127.0.0.1")
-        return moved
 
-    clusters = re.sub(r"(?ms)^    - name: (\S+)\n.*?(?=^    - name: |\Z)", to_service, clusters)
-    admin = "address: 127.0.0.1, port_value: 9901"
-    jwks = "uri: http://127.0.0.1:8090/.well-known/jwks.json"
-    cors = "allow_origin_string_match:\n"
-    for needle in (admin, jwks, cors):
-        if needle not in head:
-            raise ValueError(f"{source}: expected {needle!r}")
-    head = head.replace(admin, f"address: 0.0.0.0, port_value: {EDGE_ADMIN_PORT}")
-    head = head.replace(jwks, f"uri: {JWKS_URL}")
-    indent = re.search(r"\n( *)" + re.escape(cors), head)
-    assert indent is not None
-    if f"- exact: {public_url}\n" not in head:
-        head = head.replace(cors, f"{cors}{indent.group(1)}  - exact: {public_url}\n", 1)
+def render_edge(public_url: str = PUBLIC_URL) -> str:
+    """The cluster's envoy.yaml (``edge_topology``)."""
     return (
         HEADER
-        + "# The cluster's edge config from envoy/envoy.yaml; issuer "
-        + public_url
-        + "\n"
-        + (head + sep + clusters)
+        + f"# The cluster's edge config from envoy/envoy.yaml.j2; issuer {public_url}\n"
+        + render(edge_topology(public_url))
     )
 
 
@@ -779,11 +768,11 @@ def mesh_edges() -> list[Edge]:
     for cluster, service in EDGE_CLUSTERS.items():
         port = (
             8090
-            if cluster == "session_http"
+            if cluster == "identity_http"
             else (WEBUI_PORT if service == "webui" else grpc(service))
         )
         edges.append(Edge("envoy", service, (port,), f"cluster {cluster}"))
-    for target in ("session", "chat", "notify", "task"):
+    for target in ("identity", "session", "chat", "notify", "task"):
         edges.append(Edge("edgeinfo", target, (grpc(target),), "health"))
     for component in COMPONENTS:
         if component.redis:
@@ -791,7 +780,7 @@ def mesh_edges() -> list[Edge]:
         if component.nats:
             edges.append(Edge(component.name, "nats", (4222,)))
     for source in ("session", "chat", "notify", "task"):
-        edges.append(Edge(source, "session", (8090,), "JWKS"))
+        edges.append(Edge(source, "identity", (8090,), "JWKS"))
     edges += [
         Edge("chat", "session", (grpc("session"),)),
         Edge("chat", "task", (grpc("task"),)),
@@ -803,7 +792,7 @@ def mesh_edges() -> list[Edge]:
         Edge("notify", WORLD, (587, 25), "SMTP"),
         Edge("notify", WORLD, (443,), "SendGrid (OPSMESH_MAIL_PROVIDER=sendgrid)"),
         Edge("task-worker", "notify", (grpc("notify"),)),
-        Edge("task-worker", "session", (8090,), "service token"),
+        Edge("task-worker", "identity", (8090,), "service token"),
         Edge("task-worker", KUBE_API, (443, 6443), "workspaces"),
         Edge("prometheus", "alertmanager", (9093,)),
         Edge("prometheus", "envoy", (EDGE_ADMIN_PORT,), "metrics"),

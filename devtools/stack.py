@@ -10,7 +10,7 @@ run folder can be overridden by environment.
 
 What each part trusts (docs/security.md): Redis and NATS require the passwords
 generated into the run folder; every service verifies access tokens itself
-(revocations from the issuer's Redis); the worker calls with its own client
+(revoked sessions from the identity service's revocation feed); the worker calls with its own client
 credentials; ratelimit_svc answers only the edge's credential; everything binds
 loopback, Envoy's listener too unless OPSMESH_BIND_ADDRESS says otherwise.
 """
@@ -39,7 +39,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from devtools.edge import DEFAULT_PORTS, envoy_process, render
+from devtools.edge import DEFAULT_PORTS, EdgeTopology, envoy_process, render
 from devtools.servers import (
     MESH_RULES,
     AlertmanagerServer,
@@ -69,6 +69,14 @@ class ServiceSpec:
 
 # (name, module, gRPC port, metrics port, log line that says it serves), from docs/architecture.md.
 SERVICES = (
+    # First: the issuer of every token, whose JWKS and token endpoint the others call.
+    (
+        "identity_svc",
+        "identity_svc",
+        50058,
+        9158,
+        r"serving opsmesh\.identity\.v1\.IdentityService",
+    ),
     ("session_svc", "session_svc", 50051, 9151, r"serving opsmesh\.session\.v1\.SessionService"),
     ("chat_svc", "chat_svc", 50052, 9152, r"serving opsmesh\.chat\.v1\.ChatService"),
     ("task_svc", "task_svc", 50054, 9154, r"serving opsmesh\.task\.v1\.TaskService"),
@@ -85,7 +93,7 @@ FIXED_PORTS = (
     "NATS",
     "SMTP",
     "WEBHOOK",
-    "SESSION_HTTP",
+    "IDENTITY_HTTP",
     "EDGE",
     "EDGE_ADMIN",
     "WEB",
@@ -101,7 +109,7 @@ WORKER_CLIENT = "task-worker"
 NOTIFY_CLIENT = "notify"
 """notify_svc's OAuth client: it queues deliveries (also for webhooks, which bring no token)."""
 LOOPBACK_PROXIES = "127.0.0.1/32,::1/128"
-"""session_svc believes X-Forwarded-For only from these: Envoy runs on this host."""
+"""identity_svc believes X-Forwarded-For only from these: Envoy runs on this host."""
 
 
 def port_variable(service: str, what: str = "") -> str:
@@ -124,7 +132,8 @@ class StackConfig:
     nats_port: int = 14222
     smtp_port: int = 2525
     webhook_port: int = 8093
-    session_http_port: int = 8090
+    identity_http_port: int = 8090
+    """identity_svc's HTTP side: OAuth, sign-in page, JWKS (the edge routes /oauth/ here)."""
     edge_port: int = 8080
     edge_admin_port: int = 9901
     web_port: int = 8095
@@ -174,7 +183,7 @@ class StackConfig:
             nats_port=port("OPSMESH_DEV_NATS_PORT", 14222),
             smtp_port=port("OPSMESH_DEV_SMTP_PORT", 2525),
             webhook_port=port("OPSMESH_DEV_WEBHOOK_PORT", 8093),
-            session_http_port=port("OPSMESH_DEV_SESSION_HTTP_PORT", 8090),
+            identity_http_port=port("OPSMESH_DEV_IDENTITY_HTTP_PORT", 8090),
             edge_port=port("OPSMESH_DEV_EDGE_PORT", 8080),
             edge_admin_port=port("OPSMESH_DEV_EDGE_ADMIN_PORT", 9901),
             web_port=port("OPSMESH_DEV_WEB_PORT", 8095),
@@ -330,10 +339,13 @@ def _service_env(config: StackConfig, port: int, metrics_port: int) -> dict[str,
         OPSMESH_SMTP_HOST="127.0.0.1",
         OPSMESH_SMTP_PORT=str(config.smtp_port),
         OPSMESH_WEBHOOK_PORT=str(config.webhook_port),
-        OPSMESH_SESSION_HTTP_PORT=str(config.session_http_port),
+        OPSMESH_IDENTITY_HTTP_PORT=str(config.identity_http_port),
         OPSMESH_JWT_KEYS_DIR=str(config.run_dir / "keys"),
         OPSMESH_JWT_ISSUER=config.public_url,
-        OPSMESH_JWKS_URL=f"http://127.0.0.1:{config.session_http_port}/.well-known/jwks.json",
+        OPSMESH_JWKS_URL=f"http://127.0.0.1:{config.identity_http_port}/.well-known/jwks.json",
+        # Revoked sessions, as identity_svc publishes them (mesh/revocations.py): here on the
+        # one Redis of the stack; the feed's schema, not the instance, is the contract.
+        OPSMESH_REVOCATION_FEED_URL=redis_url(config),
         # Every service verifies the caller's token itself (roles, revoked sessions), as in
         # the Kubernetes manifests: identity headers from a host process prove nothing.
         OPSMESH_AUTH_MODE="jwt",
@@ -342,6 +354,7 @@ def _service_env(config: StackConfig, port: int, metrics_port: int) -> dict[str,
         ),
         OPSMESH_TASK_ADDR=f"127.0.0.1:{config.port_of('task_svc')}",
         OPSMESH_NOTIFY_ADDR=f"127.0.0.1:{config.port_of('notify_svc')}",
+        OPSMESH_IDENTITY_ADDR=f"127.0.0.1:{config.port_of('identity_svc')}",
         OPSMESH_SESSION_ADDR=f"127.0.0.1:{config.port_of('session_svc')}",
         OPSMESH_CHAT_ADDR=f"127.0.0.1:{config.port_of('chat_svc')}",
         OPSMESH_PROMETHEUS_URL=f"http://127.0.0.1:{config.prometheus_port}",
@@ -364,7 +377,7 @@ def service_secrets(config: StackConfig, name: str) -> dict[str, str]:
         "task_worker": (WORKER_CLIENT, _secret(config, "worker-client-secret")),
         "notify_svc": (NOTIFY_CLIENT, _secret(config, "notify-client-secret")),
     }
-    if name == "session_svc":
+    if name == "identity_svc":
         return {
             "OPSMESH_SERVICE_CLIENTS": ";".join(f"{c}={secret}" for c, secret in clients.values()),
             "OPSMESH_TRUSTED_PROXIES": LOOPBACK_PROXIES,
@@ -372,7 +385,7 @@ def service_secrets(config: StackConfig, name: str) -> dict[str, str]:
     if name in clients:
         client, secret = clients[name]
         return {
-            "OPSMESH_SERVICE_TOKEN_URL": f"http://127.0.0.1:{config.session_http_port}/oauth/token",
+            "OPSMESH_SERVICE_TOKEN_URL": f"http://127.0.0.1:{config.identity_http_port}/oauth/token",
             "OPSMESH_SERVICE_CLIENT_ID": client,
             "OPSMESH_SERVICE_CLIENT_SECRET": secret,
         }
@@ -478,7 +491,7 @@ def _ports_in_use(config: StackConfig) -> list[str]:
         "nats": config.nats_port,
         "mail sink": config.smtp_port,
         "notify webhooks": config.webhook_port,
-        "session identity (JWKS)": config.session_http_port,
+        "identity (OAuth, JWKS)": config.identity_http_port,
         "envoy": config.edge_port,
         "envoy admin": config.edge_admin_port,
         "web client": config.web_port,
@@ -644,23 +657,25 @@ def _start_web(config: StackConfig, started: list[Component]) -> None:
 def edge_config(config: StackConfig) -> str:
     """envoy.yaml for the stack: its ports, issuer, bind address, CORS origins and the
     credential it shows ratelimit_svc."""
-    return render(
-        {
-            "edge": config.edge_port,
-            "admin": config.edge_admin_port,
-            "session_http": config.session_http_port,
-            "web": config.web_port,
-            **{
-                spec.name.removesuffix("_svc"): spec.grpc_port
-                for spec in config.services
-                if spec.name.removesuffix("_svc") in DEFAULT_PORTS
-            },
+    ports = {
+        "edge": config.edge_port,
+        "admin": config.edge_admin_port,
+        "identity_http": config.identity_http_port,
+        "web": config.web_port,
+        **{
+            spec.name.removesuffix("_svc"): spec.grpc_port
+            for spec in config.services
+            if spec.name.removesuffix("_svc") in DEFAULT_PORTS
         },
+    }
+    topology = EdgeTopology.dev(
+        ports,
         issuer=config.public_url,
         bind_address=config.bind_address,
         edge_credential=edge_credential(config),
         ui_origin=config.ui_dev_origin,
     )
+    return render(topology)
 
 
 def _start_edge(config: StackConfig, started: list[Component]) -> None:
@@ -716,7 +731,7 @@ def token_command(config: StackConfig, user: str) -> str:
             f"OPSMESH_JWT_ISSUER={config.public_url}",
             sys.executable,
             "-m",
-            "session_svc.tokens",
+            "identity_svc.tokens",
             "issue",
             "--user",
             user,
@@ -745,6 +760,9 @@ def _wait_edge_live(admin_port: int, process: ManagedProcess, timeout: float = 2
     raise ServerStartError("envoy", f"not LIVE after {timeout:g}s ({state})")
 
 
+DEV_USER_EMAIL = "dev@example.com"
+
+
 def _seed_dev_user(config: StackConfig) -> tuple[str, str]:
     """The dev user (created if missing); its password is kept in the run folder."""
     credentials = config.run_dir / "dev-credentials"
@@ -757,7 +775,7 @@ def _seed_dev_user(config: StackConfig) -> tuple[str, str]:
         [
             sys.executable,
             "-m",
-            "session_svc.accounts",
+            "identity_svc.accounts",
             "create",
             "--org",
             "dev",
@@ -765,6 +783,9 @@ def _seed_dev_user(config: StackConfig) -> tuple[str, str]:
             "dev",
             "--roles",
             "admin",
+            # Where "Forgot password?" sends the dev user's reset link (make mail shows it).
+            "--email",
+            DEV_USER_EMAIL,
             "--password-stdin",
             "--if-missing",
         ],

@@ -27,6 +27,7 @@ from mesh.logs import configure_service_logging
 from mesh.server import RunnerOptions, ServiceRunner, run_main
 from mesh.settings import EnvReader, ServerSettings
 from opsmesh.chat.v1 import chat_pb2
+from opsmesh.identity.v1 import identity_pb2
 from opsmesh.notify.v1 import notify_pb2
 from opsmesh.session.v1 import session_pb2
 from opsmesh.task.v1 import task_pb2
@@ -35,11 +36,12 @@ from opsmesh.task.v1 import task_pb2
 # descriptors in the default pool, which reflection answers from). Internal ones (the rate
 # limit service, the worker's health) are not listed. NotificationService's worker-only
 # DeliverNotification is part of its contract and listed with it.
+IDENTITY = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
 SESSION = session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
 CHAT = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 TASK = task_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name
 NOTIFY = notify_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name
-PUBLIC_SERVICES = (SESSION, CHAT, TASK, NOTIFY)
+PUBLIC_SERVICES = (IDENTITY, SESSION, CHAT, TASK, NOTIFY)
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
@@ -58,6 +60,7 @@ class EdgeInfoSettings:
         settings = cls(
             server=ServerSettings.from_env(env, default_port=50057, default_metrics_port=9157),
             backends={
+                IDENTITY: env.string("OPSMESH_IDENTITY_ADDR", "127.0.0.1:50058"),
                 SESSION: env.string("OPSMESH_SESSION_ADDR", "127.0.0.1:50051"),
                 CHAT: env.string("OPSMESH_CHAT_ADDR", "127.0.0.1:50052"),
                 NOTIFY: env.string("OPSMESH_NOTIFY_ADDR", "127.0.0.1:50053"),

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from mesh.context import Principal, parse_identifier, parse_roles
+from mesh.revocations import RevocationFeed
 from mesh.settings import EnvReader
-from mesh.tokens import JwtAuthenticator, RedisRevocations, RemoteJwks
+from mesh.tokens import JwtAuthenticator, RemoteJwks
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ class AuthSettings:
     audience: str = "opsmesh"
     jwks_url: str = ""
     """Where the issuer publishes its keys; empty: ``<issuer>/.well-known/jwks.json``."""
+    revocation_feed_url: str = ""
+    """The Redis the issuer publishes revoked sessions to (mesh/revocations.py); empty: the
+    service's own Redis (OPSMESH_REDIS_URL)."""
 
     @classmethod
     def from_env(cls, env: EnvReader) -> AuthSettings:
@@ -80,20 +84,32 @@ class AuthSettings:
             issuer=issuer,
             audience=env.string("OPSMESH_JWT_AUDIENCE", "opsmesh"),
             jwks_url=env.string("OPSMESH_JWKS_URL", f"{issuer}/.well-known/jwks.json"),
+            revocation_feed_url=_feed_url(env),
         )
 
 
-def authenticator_for(settings: AuthSettings, *, redis: Any = None) -> Authenticator:
+def _feed_url(env: EnvReader) -> str:
+    url = env.string("OPSMESH_REVOCATION_FEED_URL", "")
+    if url and not url.startswith(("redis://", "rediss://", "unix://")):
+        env.problem(
+            f"OPSMESH_REVOCATION_FEED_URL={url!r}: expected a redis://, rediss:// or unix:// URL"
+        )
+    return url
+
+
+def authenticator_for(
+    settings: AuthSettings, *, revocations: RevocationFeed | None = None
+) -> Authenticator:
     """The authenticator the settings select (JWT verification against the issuer's JWKS).
 
-    With ``redis`` (the issuer's), tokens of revoked sessions are refused before they expire.
+    With the ``revocations`` feed, tokens of revoked sessions are refused before they expire.
     """
     if settings.mode == "jwt":
         return JwtAuthenticator(
             keys=RemoteJwks(settings.jwks_url or f"{settings.issuer}/.well-known/jwks.json"),
             issuer=settings.issuer,
             audience=settings.audience,
-            revoked=RedisRevocations(redis) if redis is not None else None,
+            revoked=revocations,
         )
     return authenticator_from_mode(settings.mode)
 

@@ -11,6 +11,7 @@ from mesh.clients import service_credentials
 from mesh.health import Probe
 from mesh.logs import configure_service_logging
 from mesh.redisconn import connect_redis
+from mesh.revocations import RevocationFeed
 from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
 from notify_svc.catalog import Catalog
 from notify_svc.config import NotifySettings
@@ -45,6 +46,7 @@ def build_runner(
     options: RunnerOptions | None = None,
 ) -> tuple[ServiceRunner, Webhooks]:
     client = connect_redis(settings.redis)
+    revocations = RevocationFeed.open(settings.auth.revocation_feed_url, default=client)
     store = NotificationStore(
         client, key_prefix=settings.key_prefix, retention_ms=int(settings.retention * 1000)
     )
@@ -78,7 +80,7 @@ def build_runner(
                 SERVICE_NAME, service, notify_pb2_grpc.add_NotificationServiceServicer_to_server
             )
         ],
-        authenticator=authenticator or authenticator_for(settings.auth, redis=client),
+        authenticator=authenticator or authenticator_for(settings.auth, revocations=revocations),
         probes=[Probe(name="redis", check=redis_answers)],
         options=base.extended(
             on_start=(webhooks.start,),
@@ -88,6 +90,7 @@ def build_runner(
                 provider.close,
                 close_task_channel,
                 *((close_credentials,) if close_credentials else ()),
+                revocations.aclose,
                 client.aclose,
             ),
         ),

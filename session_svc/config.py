@@ -8,9 +8,6 @@ from dataclasses import dataclass, field
 from mesh.auth import AuthSettings
 from mesh.redisconn import DEFAULT_REDIS_URL, RedisSettings
 from mesh.settings import EnvReader, ServerSettings
-from session_svc.accounts import SignInSettings
-from session_svc.identity import IssuerSettings
-from session_svc.oauth import OAuthSettings
 
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_METRICS_PORT = 9151
@@ -35,9 +32,6 @@ class SessionSettings:
     limits: SessionLimits
     key_prefix: str = "opsmesh:session:"
     auth: AuthSettings = field(default_factory=AuthSettings)
-    issuer: IssuerSettings
-    oauth: OAuthSettings = field(default_factory=OAuthSettings)
-    sign_in: SignInSettings = field(default_factory=SignInSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> SessionSettings:
@@ -72,14 +66,6 @@ class SessionSettings:
             limits=limits,
             key_prefix=env.string("OPSMESH_SESSION_KEY_PREFIX", "opsmesh:session:"),
             auth=AuthSettings.from_env(env),
-            issuer=IssuerSettings.from_env(env),
-            oauth=OAuthSettings.from_env(env),
-            sign_in=SignInSettings.from_env(env),
         )
-        if settings.issuer.http_port and not settings.auth.issuer:
-            env.problem(
-                "OPSMESH_JWT_ISSUER is required: the issuer URL its tokens and discovery name "
-                "(or OPSMESH_SESSION_HTTP_PORT=0 for no OAuth endpoints)"
-            )
         env.check()
         return settings

@@ -8,13 +8,10 @@ from mesh.auth import Authenticator, authenticator_for
 from mesh.health import Probe
 from mesh.logs import configure_service_logging
 from mesh.redisconn import connect_redis
+from mesh.revocations import RevocationFeed
 from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
-from mesh.tokens import JwtAuthenticator, KeyRing, LocalKeys, RedisRevocations
 from opsmesh.session.v1 import session_pb2_grpc
-from session_svc.accounts import Accounts
 from session_svc.config import SessionSettings
-from session_svc.identity import IdentityHttp
-from session_svc.oauth import OAuthServer
 from session_svc.service import SERVICE_NAME, SessionService
 from session_svc.store import SessionStore
 
@@ -34,26 +31,7 @@ def build_runner(
         max_sessions_per_user=settings.limits.max_sessions_per_user,
     )
     service = SessionService(store, settings.limits)
-    ring = KeyRing.load_or_create(settings.issuer.keys_dir)
-    accounts = Accounts(client, settings=settings.sign_in)
-    oauth = OAuthServer(
-        client,
-        ring=ring,
-        auth=settings.auth,
-        access_ttl=settings.issuer.access_token_ttl,
-        settings=settings.oauth,
-    )
-    identity = IdentityHttp(
-        settings.issuer, ring, settings.auth.issuer, oauth=oauth, accounts=accounts
-    )
-    if authenticator is None and settings.auth.mode == "jwt":
-        # The issuer verifies with its own keys, not through its own HTTP endpoint.
-        authenticator = JwtAuthenticator(
-            keys=LocalKeys(ring),
-            issuer=settings.auth.issuer,
-            audience=settings.auth.audience,
-            revoked=RedisRevocations(client),
-        )
+    revocations = RevocationFeed.open(settings.auth.revocation_feed_url, default=client)
     base = options or RunnerOptions()
     return ServiceRunner(
         settings=settings.server,
@@ -62,9 +40,9 @@ def build_runner(
                 SERVICE_NAME, service, session_pb2_grpc.add_SessionServiceServicer_to_server
             )
         ],
-        authenticator=authenticator or authenticator_for(settings.auth),
+        authenticator=authenticator or authenticator_for(settings.auth, revocations=revocations),
         probes=[Probe(name="redis", check=store.ping)],
-        options=base.extended(on_start=(identity.start,), on_stop=(identity.stop, client.aclose)),
+        options=base.extended(on_stop=(revocations.aclose, client.aclose)),
     )
 
 

@@ -66,7 +66,8 @@ class TaskSettings:
     retry: Mapping[int, RetryPolicy]
     auth: AuthSettings = field(default_factory=AuthSettings)
     revocations: RedisSettings | None = None
-    """The issuer's Redis, where revoked sessions are listed (jwt mode)."""
+    """Where the revocation feed is read without OPSMESH_REVOCATION_FEED_URL (jwt mode):
+    OPSMESH_REDIS_URL, the task service keeps nothing of its own in Redis."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> TaskSettings:

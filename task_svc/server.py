@@ -9,7 +9,7 @@ from mesh.auth import Authenticator, authenticator_for
 from mesh.health import Probe
 from mesh.logs import configure_service_logging
 from mesh.natsconn import close_nats, connect_nats
-from mesh.redisconn import connect_redis
+from mesh.revocations import RevocationFeed
 from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
 from opsmesh.task.v1 import task_pb2_grpc
 from task_svc.config import TaskSettings
@@ -32,7 +32,7 @@ async def build_runner(
     service = TaskService(store, publisher, dict(settings.retry))
     # Tokens of revoked sessions are refused before they expire (jwt mode only).
     revocations = (
-        connect_redis(settings.revocations)
+        RevocationFeed.open(settings.auth.revocation_feed_url, default=settings.revocations)
         if settings.auth.mode == "jwt" and settings.revocations is not None
         else None
     )
@@ -46,7 +46,7 @@ async def build_runner(
         registrations=[
             Registration.of(SERVICE_NAME, service, task_pb2_grpc.add_TaskServiceServicer_to_server)
         ],
-        authenticator=authenticator or authenticator_for(settings.auth, redis=revocations),
+        authenticator=authenticator or authenticator_for(settings.auth, revocations=revocations),
         probes=[Probe(name="nats", check=jetstream_answers)],
         options=base.extended(
             on_stop=(

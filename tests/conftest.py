@@ -1,4 +1,5 @@
-"""Fixtures: real redis-server and nats-server on ephemeral ports, and the session service."""
+"""Fixtures: real redis-server and nats-server on ephemeral ports, the session service, and
+settings for an identity service (the token issuer)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ import pytest
 from grpc import aio
 
 from devtools.servers import NatsServer, RedisServer
+from identity_svc.config import IdentitySettings
+from identity_svc.http import IssuerSettings
+from identity_svc.oauth import OAuthSettings
 from mesh import errors
+from mesh.auth import AuthSettings
 from mesh.redisconn import RedisSettings
 from mesh.server import RunnerOptions, ServiceRunner
 from mesh.settings import ServerSettings
 from opsmesh.session.v1 import session_pb2_grpc
 from session_svc.config import SessionLimits, SessionSettings
-from session_svc.identity import IssuerSettings
 from session_svc.server import build_runner
 
 # A server answering with an error reason the contract (errors.proto) does not declare fails the
@@ -70,7 +74,29 @@ def session_settings(redis_url: str, **limits: float) -> SessionSettings:
         redis=RedisSettings(url=redis_url, socket_timeout=0.5, connect_timeout=0.5),
         limits=replace(TEST_LIMITS, **limits),  # type: ignore[arg-type]
         key_prefix=f"test:{uuid.uuid4().hex[:8]}:",
-        issuer=IssuerSettings(keys_dir=Path(tempfile.mkdtemp(prefix="keys-")), http_port=0),
+    )
+
+
+def identity_settings(
+    redis_url: str,
+    *,
+    keys_dir: Path | None = None,
+    http_port: int = 0,
+    access_token_ttl: float = 900.0,
+    oauth: OAuthSettings | None = None,
+) -> IdentitySettings:
+    """Settings for an identity service (JWT mode) on ephemeral gRPC and ``http_port``
+    (0: no OAuth endpoints), issuing as ``http://127.0.0.1:<http_port>``."""
+    return IdentitySettings(
+        server=ServerSettings(port=0, grace_period=2.0),
+        redis=RedisSettings(url=redis_url, socket_timeout=0.5, connect_timeout=0.5),
+        auth=AuthSettings(mode="jwt", issuer=f"http://127.0.0.1:{http_port}", audience="opsmesh"),
+        issuer=IssuerSettings(
+            keys_dir=keys_dir or Path(tempfile.mkdtemp(prefix="keys-")),
+            http_port=http_port,
+            access_token_ttl=access_token_ttl,
+        ),
+        oauth=oauth or OAuthSettings(),
     )
 
 

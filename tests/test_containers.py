@@ -149,7 +149,7 @@ def test_nothing_secret_is_copied_in(path: Path) -> None:
 def test_the_secret_path_rule_catches_secrets() -> None:
     for path in (".run", ".run/keys/k1.pem", ".env", "ui/.env.local", "deploy/tls.key", "keys/"):
         assert SECRET_PATH.search(path), path
-    for path in ("mesh/tokens.py", "session_svc/", "gen/python/", "ui/"):
+    for path in ("mesh/tokens.py", "identity_svc/keys.py", "session_svc/", "gen/python/", "ui/"):
         assert not SECRET_PATH.search(path), path
 
 
@@ -233,7 +233,7 @@ def test_the_ignore_file_keeps_secrets_out_of_the_build_context(path: Path) -> N
         ".env.production",
         "ui/.env.local",
         "mesh/.env",
-        "session_svc/keys/signing.pem",
+        "identity_svc/keys/signing.pem",
         "deploy/tls/server.key",
         ".git/config",
         "node_modules/x/index.js",
@@ -245,7 +245,8 @@ def test_the_ignore_file_keeps_secrets_out_of_the_build_context(path: Path) -> N
         "README.md",
         "mesh/server.py",
         "mesh/tokens.py",
-        "session_svc/tokens.py",
+        "identity_svc/tokens.py",
+        "identity_svc/keys.py",
         "chat_svc/schema/001_chat_history.sql",
         "gen/python/opsmesh/__init__.py",
         "gen/ts/opsmesh/chat/v1/chat_pb.ts",

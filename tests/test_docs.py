@@ -24,6 +24,7 @@ DOC_FILES = sorted(
 )
 SOURCE_PACKAGES = (
     "mesh",
+    "identity_svc",
     "session_svc",
     "chat_svc",
     "notify_svc",

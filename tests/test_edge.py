@@ -8,7 +8,7 @@ import shutil
 import struct
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -21,24 +21,33 @@ from grpc_reflection.v1alpha import reflection_pb2
 from chat_svc.config import ChatSettings
 from chat_svc.model import ModelSettings
 from chat_svc.server import build_runner as build_chat
-from devtools.edge import envoy_process, free_edge_ports, render
+from devtools.edge import EdgeTopology, envoy_process, free_edge_ports, render
 from devtools.servers import RedisServer
 from edgeinfo_svc.health import EdgeHealth
-from edgeinfo_svc.server import CHAT, NOTIFY, PUBLIC_SERVICES, SESSION, TASK, EdgeInfoSettings
+from edgeinfo_svc.server import (
+    CHAT,
+    IDENTITY,
+    NOTIFY,
+    PUBLIC_SERVICES,
+    SESSION,
+    TASK,
+    EdgeInfoSettings,
+)
 from edgeinfo_svc.server import build_runner as build_edgeinfo
+from identity_svc.keys import KeyRing, issue_access_token
+from identity_svc.server import build_runner as build_identity
 from mesh.auth import AuthSettings
 from mesh.context import Principal
 from mesh.redisconn import RedisSettings
 from mesh.server import ServiceRunner
 from mesh.settings import ServerSettings
-from mesh.tokens import KeyRing, issue_access_token
+from opsmesh.identity.v1 import identity_pb2, identity_pb2_grpc
 from opsmesh.session.v1 import session_pb2 as pb
 from opsmesh.session.v1 import session_pb2_grpc
 from ratelimit_svc.server import RateLimitSettings
 from ratelimit_svc.server import build_runner as build_ratelimit
-from session_svc.identity import IssuerSettings
 from session_svc.server import build_runner as build_session
-from tests.conftest import FAST_HEALTH, session_settings
+from tests.conftest import FAST_HEALTH, identity_settings, session_settings
 from tests.helpers import assert_eventually, wait_envoy_live
 
 USER_LIMIT = 20
@@ -63,7 +72,7 @@ class Edge:
 @pytest.fixture(params=["jwt"])
 async def edge(request, redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Edge]:
     ports = free_edge_ports()
-    issuer = f"http://127.0.0.1:{ports['session_http']}"
+    issuer = f"http://127.0.0.1:{ports['identity_http']}"
     base = session_settings(redis_server.url)
     session = build_session(
         type(base)(
@@ -72,7 +81,15 @@ async def edge(request, redis_server: RedisServer, tmp_path: Path) -> AsyncItera
             limits=base.limits,
             key_prefix=base.key_prefix,
             auth=AuthSettings(mode="jwt", issuer=issuer),
-            issuer=IssuerSettings(keys_dir=tmp_path / "keys", http_port=ports["session_http"]),
+        ),
+        options=FAST_HEALTH,
+    )
+    identity = build_identity(
+        replace(
+            identity_settings(
+                redis_server.url, keys_dir=tmp_path / "keys", http_port=ports["identity_http"]
+            ),
+            server=ServerSettings(port=ports["identity"]),
         ),
         options=FAST_HEALTH,
     )
@@ -94,7 +111,7 @@ async def edge(request, redis_server: RedisServer, tmp_path: Path) -> AsyncItera
         ),
         options=FAST_HEALTH,
     )
-    # Reflection and health at the edge; only the session service runs behind it here (the
+    # Reflection and health at the edge; only identity and session run behind it here (the
     # others' ports are free: down until a test starts one there).
     edgeinfo = build_edgeinfo(
         EdgeInfoSettings(
@@ -102,6 +119,7 @@ async def edge(request, redis_server: RedisServer, tmp_path: Path) -> AsyncItera
             backends={
                 name: f"127.0.0.1:{ports[key]}"
                 for name, key in (
+                    (IDENTITY, "identity"),
                     (SESSION, "session"),
                     (CHAT, "chat"),
                     (TASK, "task"),
@@ -113,13 +131,19 @@ async def edge(request, redis_server: RedisServer, tmp_path: Path) -> AsyncItera
         ),
         options=FAST_HEALTH,
     )
-    runners: list[ServiceRunner] = [session, ratelimit, edgeinfo]
+    runners: list[ServiceRunner] = [identity, session, ratelimit, edgeinfo]
     for runner in runners:
         await runner.start()
     config = tmp_path / "envoy.yaml"
     # A rate limit domain of its own: counters never leak between tests.
     config.write_text(
-        render(ports, domain=f"edge{tmp_path.name[-12:]}".replace("-", ""), issuer=issuer)
+        render(
+            EdgeTopology.dev(
+                ports,
+                ratelimit_domain=f"edge{tmp_path.name[-12:]}".replace("-", ""),
+                issuer=issuer,
+            )
+        )
     )
     envoy = envoy_process(config, tmp_path / "envoy.log")
     envoy.start(timeout=30)
@@ -161,6 +185,21 @@ async def test_native_grpc_through_envoy_needs_a_valid_token(edge) -> None:
     # Identity headers sent straight to the edge prove nothing: Envoy wants the token.
     spoofed = (("x-opsmesh-user-id", "ada"), ("x-opsmesh-org-id", "acme"))
     assert await list_sessions(edge, spoofed) == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_the_identity_service_answers_who_calls_through_the_edge(edge) -> None:
+    async with aio.insecure_channel(edge.grpc_address) as channel:
+        stub = identity_pb2_grpc.IdentityServiceStub(channel)
+        answer = await stub.GetCurrentUser(
+            identity_pb2.GetCurrentUserRequest(),
+            metadata=(("authorization", f"Bearer {edge.token('grace', 'globex')}"),),
+            timeout=10,
+        )
+        with pytest.raises(aio.AioRpcError) as refused:
+            await stub.GetCurrentUser(identity_pb2.GetCurrentUserRequest(), timeout=10)
+    assert (answer.user.user_id, answer.user.org_id) == ("grace", "globex")
+    assert answer.user.account_kind == identity_pb2.ACCOUNT_KIND_NONE  # an operator's token
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def grpc_web_frame(message: bytes) -> bytes:

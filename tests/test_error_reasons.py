@@ -34,7 +34,16 @@ from mesh.errors import (
 from opsmesh.errors.v1 import errors_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("mesh", "session_svc", "chat_svc", "notify_svc", "task_svc", "ratelimit_svc", "webui")
+PACKAGES = (
+    "mesh",
+    "identity_svc",
+    "session_svc",
+    "chat_svc",
+    "notify_svc",
+    "task_svc",
+    "ratelimit_svc",
+    "webui",
+)
 PROTO = ROOT / "proto" / "opsmesh" / "errors" / "v1" / "errors.proto"
 
 

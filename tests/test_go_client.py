@@ -20,7 +20,7 @@ from tests.webclient import ensure_built
 
 ROOT = Path(__file__).resolve().parent.parent
 GOCODE = Path("/usr/share/gocode")
-SERVICES = ("chat", "notify", "session", "task")
+SERVICES = ("chat", "identity", "notify", "session", "task")
 PROTOS = sorted(str(path.relative_to(ROOT / "proto")) for path in ROOT.glob("proto/**/*.proto"))
 DEBIAN_GO = (
     "golang-go protobuf-compiler libprotobuf-dev protoc-gen-go protoc-gen-go-grpc "
@@ -158,7 +158,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     run([*command, "up"], env=env, timeout=120)
     try:
         edge = f"localhost:{env['OPSMESH_DEV_EDGE_PORT']}"
-        issue = ["session_svc.tokens", "issue", "--user", "dev", "--org", "devorg"]
+        issue = ["identity_svc.tokens", "issue", "--user", "dev", "--org", "devorg"]
         token = run(
             [sys.executable, "-m", *issue],
             env=env

@@ -1,5 +1,5 @@
 """Issue #13 (identity): the penetration test's findings, replayed as the attacker's requests
-through the real Envoy edge in front of the session service's OAuth endpoints."""
+through the real Envoy edge in front of the identity service's OAuth endpoints."""
 
 from __future__ import annotations
 
@@ -21,16 +21,18 @@ import pytest
 import redis.asyncio as aioredis
 from grpc import aio
 
-from devtools.edge import envoy_process, free_edge_ports, render
+from devtools.edge import EdgeTopology, envoy_process, free_edge_ports, render
 from devtools.servers import RedisServer
+from identity_svc.accounts import Accounts, SignInSettings, SignInThrottled, address_key
+from identity_svc.config import IdentitySettings
+from identity_svc.http import IssuerSettings, client_address, parse_networks
+from identity_svc.server import build_runner as build_identity
 from mesh.errors import ResourceExhausted
 from mesh.redisconn import RedisSettings, connect_redis
 from mesh.server import ServiceRunner
 from mesh.settings import EnvReader, SettingsError
 from opsmesh.session.v1 import session_pb2_grpc
-from session_svc.accounts import Accounts, SignInSettings, SignInThrottled, address_key
 from session_svc.config import SessionSettings
-from session_svc.identity import IssuerSettings, client_address, parse_networks
 from session_svc.server import build_runner
 from tests.helpers import (
     redeem_code,
@@ -53,7 +55,7 @@ class Stack:
     edge: httpx.AsyncClient
     """A client of the edge that sits behind a trusted proxy (its X-Forwarded-For counts)."""
     issuer: str
-    session_http: str
+    identity_http: str
     sessions: session_pb2_grpc.SessionServiceStub
     redis: aioredis.Redis
     user: str
@@ -74,11 +76,11 @@ def this_hosts_addresses() -> list[str]:
 
 
 def stack_environment(ports: dict[str, int], redis_url: str, keys: Path) -> dict[str, str]:
-    """The session service's settings as an operator writes them (OPSMESH_* variables)."""
+    """The identity service's settings as an operator writes them (OPSMESH_* variables)."""
     return {
-        "OPSMESH_GRPC_PORT": str(ports["session"]),
+        "OPSMESH_GRPC_PORT": "0",
         "OPSMESH_METRICS_PORT": "0",
-        "OPSMESH_SESSION_HTTP_PORT": str(ports["session_http"]),
+        "OPSMESH_IDENTITY_HTTP_PORT": str(ports["identity_http"]),
         "OPSMESH_JWT_KEYS_DIR": str(keys),
         "OPSMESH_REDIS_URL": redis_url,
         "OPSMESH_AUTH_MODE": "jwt",
@@ -98,15 +100,27 @@ def stack_environment(ports: dict[str, int], redis_url: str, keys: Path) -> dict
 async def stack(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Stack]:
     ports = free_edge_ports()
     env = stack_environment(ports, redis_server.url, tmp_path / "keys")
-    session: ServiceRunner = build_runner(SessionSettings.from_env(env))
+    identity: ServiceRunner = build_identity(IdentitySettings.from_env(env))
+    await identity.start()
+    # A session service verifying like every service: the issuer's JWKS, the revocation feed.
+    session: ServiceRunner = build_runner(
+        SessionSettings.from_env(
+            {
+                **env,
+                "OPSMESH_GRPC_PORT": str(ports["session"]),
+                "OPSMESH_JWKS_URL": f"http://127.0.0.1:{ports['identity_http']}/.well-known/jwks.json",
+                "OPSMESH_REVOCATION_FEED_URL": redis_server.url,
+            }
+        )
+    )
     await session.start()
     client = connect_redis(RedisSettings(url=redis_server.url))
     user = f"eve{secrets.token_hex(4)}"
     await Accounts(client).create(org_id="acme", user_id=user, password=PASSWORD)
     config = tmp_path / "envoy.yaml"
     # No ratelimit_svc runs: Envoy's own login limit (failure_mode_deny: false) stays out of
-    # the way, so what is measured is the session service's throttling.
-    config.write_text(render(ports, domain=f"id{secrets.token_hex(4)}"))
+    # the way, so what is measured is the identity service's throttling.
+    config.write_text(render(EdgeTopology.dev(ports, ratelimit_domain=f"id{secrets.token_hex(4)}")))
     envoy = envoy_process(config, tmp_path / "envoy.log")
     envoy.start(timeout=30)
 
@@ -119,7 +133,7 @@ async def stack(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Stac
             yield Stack(
                 edge,
                 env["OPSMESH_JWT_ISSUER"],
-                f"http://127.0.0.1:{ports['session_http']}",
+                f"http://127.0.0.1:{ports['identity_http']}",
                 session_pb2_grpc.SessionServiceStub(channel),
                 client,
                 user,
@@ -127,6 +141,7 @@ async def stack(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Stac
     finally:
         envoy.stop()
         await session.stop()
+        await identity.stop()
         await client.aclose()
 
 
@@ -218,7 +233,7 @@ async def test_failed_logins_from_one_client_do_not_lock_out_another(stack: Stac
 async def test_a_direct_caller_cannot_spoof_its_address(stack: Stack) -> None:
     # Not a trusted proxy (127.0.0.2): its X-Forwarded-For is the attacker's own claim.
     transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
-    async with httpx.AsyncClient(base_url=stack.session_http, transport=transport) as direct:
+    async with httpx.AsyncClient(base_url=stack.identity_http, transport=transport) as direct:
         form = await login_form(direct, pkce()[1])
         statuses = [
             (await sign_in(direct, stack.user, "guess", some_address(), form=form)).status_code
@@ -358,6 +373,13 @@ async def test_a_login_post_from_elsewhere_is_refused(stack: Stack) -> None:
     # The form token is bound to the authorization request it was issued for.
     swapped = {**fields, "code_challenge": pkce()[1]}
     assert (await stack.edge.post("/oauth/authorize", data=swapped)).status_code == 403
+    # Under Referrer-Policy: no-referrer a browser sends `Origin: null` with our own form:
+    # the cookie and the form token decide then.
+    async with httpx.AsyncClient(base_url=str(stack.edge.base_url)) as cookieless:
+        refused = await cookieless.post("/oauth/authorize", data=fields, headers={"Origin": "null"})
+        assert refused.status_code == 403
+    nulled = await stack.edge.post("/oauth/authorize", data=fields, headers={"Origin": "null"})
+    assert nulled.status_code == 302
     own = await stack.edge.post("/oauth/authorize", data=fields, headers={"Origin": stack.issuer})
     assert own.status_code == 302
 
@@ -365,7 +387,7 @@ async def test_a_login_post_from_elsewhere_is_refused(stack: Stack) -> None:
 async def test_the_login_page_forbids_framing_sniffing_and_referrers(stack: Stack) -> None:
     page = await stack.edge.get("/oauth/authorize", params=authorize_params(pkce()[1]))
     assert page.headers["x-content-type-options"] == "nosniff"
-    assert page.headers["referrer-policy"] == "same-origin"  # no-referrer makes Origin null
+    assert page.headers["referrer-policy"] == "no-referrer"
     policy = page.headers["content-security-policy"]
     assert "frame-ancestors 'none'" in policy
     assert "default-src 'none'" in policy

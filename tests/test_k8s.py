@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -287,14 +288,11 @@ def test_generated_manifests_and_the_edge_config_are_current() -> None:
     assert k8s.stale_files() == [], "run: python -m devtools.k8s"
 
 
-def test_the_edge_config_follows_envoy_yaml(tmp_path: Path) -> None:
-    source = tmp_path / "envoy.yaml"
-    source.write_text(edge.CONFIG.read_text().replace("stream_idle_timeout: 300s", "x: 1"))
-    assert k8s.render_edge(source=source) != (k8s.BASE / "edge" / "envoy.yml").read_text()
-    unknown = edge.CONFIG.read_text().replace("- name: ratelimit\n", "- name: other\n")
-    source.write_text(unknown)
-    with pytest.raises(ValueError, match="'other' has no Service"):
-        k8s.render_edge(source=source)
+def test_every_edge_cluster_needs_a_service() -> None:
+    dev = edge.EdgeTopology.dev()
+    other = edge.Upstream(name="other", host="127.0.0.1", port=50099, grpc=True)
+    with pytest.raises(ValueError, match=r"'other'.* no Service"):
+        k8s.edge_topology(dev=replace(dev, upstreams=(*dev.upstreams, other)))
 
 
 @pytest.mark.skipif(not (Path(sys.executable).parent / "envoy").exists(), reason="no envoy")
@@ -500,7 +498,7 @@ def test_the_task_stream_and_bucket_run_on_three_jetstream_servers() -> None:
         assert env["OPSMESH_TASK_REPLICAS"] == "3", name
 
 
-# --- trust: the edge's credential, the listener, the proxies session_svc believes -------------
+# --- trust: the edge's credential, the listener, the proxies identity_svc believes ------------
 
 
 def _secret_ref(container: dict[str, Any], variable: str) -> tuple[str, str] | None:
@@ -562,18 +560,19 @@ def test_the_envoy_pod_writes_the_secret_into_its_config(tmp_path: Path) -> None
     assert _ratelimit_metadata(written)[0]["value"] == credential
 
 
-def test_session_believes_forwarded_addresses_only_from_the_configured_proxies(
+def test_identity_believes_forwarded_addresses_only_from_the_configured_proxies(
     rendered: list[dict[str, Any]],
 ) -> None:
     values = {(w, name): value for w, name, value in env_values(rendered)}
-    assert values[("session", "OPSMESH_TRUSTED_PROXIES")] == k8s.TRUSTED_PROXIES
-    assert not any(name == "OPSMESH_TRUSTED_PROXIES" for w, name in values if w != "session")
+    assert values[("identity", "OPSMESH_TRUSTED_PROXIES")] == k8s.TRUSTED_PROXIES
+    assert not any(name == "OPSMESH_TRUSTED_PROXIES" for w, name in values if w != "identity")
 
 
 def test_the_dev_edge_listens_on_loopback_unless_moved() -> None:
     source = yaml.safe_load(edge.CONFIG.read_text())
     listener = source["static_resources"]["listeners"][0]["address"]["socket_address"]
     assert listener["address"] == "127.0.0.1"
-    moved = yaml.safe_load(edge.render({"edge": 18080}, bind_address="0.0.0.0"))
+    moved_topology = edge.EdgeTopology.dev({"edge": 18080}, bind_address="0.0.0.0")
+    moved = yaml.safe_load(edge.render(moved_topology))
     listener = moved["static_resources"]["listeners"][0]["address"]["socket_address"]
     assert listener == {"address": "0.0.0.0", "port_value": 18080}

@@ -121,6 +121,7 @@ async def test_every_template_renders_html_and_text_in_every_locale(notify) -> N
         "billing_payment_failed",
         "billing_invoice_available",
         "password_reset",
+        "password_changed",
         "alert_notification",
     }
     names = {

@@ -19,12 +19,12 @@ import redis.exceptions
 from grpc import aio
 
 from devtools.servers import NatsServer, RedisServer, free_port
+from identity_svc.keys import issue_access_token
 from mesh.auth import AuthSettings
 from mesh.context import Principal
 from mesh.errors import PermissionDenied
 from mesh.redisconn import RedisSettings, connect_redis
 from mesh.settings import ServerSettings
-from mesh.tokens import issue_access_token
 from notify_svc.catalog import Catalog
 from notify_svc.config import NotifySettings
 from notify_svc.server import build_runner
@@ -161,6 +161,7 @@ def test_each_template_names_who_may_send_it() -> None:
         assert not may(template, "operator"), template
     assert may("org_invitation", "admin")
     assert not may("password_reset", "admin")
+    assert not may("password_changed", "admin")
     assert not may("workspace_provisioning_completed", "admin")
     assert may("billing_payment_failed", "webhook:billing")
     assert not may("billing_payment_failed", "admin")

@@ -23,23 +23,26 @@ import pytest
 from grpc import aio
 
 from devtools.servers import RedisServer, free_port
+from identity_svc.accounts import Accounts
+from identity_svc.keys import KeyRing, issue_access_token
+from identity_svc.oauth import OAuthSettings
+from identity_svc.server import build_runner as build_identity
 from mesh.auth import AuthSettings
 from mesh.clients import ServiceCredentials
 from mesh.context import Principal
 from mesh.errors import DependencyUnavailable
 from mesh.natsconn import NatsSettings
 from mesh.redisconn import RedisSettings, connect_redis
+from mesh.revocations import feed_key, feed_ttl_ms
 from mesh.settings import ServerSettings
+from opsmesh.identity.v1 import identity_pb2, identity_pb2_grpc
 from opsmesh.session.v1 import session_pb2 as pb
 from opsmesh.session.v1 import session_pb2_grpc
 from opsmesh.task.v1 import task_pb2, task_pb2_grpc
-from session_svc.accounts import Accounts
-from session_svc.identity import IssuerSettings
-from session_svc.oauth import OAuthSettings
 from session_svc.server import build_runner
 from task_svc.config import TaskSettings, Topology
 from task_svc.server import build_runner as build_tasks
-from tests.conftest import FAST_HEALTH, session_settings
+from tests.conftest import FAST_HEALTH, identity_settings, session_settings
 from tests.helpers import redeem_code, refresh_grant, status_with_token
 from tests.taskkit import retry_policies
 
@@ -54,6 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 class Issuer:
     http: httpx.AsyncClient
     sessions: session_pb2_grpc.SessionServiceStub
+    """A session service verifying like every service: the issuer's JWKS and revocation feed."""
+    identity: identity_pb2_grpc.IdentityServiceStub
     url: str
     user: str
 
@@ -62,34 +67,55 @@ class Issuer:
 async def issuer(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Issuer]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    base = session_settings(redis_server.url)
-    settings = type(base)(
-        server=base.server,
-        redis=base.redis,
-        limits=base.limits,
-        key_prefix=base.key_prefix,
-        auth=AuthSettings(mode="jwt", issuer=url, audience="opsmesh"),
-        issuer=IssuerSettings(keys_dir=tmp_path / "keys", http_port=port, access_token_ttl=300),
-        oauth=OAuthSettings(
-            clients={CLIENT: (REDIRECT,)},
-            reuse_grace=1.0,
-            service_clients={"task-worker": hashlib.sha256(SERVICE_SECRET.encode()).hexdigest()},
+    identity = build_identity(
+        identity_settings(
+            redis_server.url,
+            keys_dir=tmp_path / "keys",
+            http_port=port,
+            access_token_ttl=300,
+            oauth=OAuthSettings(
+                clients={CLIENT: (REDIRECT,)},
+                reuse_grace=1.0,
+                service_clients={
+                    "task-worker": hashlib.sha256(SERVICE_SECRET.encode()).hexdigest()
+                },
+            ),
         ),
+        options=FAST_HEALTH,
+    )
+    session_base = session_settings(redis_server.url)
+    sessions = build_runner(
+        type(session_base)(
+            server=session_base.server,
+            redis=session_base.redis,
+            limits=session_base.limits,
+            key_prefix=session_base.key_prefix,
+            auth=AuthSettings(mode="jwt", issuer=url, audience="opsmesh"),
+        ),
+        options=FAST_HEALTH,
     )
     user = f"ada{secrets.token_hex(3)}"
     client = connect_redis(RedisSettings(url=redis_server.url))
     await Accounts(client).create(org_id="acme", user_id=user, password=PASSWORD, roles="admin")
     await client.aclose()
-    runner = build_runner(settings, options=FAST_HEALTH)
-    await runner.start()
+    await identity.start()
+    await sessions.start()
     try:
         async with (
             httpx.AsyncClient(base_url=url) as http,
-            aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel,
+            aio.insecure_channel(f"127.0.0.1:{sessions.port}") as session_channel,
+            aio.insecure_channel(f"127.0.0.1:{identity.port}") as identity_channel,
         ):
-            yield Issuer(http, session_pb2_grpc.SessionServiceStub(channel), url, user)
+            yield Issuer(
+                http,
+                session_pb2_grpc.SessionServiceStub(session_channel),
+                identity_pb2_grpc.IdentityServiceStub(identity_channel),
+                url,
+                user,
+            )
     finally:
-        await runner.stop()
+        await sessions.stop()
+        await identity.stop()
 
 
 def pkce() -> tuple[str, str]:
@@ -342,7 +368,7 @@ def test_account_command_creates_users_with_generated_or_given_passwords(
 
     def accounts(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "session_svc.accounts", "create", *args],
+            [sys.executable, "-m", "identity_svc.accounts", "create", *args],
             env=env,
             cwd=ROOT,
             input=stdin,
@@ -444,3 +470,106 @@ async def test_unreachable_token_endpoint_is_unavailable() -> None:
     with pytest.raises(DependencyUnavailable):
         await credentials.token()
     await credentials.close()
+
+
+async def test_current_user_names_the_caller_and_the_account_identity_holds(
+    issuer, tmp_path: Path
+) -> None:
+    verifier, challenge = pkce()
+    tokens = (await exchange(issuer, await code_for(issuer, challenge), verifier)).json()
+    as_user = (("authorization", f"Bearer {tokens['access_token']}"),)
+    user = (
+        await issuer.identity.GetCurrentUser(identity_pb2.GetCurrentUserRequest(), metadata=as_user)
+    ).user
+    assert (user.user_id, user.org_id, list(user.roles)) == (issuer.user, "acme", ["admin"])
+    assert user.account_kind == identity_pb2.ACCOUNT_KIND_LOCAL
+
+    credentials = ServiceCredentials(
+        token_url=f"{issuer.url}/oauth/token", client_id="task-worker", secret=SERVICE_SECRET
+    )
+    try:
+        acting = await credentials(Principal(issuer.user, "acme"))
+        service = (
+            await issuer.identity.GetCurrentUser(
+                identity_pb2.GetCurrentUserRequest(), metadata=acting
+            )
+        ).user
+        assert service.account_kind == identity_pb2.ACCOUNT_KIND_SERVICE
+    finally:
+        await credentials.close()
+    # An operator's token for the same user in an org where identity holds no account of theirs.
+    elsewhere = issue_access_token(
+        KeyRing.load_or_create(tmp_path / "keys"),
+        Principal(issuer.user, "globex", frozenset({"viewer"})),
+        issuer=issuer.url,
+        audience="opsmesh",
+        ttl=60,
+    )
+    foreign = (
+        await issuer.identity.GetCurrentUser(
+            identity_pb2.GetCurrentUserRequest(),
+            metadata=(("authorization", f"Bearer {elsewhere}"),),
+        )
+    ).user
+    assert (foreign.org_id, list(foreign.roles)) == ("globex", ["viewer"])
+    assert foreign.account_kind == identity_pb2.ACCOUNT_KIND_NONE
+    with pytest.raises(aio.AioRpcError) as caught:
+        await issuer.identity.GetCurrentUser(identity_pb2.GetCurrentUserRequest())
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def _sid(access_token: str) -> str:
+    return str(jwt.decode(access_token, options={"verify_signature": False})["sid"])
+
+
+async def test_revocation_is_published_on_the_feed_in_the_same_step_and_expires(
+    issuer, redis_server: RedisServer
+) -> None:
+    """Every revocation path (sign-out, refresh-token reuse, code replay) writes the feed key
+    from inside the script that marks the family revoked, with a TTL covering the session's
+    access tokens; verifiers read only the feed."""
+    client = connect_redis(RedisSettings(url=redis_server.url))
+    try:
+        # Sign-out: watch Redis execute it; both writes come from the one Lua script.
+        verifier, challenge = pkce()
+        tokens = (await exchange(issuer, await code_for(issuer, challenge), verifier)).json()
+        sid = _sid(tokens["access_token"])
+        assert not await client.exists(feed_key(sid))
+        async with client.monitor() as monitor:
+            revoke = asyncio.ensure_future(
+                issuer.http.post("/oauth/revoke", data={"token": tokens["refresh_token"]})
+            )
+            writes = []
+            async for command in monitor.listen():
+                if sid in command["command"] and command["command"].split()[0] in ("HSET", "SET"):
+                    writes.append(command)
+                if command["command"].startswith(f"SET {feed_key(sid)}"):
+                    break
+            assert (await revoke).status_code == 200
+        assert [w["client_type"] for w in writes] == ["lua", "lua"], writes
+        assert "revoked" in writes[0]["command"]
+        ttl = await client.pttl(feed_key(sid))
+        assert 300_000 < ttl <= feed_ttl_ms(300)  # outlives every access token, then expires
+        assert await call_as(issuer, tokens["access_token"]) == grpc.StatusCode.UNAUTHENTICATED
+        # The verifier reads the feed, not the issuer's records: without the feed entry the
+        # (still revoked) session's access token would pass again.
+        await client.delete(feed_key(sid))
+        assert await call_as(issuer, tokens["access_token"]) == grpc.StatusCode.OK
+
+        # Refresh-token reuse.
+        verifier, challenge = pkce()
+        first = (await exchange(issuer, await code_for(issuer, challenge), verifier)).json()
+        await refresh(issuer, first["refresh_token"])
+        await refresh(issuer, first["refresh_token"])  # the grace answer
+        assert (await refresh(issuer, first["refresh_token"])).json()["error"] == "invalid_grant"
+        assert 0 < await client.pttl(feed_key(_sid(first["access_token"]))) <= feed_ttl_ms(300)
+
+        # Code replay.
+        verifier, challenge = pkce()
+        code = await code_for(issuer, challenge)
+        redeemed = (await exchange(issuer, code, verifier)).json()
+        assert (await exchange(issuer, code, verifier)).json()["error"] == "invalid_grant"
+        assert 0 < await client.pttl(feed_key(_sid(redeemed["access_token"]))) <= feed_ttl_ms(300)
+        assert await call_as(issuer, redeemed["access_token"]) == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await client.aclose()

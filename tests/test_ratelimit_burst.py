@@ -1,7 +1,7 @@
 """Rate limits that hold under a burst (issue #13), and Redis pools that queue instead of failing.
 
 The burst goes the attacker's way: one user's calls, many at once, through the real Envoy edge
-to real session_svc and ratelimit_svc processes on a real Redis.
+to real identity_svc, session_svc and ratelimit_svc processes on a real Redis.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import pytest
 import redis.asyncio as aioredis
 from grpc import aio
 
-from devtools.edge import envoy_process, free_edge_ports, render
+from devtools.edge import EdgeTopology, envoy_process, free_edge_ports, render
 from devtools.servers import ManagedProcess, RedisServer
+from identity_svc.keys import KeyRing, issue_access_token
 from mesh.context import Principal
 from mesh.errors import DependencyUnavailable
 from mesh.redisconn import PoolExhausted, RedisSettings, connect_redis, redis_errors
-from mesh.tokens import KeyRing, issue_access_token
 from opsmesh.session.v1 import session_pb2 as pb
 from opsmesh.session.v1 import session_pb2_grpc
 from ratelimit_svc.limits import Descriptor, Limiter, OverLimitCache, Rule
@@ -58,9 +58,9 @@ def _process(name: str, module: str, workdir: Path, ready: str, **env: str) -> M
 
 @pytest.fixture
 def edge(redis_server: RedisServer, tmp_path: Path) -> Iterator[Edge]:
-    """Envoy, session_svc and ratelimit_svc as the processes they are in production."""
+    """Envoy, identity_svc, session_svc and ratelimit_svc: the processes of production."""
     ports = free_edge_ports()
-    issuer = f"http://127.0.0.1:{ports['session_http']}"
+    issuer = f"http://127.0.0.1:{ports['identity_http']}"
     rules = tmp_path / "ratelimits.toml"
     rules.write_text(
         f'[[rule]]\nname = "per-user"\nkeys = ["user"]\nrequests_per_unit = {USER_LIMIT}\n'
@@ -69,16 +69,27 @@ def edge(redis_server: RedisServer, tmp_path: Path) -> Iterator[Edge]:
     )
     keys = tmp_path / "keys"
     shared = {"OPSMESH_REDIS_URL": redis_server.url}
+    identity = _process(
+        "identity_svc",
+        "identity_svc",
+        tmp_path,
+        "serving opsmesh",
+        OPSMESH_GRPC_PORT="0",
+        OPSMESH_IDENTITY_HTTP_PORT=str(ports["identity_http"]),
+        OPSMESH_AUTH_MODE="jwt",
+        OPSMESH_JWT_ISSUER=issuer,
+        OPSMESH_JWT_KEYS_DIR=str(keys),
+        **shared,
+    )
     session = _process(
         "session_svc",
         "session_svc",
         tmp_path,
         "serving opsmesh",
         OPSMESH_GRPC_PORT=str(ports["session"]),
-        OPSMESH_SESSION_HTTP_PORT=str(ports["session_http"]),
         OPSMESH_AUTH_MODE="jwt",
         OPSMESH_JWT_ISSUER=issuer,
-        OPSMESH_JWT_KEYS_DIR=str(keys),
+        OPSMESH_REVOCATION_FEED_URL=redis_server.url,
         **shared,
     )
     ratelimit = _process(
@@ -93,9 +104,12 @@ def edge(redis_server: RedisServer, tmp_path: Path) -> Iterator[Edge]:
     )
     config = tmp_path / "envoy.yaml"
     domain = f"burst{tmp_path.name[-12:]}".replace("-", "")
-    config.write_text(render(ports, domain=domain, issuer=issuer, edge_credential=EDGE_CREDENTIAL))
+    topology = EdgeTopology.dev(
+        ports, ratelimit_domain=domain, issuer=issuer, edge_credential=EDGE_CREDENTIAL
+    )
+    config.write_text(render(topology))
     envoy = envoy_process(config, tmp_path / "envoy.log")
-    processes = [session, ratelimit, envoy]
+    processes = [identity, session, ratelimit, envoy]
     try:
         for process in processes:
             process.start(timeout=60)

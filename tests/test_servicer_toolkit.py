@@ -1,7 +1,9 @@
-"""The servicer toolkit in mesh/: ids, idempotency keys, time types, backoff, downstream calls."""
+"""The servicer toolkit in mesh/: ids, idempotency keys, time types, backoff, downstream calls;
+and the layering it keeps: services import only mesh/ and gen/, never each other."""
 
 from __future__ import annotations
 
+import ast
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -126,6 +128,7 @@ _SERVICE_PACKAGES = (
     "notify_svc",
     "task_svc",
     "session_svc",
+    "identity_svc",
     "edgeinfo_svc",
     "ratelimit_svc",
 )
@@ -142,3 +145,44 @@ def test_no_service_copies_a_toolkit_helper(helper: str) -> None:
         if pattern.search(path.read_text(encoding="utf-8"))
     ]
     assert copies == [], f"{helper} copied in {copies}: use the one in mesh/"
+
+
+_ROOT = Path(__file__).resolve().parent.parent
+_PRODUCT_PACKAGES = (*_SERVICE_PACKAGES, "webui")
+
+
+def _imported_packages(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_services_import_only_mesh_and_gen_never_each_other() -> None:
+    crossings = [
+        f"{path.relative_to(_ROOT)} imports {other}"
+        for package in (*_PRODUCT_PACKAGES, "mesh")
+        for path in sorted((_ROOT / package).rglob("*.py"))
+        for other in sorted(_imported_packages(path) & {*_PRODUCT_PACKAGES, "devtools"})
+        if other != package
+    ]
+    assert crossings == []
+
+
+def test_no_module_outside_identity_svc_knows_identitys_private_keys() -> None:
+    """Identity's Redis layout (``opsmesh:id:*``) is its own; others read the revocation feed
+    (mesh/revocations.py), whose schema is the declared interface."""
+    private = "opsmesh:id:"
+    readers = [
+        str(path.relative_to(_ROOT))
+        for package in (*_PRODUCT_PACKAGES, "mesh", "devtools")
+        if package != "identity_svc"
+        for path in sorted((_ROOT / package).rglob("*.py"))
+        if private in path.read_text(encoding="utf-8")
+    ]
+    assert readers == []
+    assert private in (_ROOT / "identity_svc" / "oauth.py").read_text(encoding="utf-8")

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -88,7 +87,6 @@ async def test_sessions_through_redis_sentinel(own_redis: RedisServer, tmp_path:
             ),
             limits=settings.limits,
             key_prefix=settings.key_prefix,
-            issuer=settings.issuer,  # no identity HTTP port: tests never take the defaults
         )
         runner = build_runner(settings, options=FAST_HEALTH)
         await runner.start()
@@ -117,8 +115,6 @@ def _service_env(redis_url: str, port: int, **extra: str) -> dict[str, str]:
         OPSMESH_METRICS_PORT="0",
         OPSMESH_REDIS_URL=redis_url,
         OPSMESH_SESSION_KEY_PREFIX=f"proc:{uuid.uuid4().hex[:8]}:",
-        OPSMESH_SESSION_HTTP_PORT="0",
-        OPSMESH_JWT_KEYS_DIR=tempfile.mkdtemp(prefix="keys-"),
         **extra,
     )
     return env
@@ -251,7 +247,7 @@ def test_make_up_then_grpcurl_lists_creates_reads_updates_lists_and_expires(
             [
                 sys.executable,
                 "-m",
-                "session_svc.tokens",
+                "identity_svc.tokens",
                 "issue",
                 "--user",
                 "dev",

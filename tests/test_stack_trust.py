@@ -405,7 +405,9 @@ def test_restart_names_what_it_cannot_restart(stack: Stack) -> None:
 
 
 def test_the_printed_token_command_works_as_pasted_without_the_venv(stack: Stack) -> None:
-    line = next(line for line in stack.up_output.splitlines() if "session_svc.tokens issue" in line)
+    line = next(
+        line for line in stack.up_output.splitlines() if "identity_svc.tokens issue" in line
+    )
     command = line.split(": ", 1)[1]
     bare = {"PATH": "/usr/bin:/bin", "HOME": str(stack.run_dir)}  # no venv, no OPSMESH_*
     issued = subprocess.run(
@@ -457,7 +459,8 @@ def test_cors_oauth_and_ui_dev_follow_moved_edge_and_vite_ports(tmp_path: Path) 
 def test_the_bind_address_is_an_ip_address(tmp_path: Path) -> None:
     wide = StackConfig.from_env({"OPSMESH_BIND_ADDRESS": "0.0.0.0"}, tmp_path)
     assert wide.bind_address == "0.0.0.0"
-    assert "address: 0.0.0.0, port_value: 8080" in edge_config(wide)
+    (listener,) = yaml.safe_load(edge_config(wide))["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 8080}
     with pytest.raises(SystemExit, match="OPSMESH_BIND_ADDRESS='everywhere'"):
         StackConfig.from_env({"OPSMESH_BIND_ADDRESS": "everywhere"}, tmp_path)
 

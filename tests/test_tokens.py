@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -21,15 +22,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from grpc import aio
 
 from devtools.servers import RedisServer, free_port
+from identity_svc.keys import KeyRing, LocalKeys, issue_access_token
+from identity_svc.server import build_runner as build_identity
 from mesh.auth import AuthSettings
 from mesh.context import Principal
 from mesh.errors import Unauthenticated
-from mesh.tokens import JwtAuthenticator, KeyRing, LocalKeys, RemoteJwks, issue_access_token
+from mesh.redisconn import RedisSettings, connect_redis
+from mesh.revocations import RevocationFeed, feed_key
+from mesh.tokens import JwtAuthenticator, RemoteJwks
+from opsmesh.errors.v1 import errors_pb2
 from opsmesh.session.v1 import session_pb2 as pb
 from opsmesh.session.v1 import session_pb2_grpc
-from session_svc.identity import IssuerSettings
 from session_svc.server import build_runner
-from tests.conftest import FAST_HEALTH, session_settings
+from tests.conftest import FAST_HEALTH, identity_settings, session_settings
 
 ISSUER = "http://127.0.0.1:8090"
 AUDIENCE = "opsmesh"
@@ -174,8 +179,12 @@ async def test_services_verify_against_the_published_jwks_and_see_rotations(
         limits=settings.limits,
         key_prefix=settings.key_prefix,
         auth=AuthSettings(mode="jwt", issuer=issuer, audience=AUDIENCE),
-        issuer=IssuerSettings(keys_dir=tmp_path / "keys", http_port=port),
     )
+    identity = build_identity(
+        identity_settings(redis_server.url, keys_dir=tmp_path / "keys", http_port=port),
+        options=FAST_HEALTH,
+    )
+    await identity.start()
     runner = build_runner(settings, options=FAST_HEALTH)
     await runner.start()
     remote = RemoteJwks(f"{issuer}/.well-known/jwks.json", min_refresh=0)
@@ -216,6 +225,7 @@ async def test_services_verify_against_the_published_jwks_and_see_rotations(
     finally:
         await remote.close()
         await runner.stop()
+        await identity.stop()
 
 
 async def test_unreachable_jwks_refuses_rather_than_trusts() -> None:
@@ -240,7 +250,7 @@ def test_operator_command_prints_a_token_that_verifies(tmp_path: Path) -> None:
 
     def tokens(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "session_svc.tokens", *args],
+            [sys.executable, "-m", "identity_svc.tokens", *args],
             env=env,
             cwd=ROOT,
             capture_output=True,
@@ -259,3 +269,30 @@ def test_operator_command_prints_a_token_that_verifies(tmp_path: Path) -> None:
     assert "new signing key" in tokens("rotate").stdout
     assert "removed 0 key(s)" in tokens("prune", "--older-than", "1d").stdout
     assert tokens("prune", "--older-than", "soon").returncode == 2
+
+
+async def test_the_revocation_feed_refuses_published_sessions_and_fails_closed(
+    ring, redis_server: RedisServer
+) -> None:
+    client = connect_redis(RedisSettings(url=redis_server.url))
+    feed = RevocationFeed(client)
+    check = JwtAuthenticator(keys=LocalKeys(ring), issuer=ISSUER, audience=AUDIENCE, revoked=feed)
+    sid = f"sid-{uuid.uuid4()}"
+    try:
+        assert await check.authenticate(bearer(issue(ring, sid=sid)), "/x/Y") == ADA
+        await client.set(feed_key(sid), "1", px=60_000)
+        with pytest.raises(Unauthenticated) as revoked:
+            await check.authenticate(bearer(issue(ring, sid=sid)), "/x/Y")
+        assert revoked.value.reason == errors_pb2.ERROR_REASON_TOKEN_REVOKED
+        assert await check.authenticate(bearer(issue(ring)), "/x/Y") == ADA  # no sid: no session
+    finally:
+        await client.aclose()
+    # A feed that cannot be read refuses every token with a session, never trusts it.
+    dead = RevocationFeed.open(f"redis://127.0.0.1:{free_port()}/0", default=client)
+    blind = JwtAuthenticator(keys=LocalKeys(ring), issuer=ISSUER, audience=AUDIENCE, revoked=dead)
+    try:
+        with pytest.raises(Unauthenticated) as unknown:
+            await blind.authenticate(bearer(issue(ring, sid=sid)), "/x/Y")
+        assert unknown.value.reason == errors_pb2.ERROR_REASON_REVOCATION_UNKNOWN
+    finally:
+        await dead.aclose()

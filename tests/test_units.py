@@ -14,6 +14,7 @@ from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from devtools.servers import ManagedProcess, ServerStartError, find_binary
+from identity_svc.config import IdentitySettings
 from mesh.auth import authenticator_from_mode
 from mesh.context import Principal, current_principal, request_id_var
 from mesh.errors import DependencyUnavailable, InvalidArgument, to_status
@@ -84,48 +85,50 @@ def test_env_reader_parses_units_and_booleans() -> None:
     env.check()
 
 
-REQUIRED_SESSION_ENV = {
+REQUIRED_IDENTITY_ENV = {
     "OPSMESH_JWT_KEYS_DIR": "/var/lib/opsmesh/keys",
     "OPSMESH_JWT_ISSUER": "https://opsmesh.example",
 }
 
 
 def test_session_settings_defaults_and_cross_checks() -> None:
-    settings = SessionSettings.from_env(REQUIRED_SESSION_ENV)
+    settings = SessionSettings.from_env({})  # sessions only: no keys, no issuer needed
     assert settings.server.port == 50051
     assert settings.server.metrics_port == 9151
     # Production's defaults, not the dev stack's (make up sets its own ports and paths).
     assert settings.redis.url == "redis://127.0.0.1:6379/0"
-    assert settings.oauth.clients == {}
     assert settings.limits.default_ttl == 3600
-    with pytest.raises(SettingsError) as missing:
-        SessionSettings.from_env({})
-    assert "OPSMESH_JWT_KEYS_DIR is required" in str(missing.value)
-    assert "OPSMESH_JWT_ISSUER is required" in str(missing.value)
-    assert (
-        SessionSettings.from_env(
-            {"OPSMESH_JWT_KEYS_DIR": "/k", "OPSMESH_SESSION_HTTP_PORT": "0"}
-        ).auth.issuer
-        == ""
-    )  # no OAuth endpoints: no issuer needed
+    assert settings.auth.revocation_feed_url == ""  # the service's own Redis
     with pytest.raises(SettingsError, match="OPSMESH_SESSION_TTL=10s must lie within"):
-        SessionSettings.from_env(
-            {**REQUIRED_SESSION_ENV, "OPSMESH_SESSION_TTL": "10s", "OPSMESH_SESSION_MIN_TTL": "1m"}
-        )
+        SessionSettings.from_env({"OPSMESH_SESSION_TTL": "10s", "OPSMESH_SESSION_MIN_TTL": "1m"})
     with pytest.raises(SettingsError, match="OPSMESH_REDIS_SENTINELS"):
-        SessionSettings.from_env(
-            {**REQUIRED_SESSION_ENV, "OPSMESH_REDIS_SENTINELS": "host-without-port"}
-        )
+        SessionSettings.from_env({"OPSMESH_REDIS_SENTINELS": "host-without-port"})
+    with pytest.raises(SettingsError, match="OPSMESH_REVOCATION_FEED_URL"):
+        SessionSettings.from_env({"OPSMESH_REVOCATION_FEED_URL": "http://issuer"})
     sentinel = SessionSettings.from_env(
-        {
-            **REQUIRED_SESSION_ENV,
-            "OPSMESH_REDIS_SENTINELS": "s1:26379, [::1]:26380",
-            "OPSMESH_REDIS_PASSWORD": "pw",
-        }
+        {"OPSMESH_REDIS_SENTINELS": "s1:26379, [::1]:26380", "OPSMESH_REDIS_PASSWORD": "pw"}
     )
     assert sentinel.redis.sentinels == (("s1", 26379), ("::1", 26380))
     assert sentinel.redis.password == "pw"
     assert connect_redis(sentinel.redis) is not None
+
+
+def test_identity_settings_defaults_and_cross_checks() -> None:
+    settings = IdentitySettings.from_env(REQUIRED_IDENTITY_ENV)
+    assert (settings.server.port, settings.server.metrics_port) == (50058, 9158)
+    assert settings.issuer.http_port == 8090
+    assert settings.redis.url == "redis://127.0.0.1:6379/0"
+    assert settings.oauth.clients == {}
+    with pytest.raises(SettingsError) as missing:
+        IdentitySettings.from_env({})
+    assert "OPSMESH_JWT_KEYS_DIR is required" in str(missing.value)
+    assert "OPSMESH_JWT_ISSUER is required" in str(missing.value)
+    assert (
+        IdentitySettings.from_env(
+            {"OPSMESH_JWT_KEYS_DIR": "/k", "OPSMESH_IDENTITY_HTTP_PORT": "0"}
+        ).auth.issuer
+        == ""
+    )  # no OAuth endpoints: no issuer needed
 
 
 def test_server_settings_from_env() -> None:

@@ -36,9 +36,18 @@ from tests.helpers import assert_eventually
 from webui.server import WebSettings
 
 CHECKOUT = Path(__file__).resolve().parent.parent
-PRODUCT = {"mesh", "session_svc", "chat_svc", "notify_svc", "task_svc", "ratelimit_svc"}
+PRODUCT = {
+    "mesh",
+    "identity_svc",
+    "session_svc",
+    "chat_svc",
+    "notify_svc",
+    "task_svc",
+    "ratelimit_svc",
+}
 PRODUCT |= {"edgeinfo_svc", "webui", "opsmesh"}  # opsmesh: the generated code
 ENTRY_MODULES = (
+    "identity_svc",
     "session_svc",
     "chat_svc",
     "notify_svc",

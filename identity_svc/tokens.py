@@ -1,8 +1,8 @@
 """Operator commands for access tokens; they need the signing keys, so only an operator can.
 
-    python -m session_svc.tokens issue --user ada --org acme [--roles admin,ops] [--ttl 15m]
-    python -m session_svc.tokens rotate        # a new signing key; old ones stay published
-    python -m session_svc.tokens prune --older-than 1d
+    python -m identity_svc.tokens issue --user ada --org acme [--roles admin,ops] [--ttl 15m]
+    python -m identity_svc.tokens rotate        # a new signing key; old ones stay published
+    python -m identity_svc.tokens prune --older-than 1d
 
 The keys directory and the issuer come from OPSMESH_JWT_KEYS_DIR and OPSMESH_JWT_ISSUER /
 OPSMESH_JWT_AUDIENCE, as for the service.
@@ -16,17 +16,17 @@ import sys
 import time
 from collections.abc import Sequence
 
+from identity_svc.http import IssuerSettings
+from identity_svc.keys import KeyRing, issue_access_token
 from mesh.auth import AuthSettings
 from mesh.context import Principal, parse_identifier, parse_roles
 from mesh.errors import Unauthenticated
 from mesh.settings import EnvReader, SettingsError
-from mesh.tokens import KeyRing, issue_access_token
-from session_svc.identity import IssuerSettings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m session_svc.tokens",
+        prog="python -m identity_svc.tokens",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,4 +1,4 @@
-"""The session service as OAuth 2.1 authorization server, over HTTP.
+"""The identity service's HTTP side: the OAuth 2.1 authorization server.
 
 * ``GET /.well-known/openid-configuration``: discovery; ``GET /.well-known/jwks.json``:
   every key of the ring (services and Envoy verify access tokens with them).
@@ -11,6 +11,8 @@
 * ``POST /oauth/token``: ``authorization_code`` (with ``code_verifier``),
   ``refresh_token`` (rotating) and ``client_credentials``; ``POST /oauth/revoke``: ends
   a refresh token's session.
+* The account pages (identity_svc/web.py: one stylesheet, no-referrer, form tokens):
+  ``/account/password/*`` (reset, identity_svc/reset_pages.py) and the invitation page.
 """
 
 from __future__ import annotations
@@ -25,16 +27,17 @@ import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote_plus, urlencode, urlsplit
+from urllib.parse import unquote_plus, urlencode
 
-import jinja2
 from aiohttp import web
 
+from identity_svc.accounts import Accounts, SignInThrottled
+from identity_svc.keys import KeyRing
+from identity_svc.oauth import SUPPORTED_SCOPES, OAuthError, OAuthServer, granted_scope
+from identity_svc.web import STYLESHEET_PATH, Pages, foreign_origin, origin_of, page, stylesheet
 from mesh.errors import ResourceExhausted
 from mesh.settings import EnvReader
-from mesh.tokens import ALGORITHM, KeyRing
-from session_svc.accounts import Accounts, SignInThrottled
-from session_svc.oauth import SUPPORTED_SCOPES, OAuthError, OAuthServer, granted_scope
+from mesh.tokens import ALGORITHM
 
 log = logging.getLogger("opsmesh.identity")
 
@@ -68,7 +71,7 @@ class IssuerSettings:
         return cls(
             keys_dir=_keys_dir(env),
             http_host=env.string("OPSMESH_HOST", "127.0.0.1"),
-            http_port=env.integer("OPSMESH_SESSION_HTTP_PORT", 8090, minimum=0, maximum=65535),
+            http_port=env.integer("OPSMESH_IDENTITY_HTTP_PORT", 8090, minimum=0, maximum=65535),
             access_token_ttl=env.seconds(
                 "OPSMESH_ACCESS_TOKEN_TTL", 900, minimum=60, maximum=86400
             ),
@@ -134,21 +137,6 @@ def _bad_client(description: str) -> OAuthError:
     return OAuthError("invalid_client", description, 401)
 
 
-_LOGIN = jinja2.Environment(autoescape=True).from_string(
-    """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>Sign in to opsmesh</title></head>
-<body style="font-family:system-ui,sans-serif;max-width:360px;margin:64px auto">
-<h1>Sign in to opsmesh</h1>
-{% if error %}<p role="alert" style="color:#b91c1c">{{ error }}</p>{% endif %}
-<form method="post" action="/oauth/authorize">
-{% for name, value in hidden.items() %}<input type="hidden" name="{{ name }}" value="{{ value }}">
-{% endfor %}<p><label for="username">User</label><br>
-<input id="username" name="username" autocomplete="username" required value="{{ username }}"></p>
-<p><label for="password">Password</label><br>
-<input id="password" name="password" type="password" autocomplete="current-password" required></p>
-<p><button type="submit">Sign in</button></p></form></body></html>"""
-)
 _AUTHORIZE_FIELDS = (
     "response_type",
     "client_id",
@@ -161,10 +149,9 @@ _AUTHORIZE_FIELDS = (
 )
 FORM_TOKEN_FIELD = "form_token"  # noqa: S105 - a form field's name, no secret
 LOGIN_COOKIE = "opsmesh_login"
-# Every identity response: no MIME sniffing, no URL (with codes or state) in Referer headers.
-# same-origin, not no-referrer: under no-referrer a browser posts the sign-in form with
-# `Origin: null`, which the form's Origin check must refuse; other sites still get no referrer.
-_BASELINE_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin"}
+# Every identity response: no MIME sniffing, no URL (with codes, state or a reset or
+# invitation token) in any Referer header, not even to our own origin.
+_BASELINE_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 def form_token(browser_secret: str, params: Mapping[str, str]) -> str:
@@ -172,11 +159,6 @@ def form_token(browser_secret: str, params: Mapping[str, str]) -> str:
     request = "\n".join(f"{name}={params.get(name, '')}" for name in _AUTHORIZE_FIELDS)
     digest = hmac.new(browser_secret.encode(), request.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).decode().rstrip("=")
-
-
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 def _oauth_error(error: OAuthError) -> web.Response:
@@ -218,6 +200,7 @@ class IdentityHttp:
         self._issuer = issuer
         self._oauth = oauth
         self._accounts = accounts
+        self._pages: list[Pages] = []
         app = web.Application(client_max_size=64 * 1024, middlewares=[_baseline_headers])
         app.router.add_get("/.well-known/jwks.json", self._jwks)
         app.router.add_get("/.well-known/openid-configuration", self._discovery)
@@ -226,8 +209,15 @@ class IdentityHttp:
             app.router.add_post("/oauth/authorize", self._authorize)
             app.router.add_post("/oauth/token", self._token)
             app.router.add_post("/oauth/revoke", self._revoke)
+            app.router.add_get(STYLESHEET_PATH, stylesheet)
+        self._app = app
         self._runner = web.AppRunner(app, access_log=None)
         self.port = 0
+
+    def add_pages(self, pages: Pages) -> None:
+        """Serves ``pages`` too (before :meth:`start`)."""
+        pages.add_routes(self._app)
+        self._pages.append(pages)
 
     async def _jwks(self, request: web.Request) -> web.Response:
         self._ring.reload()  # keys rotated by the operator command appear without a restart
@@ -274,7 +264,7 @@ class IdentityHttp:
         granted_scope(params["scope"])
         return params
 
-    def _client_address(self, request: web.Request) -> str:
+    def address_of(self, request: web.Request) -> str:
         return client_address(
             request.remote or "unknown",
             request.headers.getall("X-Forwarded-For", []),
@@ -304,26 +294,20 @@ class IdentityHttp:
         self, params: dict[str, str], secret: str, error: str, username: str, status: int
     ) -> web.Response:
         hidden = {**params, FORM_TOKEN_FIELD: form_token(secret, params)}
-        return web.Response(
-            text=_LOGIN.render(hidden=hidden, error=error, username=username),
-            content_type="text/html",
+        return page(
+            "sign_in.html",
             status=status,
-            headers={
-                "Cache-Control": "no-store",
-                "X-Frame-Options": "DENY",
-                # The form posts here and its answer redirects to the client: both allowed.
-                "Content-Security-Policy": (
-                    "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
-                    f"form-action 'self' {_origin(params['redirect_uri'])}; "
-                    "frame-ancestors 'none'"
-                ),
-            },
+            # The form posts here and its answer redirects to the client: both allowed.
+            form_targets=origin_of(params["redirect_uri"]),
+            title="Sign in to opsmesh",
+            hidden=hidden,
+            error=error,
+            username=username,
         )
 
     def _forged(self, request: web.Request, params: dict[str, str], token: str) -> bool:
         """Did the POST not come from our own login page in this browser?"""
-        origin = request.headers.get("Origin")
-        if origin is not None and origin.lower() != _origin(self._issuer):
+        if foreign_origin(request, self._issuer):
             return True
         secret = request.cookies.get(LOGIN_COOKIE, "")
         return not secret or not hmac.compare_digest(token, form_token(secret, params))
@@ -345,7 +329,7 @@ class IdentityHttp:
         username = form.get("username", "")[:128]
         try:
             account = await self._accounts.verify(
-                username, form.get("password", ""), self._client_address(request)
+                username, form.get("password", ""), self.address_of(request)
             )
         except ResourceExhausted as refused:
             message = (
@@ -358,6 +342,9 @@ class IdentityHttp:
             return response
         if account is None:
             return self._login(params, secret, "Wrong user or password.", username, 401)
+        if not account.org_id:  # removed from every organization: nothing to sign in to
+            message = "This account belongs to no organization any more."
+            return self._login(params, secret, message, username, 403)
         code = await self._oauth.issue_code(
             account,
             client_id=params["client_id"],
@@ -416,5 +403,7 @@ class IdentityHttp:
 
     async def stop(self) -> None:
         await self._runner.cleanup()
+        for more in self._pages:
+            await more.drain()
         if self._accounts is not None:
             self._accounts.close()

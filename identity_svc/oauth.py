@@ -9,6 +9,10 @@ more within ``reuse_grace`` and is then answered with the very same successor (a
 response is retryable, nothing more); any other reuse revokes the family. A family
 (the ``sid`` claim of its access tokens) lives at most ``refresh_absolute``; each
 refresh token at most ``refresh_idle``; every key written has a TTL.
+
+Revoking a family also publishes it on the revocation feed (mesh/revocations.py) in the same
+Lua script, so no revocation is recorded without being published; the feed, not these keys,
+is what other services read.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from cryptography.fernet import Fernet, InvalidToken
 
+from identity_svc.accounts import Account
+from identity_svc.keys import KeyRing, issue_access_token
 from mesh.auth import AuthSettings
 from mesh.context import Principal
 from mesh.redisconn import redis_errors
+from mesh.revocations import FEED_KEY_PREFIX, feed_key, feed_ttl_ms
 from mesh.settings import EnvReader
-from mesh.tokens import KeyRing, issue_access_token
-from session_svc.accounts import Account
 
 SUPPORTED_SCOPES = ("openid", "offline_access")
 """What a client may ask for; ``offline_access`` is what earns a refresh token."""
@@ -39,7 +44,8 @@ SUPPORTED_SCOPES = ("openid", "offline_access")
 # Rotates a refresh token. A spent token is answered once more, within the grace and while
 # its successor is still unused, with that same successor (sealed so that only the holder
 # of the spent token can open it): a response lost on the way is retryable. Any other
-# presentation of a spent token is theft or a broken client, and revokes the family.
+# presentation of a spent token is theft or a broken client, and revokes the family (and
+# publishes it on the revocation feed: ARGV[8] its key prefix, ARGV[9] its TTL in ms).
 _REFRESH = """
 local token = redis.call('HGETALL', KEYS[1])
 if #token == 0 then return {'invalid'} end
@@ -60,6 +66,7 @@ if used > 0 then
     return {'grace', t.family, f[1], f[2], f[3], f[4] or '', t.sealed}
   end
   redis.call('HSET', family, 'revoked', '1')
+  redis.call('SET', ARGV[8] .. t.family, '1', 'PX', ARGV[9])
   return {'reused', t.family}
 end
 redis.call('HSET', KEYS[1], 'used_at', now, 'successor', ARGV[4], 'sealed', ARGV[7])
@@ -74,6 +81,7 @@ return {'ok', t.family, f[1], f[2], f[3], f[4] or ''}
 
 # Takes a code once; a second presentation finds the tombstone and revokes what it issued
 # (if it issued anything: a failed exchange left no family, and none is created here).
+# ARGV[4], ARGV[5]: the revocation feed's key prefix and TTL (ms).
 _TAKE_CODE = """
 local code = redis.call('GETDEL', KEYS[1])
 if code then
@@ -84,15 +92,43 @@ local family = redis.call('GET', KEYS[2])
 if family then
   local key = ARGV[3] .. 'fam:' .. family
   if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, 'revoked', '1') end
+  -- Published even before the family exists: a replay racing the first exchange still
+  -- ends the access tokens that exchange is about to issue.
+  redis.call('SET', ARGV[4] .. family, '1', 'PX', ARGV[5])
   return {'replayed', family}
 end
 return {'invalid'}
 """
 
-# Revokes an existing family; an unknown one is left unwritten (every key has a TTL).
+# Revokes an existing family and publishes it on the revocation feed (KEYS[2], for ARGV[1]
+# ms); an unknown family is left unwritten (every key has a TTL).
 _REVOKE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'revoked', '1') end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'revoked', '1')
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
+end
 return 0
+"""
+
+# Revokes every live family of one user (KEYS[1]: the user's family index), or of one of
+# their organizations (ARGV[4], empty: all), publishing each on the revocation feed (ARGV[2],
+# for ARGV[3] ms) in the same step; families that expired leave the index. Replies the count.
+_REVOKE_USER = """
+local revoked = 0
+for _, family in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = ARGV[1] .. 'fam:' .. family
+  local record = redis.call('HMGET', key, 'org', 'revoked')
+  if not record[1] then
+    redis.call('SREM', KEYS[1], family)
+  elseif ARGV[4] == '' or record[1] == ARGV[4] then
+    if record[2] ~= '1' then
+      redis.call('HSET', key, 'revoked', '1')
+      revoked = revoked + 1
+    end
+    redis.call('SET', ARGV[2] .. family, '1', 'PX', ARGV[3])
+  end
+end
+return revoked
 """
 
 
@@ -204,11 +240,14 @@ class OAuthServer:
         self._ring = ring
         self._auth = auth
         self._access_ttl = access_ttl
+        # A revocation stays on the feed until the session's last access token expired.
+        self._feed_ttl_ms = feed_ttl_ms(access_ttl)
         self.settings = settings
         self._prefix = prefix
         self._refresh = client.register_script(_REFRESH)
         self._take_code = client.register_script(_TAKE_CODE)
         self._revoke = client.register_script(_REVOKE)
+        self._revoke_user = client.register_script(_REVOKE_USER)
 
     def check_client(self, client_id: str, redirect_uri: str) -> None:
         allowed = self.settings.clients.get(client_id)
@@ -266,7 +305,13 @@ class OAuthServer:
         with redis_errors():
             outcome = await self._take_code(
                 keys=[f"{self._prefix}code:{digest}", f"{self._prefix}codeused:{digest}"],
-                args=[family, int(self.settings.refresh_absolute * 1000), self._prefix],
+                args=[
+                    family,
+                    int(self.settings.refresh_absolute * 1000),
+                    self._prefix,
+                    FEED_KEY_PREFIX,
+                    self._feed_ttl_ms,
+                ],
             )
         if outcome[0] == b"replayed":
             raise OAuthError(
@@ -316,6 +361,12 @@ class OAuthServer:
                     },
                 )
                 pipe.pexpire(family_key, int(self.settings.refresh_absolute * 1000))
+                # Every family of a user, to end them all (password reset, member removal).
+                pipe.sadd(self._user_families_key(principal.user_id), family)
+                pipe.pexpire(
+                    self._user_families_key(principal.user_id),
+                    int(self.settings.refresh_absolute * 1000),
+                )
                 if refresh:
                     token_key = f"{self._prefix}rt:{_digest(refresh)}"
                     pipe.hset(token_key, mapping={"family": family, "used_at": 0, "successor": ""})
@@ -357,6 +408,8 @@ class OAuthServer:
                     int(self.settings.refresh_idle * 1000),
                     client_id,
                     sealed,
+                    FEED_KEY_PREFIX,
+                    self._feed_ttl_ms,
                 ],
             )
         parts = [part.decode() if isinstance(part, bytes) else str(part) for part in outcome]
@@ -387,9 +440,24 @@ class OAuthServer:
         principal = Principal(f"service:{client_id}", "*", frozenset({"service"}))
         return self._access(principal, "")
 
+    def _user_families_key(self, user_id: str) -> str:
+        return f"{self._prefix}userfam:{user_id}"
+
+    async def revoke_user_families(self, user_id: str, org_id: str | None = None) -> int:
+        """Revokes every session (refresh-token family) of ``user_id``, or only those in
+        ``org_id``, and publishes them on the revocation feed; returns how many were live."""
+        with redis_errors():
+            revoked = await self._revoke_user(
+                keys=[self._user_families_key(user_id)],
+                args=[self._prefix, FEED_KEY_PREFIX, self._feed_ttl_ms, org_id or ""],
+            )
+        return int(revoked)
+
     async def revoke_family(self, family: str) -> None:
         with redis_errors():
-            await self._revoke(keys=[f"{self._prefix}fam:{family}"])
+            await self._revoke(
+                keys=[f"{self._prefix}fam:{family}", feed_key(family)], args=[self._feed_ttl_ms]
+            )
 
     async def revoke(self, token: str) -> None:
         """Revokes the family of a refresh token (RFC 7009: unknown tokens are no error)."""

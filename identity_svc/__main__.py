@@ -1,0 +1,4 @@
+from identity_svc.server import main
+
+if __name__ == "__main__":
+    main()
