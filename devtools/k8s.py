@@ -309,8 +309,9 @@ def edge_topology(public_url: str = PUBLIC_URL, *, dev: EdgeTopology | None = No
     """The dev topology (``dev``, default ``EdgeTopology.dev()``) moved into the cluster: every
     upstream resolves its Service by DNS (ports as in the dev stack), the JWKS is fetched from
     identity, the listener and the admin listen on the pod's address (probes, metrics;
-    NetworkPolicies keep the admin to Prometheus) and the issuer is ``public_url``, which CORS
-    also allows. The credential's slot is filled from the Secret at start."""
+    NetworkPolicies keep the admin to Prometheus) and the issuer is ``public_url``, the one
+    origin CORS allows (the dev overlay's also allows the dev origins). The credential's slot
+    is filled from the Secret at start."""
     dev = dev or EdgeTopology.dev()
     unknown = [u.name for u in dev.upstreams if u.name not in EDGE_CLUSTERS]
     if unknown:
@@ -322,7 +323,13 @@ def edge_topology(public_url: str = PUBLIC_URL, *, dev: EdgeTopology | None = No
         upstreams=tuple(replace(u, host=EDGE_CLUSTERS[u.name]) for u in dev.upstreams),
         issuer=public_url,
         jwks_uri=JWKS_URL,
-        cors_origins=tuple(dict.fromkeys((*dev.cors_origins, public_url))),
+        # Browsers may call the edge only from the public origin; the dev overlay (port-forward to
+        # localhost) also keeps the dev origins, so `make ui-dev` works against it.
+        cors_origins=(
+            tuple(dict.fromkeys((*dev.cors_origins, public_url)))
+            if public_url == DEV_PUBLIC_URL
+            else (public_url,)
+        ),
         edge_credential=EDGE_CREDENTIAL_SLOT,
     )
 

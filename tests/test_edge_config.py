@@ -103,7 +103,9 @@ def test_the_cluster_resolves_services_by_dns_and_keeps_the_dev_ports() -> None:
         (u.name, u.port) for u in dev.upstreams
     ]
     assert topology.edge_credential == k8s.EDGE_CREDENTIAL_SLOT
-    assert k8s.PUBLIC_URL in topology.cors_origins
+    # Production browsers reach the edge from its public origin only; no localhost dev origin.
+    assert topology.cors_origins == (k8s.PUBLIC_URL,)
+    assert edge.DEFAULT_UI_ORIGIN in VARIANTS["k8s dev overlay"].cors_origins
 
 
 def test_values_are_inserted_as_yaml_strings_whatever_they_hold() -> None:
