@@ -143,16 +143,19 @@ eval: $(STAMP) ## the agents' evaluation against a real model: make eval MODEL=l
 	OPSMESH_EVAL_MODEL="$(MODEL)" OPSMESH_EVAL_OLLAMA_HOST="$${OLLAMA_HOST:-http://127.0.0.1:11434}" \
 	  $(BIN)/pytest tests/evals -k model_evaluation -s -p no:cacheprovider
 
+# The benches start the dev stack's servers (devtools), which is not in the wheel.
+BENCH := PYTHONPATH=$(CURDIR) $(PY)
+
 .PHONY: bench
 bench: $(STAMP) $(UI_BUILD) ## run the benchmarks (bench/*.py; installs the Celery baseline)
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) bench/session_bench.py || true
-	$(PY) bench/task_bench.py || true
-	$(PY) bench/notify_bench.py || true
-	$(PY) bench/chat_bench.py || true
-	$(PY) bench/agent_bench.py || true
-	$(PY) bench/ui_stream_bench.py || true
-	$(PY) bench/edge_bench.py
+	$(BENCH) bench/session_bench.py || true
+	$(BENCH) bench/task_bench.py || true
+	$(BENCH) bench/notify_bench.py || true
+	$(BENCH) bench/chat_bench.py || true
+	$(BENCH) bench/agent_bench.py || true
+	$(BENCH) bench/ui_stream_bench.py || true
+	$(BENCH) bench/edge_bench.py
 
 # --- dev stack ---------------------------------------------------------------------------
 .PHONY: up

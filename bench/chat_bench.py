@@ -7,7 +7,8 @@ then through the real chat_svc process (gRPC StreamChat: session lookup,
 history, Redis stop registration, history writes). Prints TTFT p50/p99 for
 both, the TTFT chat_svc adds, the delivered tokens/s ratio, and what chat_svc
 spends in CPU (its own /proc counters): per request (one-token answers) and per
-streamed token (the level's CPU less its requests' share, over its tokens).
+streamed token (the level's CPU less its requests' share, over its tokens), and
+the delta messages per token (below 1 when buffered tokens went out as one message).
 Targets (issue #18): added TTFT <= 2 ms p50 at 1 stream, <= 10 ms p50 / 30 ms p99
 at 50; tokens/s >= 0.95x at 50 and 200; <= 1 ms CPU per request, <= 15 us per token.
 The 200-stream row reports saturation: each process's share of a core.
@@ -72,16 +73,27 @@ async def direct(url: str, streams: int) -> tuple[list[float], int, float]:
     return ttfts, tokens, elapsed
 
 
+@dataclass
+class Streamed:
+    """What a batch of StreamChat calls delivered."""
+
+    ttfts: list[float]
+    tokens: int
+    seconds: float
+    deltas: int
+    """Delta messages: fewer than tokens when chat_svc sent buffered tokens as one."""
+
+
 async def through_chat(
     stub: chat_pb2_grpc.ChatServiceStub,
     session_ids: list[str],
     options: chat_pb2.GenerationOptions | None = None,
-) -> tuple[list[float], int, float]:
+) -> Streamed:
     ttfts: list[float] = []
-    tokens = 0
+    tokens = deltas = 0
 
     async def one(session_id: str) -> None:
-        nonlocal tokens
+        nonlocal tokens, deltas
         began = time.perf_counter()
         first = True
         request = chat_pb2.StreamChatRequest(session_id=session_id, message="hi", options=options)
@@ -91,11 +103,11 @@ async def through_chat(
                     ttfts.append((time.perf_counter() - began) * 1000)
                     first = False
                 tokens += event.delta.token_count
+                deltas += 1
 
     began = time.perf_counter()
     await asyncio.gather(*(one(s) for s in session_ids))
-    elapsed = time.perf_counter() - began
-    return ttfts, tokens, elapsed
+    return Streamed(ttfts, tokens, time.perf_counter() - began, deltas)
 
 
 @dataclass
@@ -106,6 +118,7 @@ class Level:
     direct_rate: float
     chat_rate: float
     chat_tokens: int
+    chat_deltas: int
     chat_cpu: float
     cpu_share: dict[str, float]
 
@@ -219,15 +232,16 @@ async def _level(
 ) -> Level:
     d_ttft, d_tokens, d_elapsed = await direct(url, streams)
     before, began = _cpu(pids), time.perf_counter()
-    c_ttft, c_tokens, c_elapsed = await through_chat(stub, ids)
+    chat = await through_chat(stub, ids)
     after, wall = _cpu(pids), time.perf_counter() - began
     return Level(
         streams=streams,
         direct_ttft=d_ttft,
-        chat_ttft=c_ttft,
+        chat_ttft=chat.ttfts,
         direct_rate=d_tokens / d_elapsed,
-        chat_rate=c_tokens / c_elapsed,
-        chat_tokens=c_tokens,
+        chat_rate=chat.tokens / chat.seconds,
+        chat_tokens=chat.tokens,
+        chat_deltas=chat.deltas,
         chat_cpu=after["chat_svc"] - before["chat_svc"],
         cpu_share={name: (after[name] - before[name]) / wall for name in pids},
     )
@@ -239,15 +253,15 @@ async def _floor_per_token(address: str, pid: int, streams: int) -> float:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         await through_chat(stub, ["floor"] * 5)
         before = cpu_seconds(pid)
-        _, tokens, _ = await through_chat(stub, ["floor"] * streams)
-        return (cpu_seconds(pid) - before) / max(1, tokens)
+        streamed = await through_chat(stub, ["floor"] * streams)
+        return (cpu_seconds(pid) - before) / max(1, streamed.tokens)
 
 
 def _report(levels: list[Level], per_request: float, floor: float) -> bool:
     print(
         f"{'streams':>8}  {'direct TTFT p50/p99 ms':>24}  {'chat_svc TTFT p50/p99 ms':>26}"
         f"  {'added p50/p99':>14}  {'tokens/s direct':>15}  {'via chat':>9}  {'ratio':>6}"
-        f"  {'CPU us/token':>12}"
+        f"  {'CPU us/token':>12}  {'msgs/token':>10}"
     )
     per_token: dict[int, float] = {}
     for level in levels:
@@ -261,11 +275,15 @@ def _report(levels: list[Level], per_request: float, floor: float) -> bool:
             f"{pct(level.chat_ttft, 0.99):>11.1f}  {added50:>6.1f} /{added99:>6.1f}  "
             f"{level.direct_rate:>15.0f}  {level.chat_rate:>9.0f}  "
             f"{level.chat_rate / level.direct_rate:>5.2f}x  {per_token[level.streams] * 1e6:>12.1f}"
+            f"  {level.chat_deltas / max(1, level.chat_tokens):>10.2f}"
         )
     print(f"\nchat_svc CPU per request (one-token answers): {per_request * 1000:.2f} ms")
+    at_50 = next(level for level in levels if level.streams == 50)
+    per_message = at_50.chat_deltas / max(1, at_50.chat_tokens)
     print(
-        f"bare grpc.aio floor, same events at 50 streams: {floor * 1e6:.1f} us CPU per token "
-        f"(chat_svc: {per_token[50] / floor:.1f}x the floor)"
+        f"bare grpc.aio floor, same events at 50 streams: {floor * 1e6:.1f} us CPU per message "
+        f"(chat_svc: {per_token[50] / floor:.1f}x the floor per token; at {per_message:.2f} "
+        f"messages per token the floor alone is {floor * per_message * 1e6:.1f} us per token)"
     )
     busiest = levels[-1]
     shares = ", ".join(

@@ -27,12 +27,20 @@ from mesh.redisconn import redis_errors
 _PREFIX = "opsmesh:chat:"
 EPOCH_KEY = f"{_PREFIX}turns-since"
 
-# KEYS[1] the turns; ARGV: one turn (JSON), turns to keep, milliseconds to keep them.
-# Appends only to a known list: a missing one is re-read from ClickHouse when next needed.
+# KEYS[1] the turns; ARGV: one turn (JSON), turns to keep, milliseconds to keep them, and
+# optionally the earlier turns (JSON list) to start a missing list with.
+# Appends only to a known list: a missing one without ARGV[4] is re-read from ClickHouse when
+# next needed.
 _APPEND = """
 local raw = redis.call('GET', KEYS[1])
-if not raw then return 0 end
-local turns = cjson.decode(raw)
+local turns
+if raw then
+  turns = cjson.decode(raw)
+elseif ARGV[4] then
+  turns = cjson.decode(ARGV[4])
+else
+  return 0
+end
 table.insert(turns, cjson.decode(ARGV[1]))
 while #turns > tonumber(ARGV[2]) do table.remove(turns, 1) end
 redis.call('SET', KEYS[1], cjson.encode(turns), 'PX', tonumber(ARGV[3]))
@@ -87,12 +95,22 @@ class RecentTurns:
                 self._key(org_id, user_id, session_id), payload, px=self._ttl_ms, nx=True
             )
 
-    async def append(self, org_id: str, user_id: str, session_id: str, turn: Turn) -> None:
+    async def append(
+        self,
+        org_id: str,
+        user_id: str,
+        session_id: str,
+        turn: Turn,
+        *,
+        seed: list[Turn] | None = None,
+    ) -> None:
+        """Appends ``turn`` to the session's list; with ``seed``, a missing list starts as
+        ``seed`` first (what :meth:`seed` does, in the same round trip)."""
+        args: list[str | int] = [json.dumps(_plain(turn)), self._keep, self._ttl_ms]
+        if seed is not None:
+            args.append(json.dumps([_plain(t) for t in seed[-self._keep :]]))
         with redis_errors():
-            await self._append(
-                keys=[self._key(org_id, user_id, session_id)],
-                args=[json.dumps(_plain(turn)), self._keep, self._ttl_ms],
-            )
+            await self._append(keys=[self._key(org_id, user_id, session_id)], args=args)
 
 
 def _plain(turn: Turn) -> dict[str, Any]:

@@ -144,25 +144,29 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
 
     async def _context(
         self, principal: Principal, session_id: str
-    ) -> tuple[session_pb2.Session, list[Turn]]:
-        """The session (its ownership, its context) and its earlier turns, read together."""
+    ) -> tuple[session_pb2.Session, list[Turn], list[Turn] | None]:
+        """The session (its ownership, its context) and its earlier turns, read together; and
+        the turns to start the recent-turns cache with (None: it has them already)."""
         if not self._settings.history_turns:
-            return await self._session(principal, session_id), []
+            return await self._session(principal, session_id), [], None
         owner = (principal.org_id, principal.user_id, session_id)
         session, (cached, epoch) = await asyncio.gather(
             self._session(principal, session_id), self._recent.read(*owner)
         )
         if cached is not None:
-            return session, cached
+            return session, cached, None
         if self._recent.covers(session.created_at.ToDatetime(tzinfo=UTC), epoch):
             earlier: list[Turn] = []
         else:
             earlier = await self._earlier(principal, session_id)
-        await self._recent.seed(*owner, earlier)
-        return session, earlier
+        # The cache starts with the question's append (one round trip less before the model).
+        return session, earlier, earlier
 
-    async def _prompt(self, principal: Principal, ask: _Ask) -> list[dict[str, Any]]:
-        session, earlier = await self._context(principal, ask.session_id)
+    async def _prompt(
+        self, principal: Principal, ask: _Ask
+    ) -> tuple[list[dict[str, Any]], list[Turn] | None]:
+        """The model's messages and the turns to seed the recent-turns cache with, if any."""
+        session, earlier, seed = await self._context(principal, ask.session_id)
         messages: list[dict[str, Any]] = []
         if ask.agent is not None:
             messages.append({"role": "system", "content": ask.agent.system_prompt})
@@ -171,7 +175,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             messages.append({"role": "system", "content": f"Session context: {context}"})
         messages += [{"role": turn.role, "content": turn.content} for turn in earlier]
         messages.append({"role": "user", "content": ask.text})
-        return messages
+        return messages, seed
 
     def _validate(self, request: chat_pb2.StreamChatRequest) -> _Ask:
         session_id = parse_uuid(request.session_id, "session_id")
@@ -255,11 +259,13 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                 )
             user_message_id = claim.user_message_id
         try:
-            generation = await self._generation(principal, ask, generation_id, user_message_id)
+            generation, seed = await self._generation(
+                principal, ask, generation_id, user_message_id
+            )
             # The stop signal and the question's record are independent round trips.
             stopped, _ = await asyncio.gather(
                 self._stops.register(generation_id, principal, _MAX_GENERATION_SECONDS),
-                self._record_question(principal, ask, user_message_id, claim),
+                self._record_question(principal, ask, user_message_id, claim, seed),
             )
         except BaseException:
             await self._stops.finished(generation_id)
@@ -270,10 +276,18 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             yield event
 
     async def _record_question(
-        self, principal: Principal, ask: _Ask, user_message_id: str, claim: Claim | None
+        self,
+        principal: Principal,
+        ask: _Ask,
+        user_message_id: str,
+        claim: Claim | None,
+        seed: list[Turn] | None,
     ) -> None:
         if claim is not None and claim.question_recorded:
-            return  # a retry of a failed turn: its question is in the history already
+            # A retry of a failed turn: its question is in the history (and in ``seed``) already.
+            if seed is not None:
+                await self._recent.seed(principal.org_id, principal.user_id, ask.session_id, seed)
+            return
         await self._record(
             Message(
                 message_id=user_message_id,
@@ -284,11 +298,13 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                 content=ask.text,
                 timestamp=self._stamp(),
                 metadata={"model": ask.model},
-            )
+            ),
+            seed=seed,
         )
 
-    async def _record(self, message: Message) -> None:
-        """Into the durable history (batched, off the request path) and the recent turns."""
+    async def _record(self, message: Message, *, seed: list[Turn] | None = None) -> None:
+        """Into the durable history (batched, off the request path) and the recent turns
+        (started with ``seed`` if the cache has no list for the session yet)."""
         self._writer.add(message)
         if self._settings.history_turns:
             await self._recent.append(
@@ -296,18 +312,21 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                 message.user_id,
                 message.session_id,
                 Turn(message.role, message.content),
+                seed=seed,
             )
 
     async def _generation(
         self, principal: Principal, ask: _Ask, generation_id: str, user_message_id: str
-    ) -> Generation:
-        return Generation(
+    ) -> tuple[Generation, list[Turn] | None]:
+        """The generation, and the turns to seed the recent-turns cache with (see _prompt)."""
+        messages, seed = await self._prompt(principal, ask)
+        generation = Generation(
             generation_id=generation_id,
             session_id=ask.session_id,
             principal=principal,
             model=ask.model,
             options=ask.options,
-            messages=await self._prompt(principal, ask),
+            messages=messages,
             agent=ask.agent,
             tool_context=ToolContext(principal=principal, metadata=identity_metadata(principal)),
             models=self._models,
@@ -316,6 +335,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             assistant_message_id=str(uuid.uuid4()),
             client_message_id=ask.client_message_id,
         )
+        return generation, seed
 
     async def _relay(
         self, generation: Generation, stopped: asyncio.Event, claim: Claim | None

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import itertools
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
@@ -42,6 +43,29 @@ REQUEST_ID_HEADER = "x-request-id"
 _MAX_REQUEST_ID = 128
 
 
+class _RequestIds:
+    """Ids for requests that came without one: 64 random bits per process and a counter.
+
+    As unique as a uuid4 in practice, without a ``getrandom`` system call on every RPC (a few
+    per cent of a GetSession's CPU in the session bench's profile). A forked child draws its
+    own prefix.
+    """
+
+    def __init__(self) -> None:
+        self._reseed()
+        os.register_at_fork(after_in_child=self._reseed)
+
+    def _reseed(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):016x}"
+
+
+_request_ids = _RequestIds()
+
+
 def _metadata_dict(call_metadata: Any) -> dict[str, str]:
     result: dict[str, str] = {}
     for key, value in call_metadata or ():
@@ -54,7 +78,7 @@ def _request_id(metadata: dict[str, str]) -> str:
     given = metadata.get(REQUEST_ID_HEADER, "")
     if 0 < len(given) <= _MAX_REQUEST_ID and given.isprintable():
         return given
-    return uuid.uuid4().hex
+    return _request_ids.next()
 
 
 if TYPE_CHECKING:

@@ -113,3 +113,24 @@ async def test_the_list_keeps_the_newest_turns_and_appends_only_to_a_known_list(
         assert (await recent.read("o", "other-user", "s"))[0] is None
     finally:
         await client.aclose()
+
+
+async def test_a_seeded_append_starts_a_missing_list_and_joins_an_existing_one(
+    redis_server: RedisServer,
+) -> None:
+    # The first question of a session starts its list in the append's own round trip.
+    client = aioredis.Redis.from_url(redis_server.url)
+    recent = RecentTurns(client, keep=3, ttl=3600)
+    try:
+        earlier = [Turn("user", "q0"), Turn("assistant", "a0"), Turn("user", "q1")]
+        await recent.append("o", "u", "seeded", Turn("assistant", "a1"), seed=earlier)
+        turns, _ = await recent.read("o", "u", "seeded")
+        assert turns == [Turn("assistant", "a0"), Turn("user", "q1"), Turn("assistant", "a1")]
+        # A list someone started meanwhile wins over a (stale) seed.
+        await recent.append("o", "u", "seeded", Turn("user", "q2"), seed=[])
+        turns, _ = await recent.read("o", "u", "seeded")
+        assert turns == [Turn("user", "q1"), Turn("assistant", "a1"), Turn("user", "q2")]
+        await recent.append("o", "u", "empty", Turn("user", "first"), seed=[])
+        assert (await recent.read("o", "u", "empty"))[0] == [Turn("user", "first")]
+    finally:
+        await client.aclose()

@@ -157,6 +157,20 @@ async def test_principal_reaches_the_handler_and_request_id_is_echoed(probe_serv
     assert ("x-request-id", "req-123") in list(await call.trailing_metadata())
 
 
+async def test_requests_without_an_id_get_a_distinct_one(probe_server) -> None:
+    _, _, channel = probe_server
+    given = []
+    for _ in range(3):
+        call = unary(channel, "WhoAmI", wrappers_pb2.StringValue)(
+            empty_pb2.Empty(), metadata=identity("ada", "lovelace")
+        )
+        await call
+        given += [v for k, v in await call.trailing_metadata() if k == "x-request-id"]
+    assert len(given) == 3
+    assert len(set(given)) == 3
+    assert all(len(v) == 32 and int(v, 16) >= 0 for v in given)
+
+
 async def test_unexpected_errors_are_internal_without_leaking_details(probe_server, caplog) -> None:
     _, _, channel = probe_server
     with pytest.raises(aio.AioRpcError) as caught:

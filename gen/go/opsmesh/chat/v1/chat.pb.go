@@ -658,8 +658,11 @@ func (x *Started) GetSessionId() string {
 	return ""
 }
 
-// TokenDelta carries generated text. When the client reads slower than the
-// model writes, several tokens are coalesced into one delta.
+// TokenDelta carries generated text: one token or several. Tokens the model
+// server has already sent when the service writes go out together as one
+// delta (the more so under load or when the client reads slower than the
+// model writes); a lone token is sent at once. Clients append content and
+// thinking and must not assume one token per delta: token_count says how many.
 type TokenDelta struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache

@@ -18,9 +18,9 @@ const _ = grpc.SupportPackageIsVersion7
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 type ChatServiceClient interface {
 	// StreamChat sends one user message to the model and streams the answer as
-	// typed events: one started event, token deltas, tool calls and results,
-	// approval requests, and one completed event last. Cancelling the call stops
-	// the generation.
+	// typed events: one started event, token deltas (each may carry several
+	// tokens), tool calls and results, approval requests, and one completed
+	// event last. Cancelling the call stops the generation.
 	StreamChat(ctx context.Context, in *StreamChatRequest, opts ...grpc.CallOption) (ChatService_StreamChatClient, error)
 	// StopGeneration stops a running generation, on whichever replica it runs.
 	StopGeneration(ctx context.Context, in *StopGenerationRequest, opts ...grpc.CallOption) (*StopGenerationResponse, error)
@@ -129,9 +129,9 @@ func (c *chatServiceClient) ListModels(ctx context.Context, in *ListModelsReques
 // for forward compatibility
 type ChatServiceServer interface {
 	// StreamChat sends one user message to the model and streams the answer as
-	// typed events: one started event, token deltas, tool calls and results,
-	// approval requests, and one completed event last. Cancelling the call stops
-	// the generation.
+	// typed events: one started event, token deltas (each may carry several
+	// tokens), tool calls and results, approval requests, and one completed
+	// event last. Cancelling the call stops the generation.
 	StreamChat(*StreamChatRequest, ChatService_StreamChatServer) error
 	// StopGeneration stops a running generation, on whichever replica it runs.
 	StopGeneration(context.Context, *StopGenerationRequest) (*StopGenerationResponse, error)

@@ -79,9 +79,9 @@ class ChatServiceServicer:
 
     def StreamChat(self, request, context):
         """StreamChat sends one user message to the model and streams the answer as
-        typed events: one started event, token deltas, tool calls and results,
-        approval requests, and one completed event last. Cancelling the call stops
-        the generation.
+        typed events: one started event, token deltas (each may carry several
+        tokens), tool calls and results, approval requests, and one completed
+        event last. Cancelling the call stops the generation.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

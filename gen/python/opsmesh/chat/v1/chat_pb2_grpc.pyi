@@ -39,9 +39,9 @@ class ChatServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ChatServiceAsyncStub: ...
     StreamChat: _grpc.UnaryStreamMultiCallable[_chat_pb2.StreamChatRequest, _chat_pb2.StreamChatResponse]
     """StreamChat sends one user message to the model and streams the answer as
-    typed events: one started event, token deltas, tool calls and results,
-    approval requests, and one completed event last. Cancelling the call stops
-    the generation.
+    typed events: one started event, token deltas (each may carry several
+    tokens), tool calls and results, approval requests, and one completed
+    event last. Cancelling the call stops the generation.
     """
     StopGeneration: _grpc.UnaryUnaryMultiCallable[_chat_pb2.StopGenerationRequest, _chat_pb2.StopGenerationResponse]
     """StopGeneration stops a running generation, on whichever replica it runs."""
@@ -73,9 +73,9 @@ class ChatServiceAsyncStub(ChatServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     StreamChat: _aio.UnaryStreamMultiCallable[_chat_pb2.StreamChatRequest, _chat_pb2.StreamChatResponse]  # type: ignore[assignment]
     """StreamChat sends one user message to the model and streams the answer as
-    typed events: one started event, token deltas, tool calls and results,
-    approval requests, and one completed event last. Cancelling the call stops
-    the generation.
+    typed events: one started event, token deltas (each may carry several
+    tokens), tool calls and results, approval requests, and one completed
+    event last. Cancelling the call stops the generation.
     """
     StopGeneration: _aio.UnaryUnaryMultiCallable[_chat_pb2.StopGenerationRequest, _chat_pb2.StopGenerationResponse]  # type: ignore[assignment]
     """StopGeneration stops a running generation, on whichever replica it runs."""
@@ -110,9 +110,9 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_chat_pb2.StreamChatResponse], _abc.AsyncIterator[_chat_pb2.StreamChatResponse]]:
         """StreamChat sends one user message to the model and streams the answer as
-        typed events: one started event, token deltas, tool calls and results,
-        approval requests, and one completed event last. Cancelling the call stops
-        the generation.
+        typed events: one started event, token deltas (each may carry several
+        tokens), tool calls and results, approval requests, and one completed
+        event last. Cancelling the call stops the generation.
         """
 
     @_abc_1.abstractmethod

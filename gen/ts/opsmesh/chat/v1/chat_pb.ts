@@ -236,8 +236,11 @@ export const StartedSchema: GenMessage<Started> = /*@__PURE__*/
   messageDesc(file_opsmesh_chat_v1_chat, 3);
 
 /**
- * TokenDelta carries generated text. When the client reads slower than the
- * model writes, several tokens are coalesced into one delta.
+ * TokenDelta carries generated text: one token or several. Tokens the model
+ * server has already sent when the service writes go out together as one
+ * delta (the more so under load or when the client reads slower than the
+ * model writes); a lone token is sent at once. Clients append content and
+ * thinking and must not assume one token per delta: token_count says how many.
  *
  * @generated from message opsmesh.chat.v1.TokenDelta
  */
@@ -1129,9 +1132,9 @@ export const HistoryOrderSchema: GenEnum<HistoryOrder> = /*@__PURE__*/
 export const ChatService: GenService<{
   /**
    * StreamChat sends one user message to the model and streams the answer as
-   * typed events: one started event, token deltas, tool calls and results,
-   * approval requests, and one completed event last. Cancelling the call stops
-   * the generation.
+   * typed events: one started event, token deltas (each may carry several
+   * tokens), tool calls and results, approval requests, and one completed
+   * event last. Cancelling the call stops the generation.
    *
    * @generated from rpc opsmesh.chat.v1.ChatService.StreamChat
    */
