@@ -20,6 +20,10 @@ test("every screen passes axe's WCAG 2.1 AA checks", async ({ page }) => {
   await expect(page.getByLabel("New workspace")).toBeVisible();
   await expectAccessible(page);
 
+  await page.getByRole("button", { name: "Members" }).click();
+  await expect(page.getByTestId("member-row").first()).toBeVisible();
+  await expectAccessible(page);
+
   await page.getByRole("button", { name: "Email preview" }).click();
   await page.getByLabel("Template").selectOption("alert_notification");
   await page.getByRole("button", { name: "Render" }).click();

@@ -29,14 +29,15 @@ export async function screenshot(page: Page, name: string): Promise<void> {
   await page.screenshot({ path: `${shots}${name}.png`, fullPage: true });
 }
 
-export async function signIn(page: Page): Promise<void> {
+/** Signs in through the authorization server's page: the dev admin unless told who. */
+export async function signIn(page: Page, who: { user: string; password: string } = { user, password }): Promise<void> {
   await page.goto("/");
   await page.getByRole("button", { name: "Sign in" }).click();
   await expect(page.getByRole("heading", { name: "Sign in to opsmesh" })).toBeVisible();
-  await page.getByLabel("User").fill(user);
-  await page.getByLabel("Password").fill(password);
+  await page.getByLabel("User").fill(who.user);
+  await page.getByLabel("Password").fill(who.password);
   await page.getByRole("button", { name: "Sign in" }).click();
-  await expect(page.getByTestId("identity")).toContainText(user);
+  await expect(page.getByTestId("identity")).toContainText(who.user);
   await expect(page).toHaveURL(/\/$/); // the code left the address bar
 }
 

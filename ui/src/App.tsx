@@ -1,17 +1,21 @@
-import { useCallback, useEffect, useState, useSyncExternalStore } from "react";
+import { Fragment, useCallback, useEffect, useState, useSyncExternalStore } from "react";
 import { describeError, type Problem } from "./api/errors";
 import type { Api } from "./api/transport";
 import type { AuthClient } from "./auth/auth";
 import { ChatScreen } from "./components/ChatScreen";
 import { EmailPreview } from "./components/EmailPreview";
+import { MembersScreen } from "./components/MembersScreen";
+import { OrganizationSwitcher } from "./components/OrganizationSwitcher";
 import { ProblemNotice } from "./components/ProblemNotice";
 import { TasksScreen } from "./components/TasksScreen";
 
-type Screen = "chat" | "tasks" | "email";
-const PATHS: Record<Screen, string> = { chat: "/", tasks: "/tasks", email: "/email" };
+type Screen = "chat" | "tasks" | "members" | "email";
+const PATHS: Record<Screen, string> = { chat: "/", tasks: "/tasks", members: "/members", email: "/email" };
 
 function screenOf(path: string): Screen {
-  return path.startsWith("/tasks") ? "tasks" : path.startsWith("/email") ? "email" : "chat";
+  if (path.startsWith("/tasks")) return "tasks";
+  if (path.startsWith("/members")) return "members";
+  return path.startsWith("/email") ? "email" : "chat";
 }
 
 export function App({ auth, api }: { auth: AuthClient; api: Api }) {
@@ -115,11 +119,17 @@ export function App({ auth, api }: { auth: AuthClient; api: Api }) {
             Tasks
           </button>
           {isAdmin ? (
+            <button type="button" aria-current={screen === "members" ? "page" : undefined} onClick={() => go("members")}>
+              Members
+            </button>
+          ) : null}
+          {isAdmin ? (
             <button type="button" aria-current={screen === "email" ? "page" : undefined} onClick={() => go("email")}>
               Email preview
             </button>
           ) : null}
         </nav>
+        <OrganizationSwitcher api={api} auth={auth} identity={identity} onError={report} />
         <span className="who" data-testid="identity">
           {identity.subject} · {identity.orgId}
         </span>
@@ -130,9 +140,15 @@ export function App({ auth, api }: { auth: AuthClient; api: Api }) {
       {problem ? (
         <ProblemNotice problem={problem} onSignIn={() => void signIn()} onDismiss={() => setProblem(null)} />
       ) : null}
-      {screen === "chat" ? <ChatScreen api={api} auth={auth} onError={report} /> : null}
-      {screen === "tasks" ? <TasksScreen api={api} onError={report} /> : null}
-      {screen === "email" && isAdmin ? <EmailPreview api={api} onError={report} /> : null}
+      {/* Keyed by organization: a switch mounts the screen anew, which loads that org's data. */}
+      <Fragment key={identity.orgId}>
+        {screen === "chat" ? <ChatScreen api={api} auth={auth} onError={report} /> : null}
+        {screen === "tasks" ? <TasksScreen api={api} onError={report} /> : null}
+        {screen === "members" && isAdmin ? (
+          <MembersScreen api={api} me={identity.subject} onError={report} />
+        ) : null}
+        {screen === "email" && isAdmin ? <EmailPreview api={api} onError={report} /> : null}
+      </Fragment>
     </div>
   );
 }

@@ -4,7 +4,7 @@ export interface ClientConfig {
   readonly apiUrl: string;
   /** OAuth issuer identifier (the discovery document must name exactly this). */
   readonly issuer: string;
-  /** The public OAuth client registered with session_svc. */
+  /** The public OAuth client registered with identity_svc. */
   readonly clientId: string;
   /** Where the authorization server sends the browser back. */
   readonly redirectUri: string;

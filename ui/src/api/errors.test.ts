@@ -77,4 +77,11 @@ describe("describeError", () => {
     expect(describeError(new ConnectError("stalled", Code.DeadlineExceeded)).title).toBe("Timed out");
     expect(describeError(new ConnectError("", Code.PermissionDenied)).title).toBe("Not allowed");
   });
+
+  it("an ended sign-in offers signing in again, also when a call's refresh failed in the interceptor", () => {
+    const direct = describeError(new SignInRequired());
+    expect(direct.signIn).toBe(true);
+    const wrapped = describeError(ConnectError.from(new SignInRequired()));
+    expect(wrapped).toEqual(direct);
+  });
 });

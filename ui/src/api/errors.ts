@@ -1,7 +1,7 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { BadRequestSchema, ErrorInfoSchema, RetryInfoSchema } from "@gen/google/rpc/error_details_pb.js";
 import { ErrorReason } from "@gen/opsmesh/errors/v1/errors_pb.js";
-import { SignInRequired } from "../auth/auth";
+import { OrganizationSwitchRefused, SignInRequired } from "../auth/auth";
 
 /** An error as the user reads it. */
 export interface Problem {
@@ -40,10 +40,26 @@ function plural(n: number, unit: string): string {
   return `${n} ${unit}${n === 1 ? "" : "s"}`;
 }
 
+/** The server's complaints about a request's fields (google.rpc.BadRequest), by field name, so a
+ * form can show each one next to its input. */
+export function fieldViolations(error: unknown): Record<string, string> {
+  const found: Record<string, string> = {};
+  for (const bad of ConnectError.from(error).findDetails(BadRequestSchema)) {
+    for (const violation of bad.fieldViolations) found[violation.field] ??= violation.description;
+  }
+  return found;
+}
+
 /** Words for any error a call can end with. */
 export function describeError(error: unknown): Problem {
-  if (error instanceof SignInRequired) {
-    return { title: "Signed out", detail: error.message, signIn: true };
+  // A refresh that fails inside the transport's interceptor reaches the caller wrapped in a
+  // ConnectError (code Unknown) whose cause is the original error.
+  const original = error instanceof ConnectError && error.cause instanceof Error ? error.cause : error;
+  if (original instanceof SignInRequired) {
+    return { title: "Signed out", detail: original.message, signIn: true };
+  }
+  if (original instanceof OrganizationSwitchRefused) {
+    return { title: "Organization not switched", detail: original.message };
   }
   const failure = ConnectError.from(error);
   const info = failure.findDetails(ErrorInfoSchema)[0];
@@ -62,6 +78,8 @@ export function describeError(error: unknown): Problem {
       return { title: "Not allowed", detail: message || "You may not do this." };
     case Code.NotFound:
       return { title: "Not found", detail: message || "It does not exist or is not yours." };
+    case Code.AlreadyExists:
+      return { title: "Already there", detail: message || "It exists already." };
     case Code.InvalidArgument: {
       const violations = failure
         .findDetails(BadRequestSchema)

@@ -2,6 +2,7 @@ import { Code, ConnectError, createClient, type Client, type Interceptor, type T
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import type { DescService } from "@bufbuild/protobuf";
 import { ChatService } from "@gen/opsmesh/chat/v1/chat_pb.js";
+import { OrganizationService } from "@gen/opsmesh/identity/v1/organization_pb.js";
 import { NotificationService } from "@gen/opsmesh/notify/v1/notify_pb.js";
 import { SessionService } from "@gen/opsmesh/session/v1/session_pb.js";
 import { TaskService } from "@gen/opsmesh/task/v1/task_pb.js";
@@ -44,6 +45,7 @@ export interface Api {
   readonly sessions: Client<typeof SessionService>;
   readonly tasks: Client<typeof TaskService>;
   readonly notify: Client<typeof NotificationService>;
+  readonly organizations: Client<typeof OrganizationService>;
 }
 
 export function createApi(transport: Transport): Api {
@@ -53,5 +55,6 @@ export function createApi(transport: Transport): Api {
     sessions: client(SessionService),
     tasks: client(TaskService),
     notify: client(NotificationService),
+    organizations: client(OrganizationService),
   };
 }

@@ -1,6 +1,6 @@
 // @vitest-environment node
 import { describe, expect, it, vi } from "vitest";
-import { AuthClient, SignInRequired } from "./auth";
+import { AuthClient, OrganizationSwitchRefused, SignInRequired } from "./auth";
 
 const ISSUER = "http://localhost:8080";
 const REDIRECT = "http://localhost:8080/oauth/callback";
@@ -14,8 +14,8 @@ function jwt(claims: object): string {
   return `${b64url({ alg: "ES256", kid: "k1", typ: "JWT" })}.${b64url(claims)}.${b64url("sig")}`;
 }
 
-function accessToken(exp: number): string {
-  return jwt({ sub: "ada", org_id: "acme", roles: ["admin"], exp, iss: ISSUER, aud: "opsmesh" });
+function accessToken(exp: number, orgId = "acme", roles = ["admin"]): string {
+  return jwt({ sub: "ada", org_id: orgId, roles, exp, iss: ISSUER, aud: "opsmesh" });
 }
 
 class MemoryStorage implements Storage {
@@ -200,5 +200,102 @@ describe("AuthClient", () => {
     expect(auth.identity).toBeNull();
     expect(storage.getItem("opsmesh.auth.refresh")).toBeNull();
     expect(seen).toEqual(["ada", null]);
+  });
+
+  it("switches organization with the refresh token, no password: the new token names the org", async () => {
+    const storage = new MemoryStorage();
+    storage.setItem("opsmesh.auth.refresh", "rt-acme");
+    const exp = () => Math.floor(Date.now() / 1000) + 900;
+    const server = fakeServer((form) => {
+      const org = form.get("org_id");
+      return {
+        status: 200,
+        body: {
+          access_token: org ? accessToken(exp(), org, ["member"]) : accessToken(exp()),
+          token_type: "Bearer",
+          refresh_token: `rt-${org ?? "acme"}`,
+        },
+      };
+    });
+    const auth = client(storage, server.fetch);
+    await auth.refresh();
+    const seen: string[] = [];
+    auth.subscribe((identity) => seen.push(identity?.orgId ?? ""));
+
+    const switching = auth.switchOrganization("globex");
+    const token = auth.accessToken(); // made during the switch: waits for it
+    await switching;
+    expect(auth.identity?.orgId).toBe("globex");
+    expect(auth.identity?.roles).toEqual(["member"]);
+    expect(JSON.parse(atob((await token).split(".")[1]!.replace(/-/g, "+").replace(/_/g, "/"))).org_id).toBe("globex");
+    expect(server.tokenCalls).toHaveLength(2);
+    expect(server.tokenCalls[1]!.get("grant_type")).toBe("refresh_token");
+    expect(server.tokenCalls[1]!.get("refresh_token")).toBe("rt-acme");
+    expect(server.tokenCalls[1]!.get("org_id")).toBe("globex");
+    expect(server.tokenCalls[1]!.has("password")).toBe(false);
+    expect(storage.getItem("opsmesh.auth.refresh")).toBe("rt-globex");
+    expect(seen).toEqual(["globex"]);
+  });
+
+  it("a switch the server refuses for that org keeps the current sign-in", async () => {
+    const storage = new MemoryStorage();
+    storage.setItem("opsmesh.auth.refresh", "rt-1");
+    const server = fakeServer((form) =>
+      form.get("org_id")
+        ? { status: 400, body: { error: "invalid_request", error_description: "not a member of globex" } }
+        : { status: 200, body: { access_token: accessToken(Math.floor(Date.now() / 1000) + 900), token_type: "Bearer", refresh_token: "rt-1" } },
+    );
+    const auth = client(storage, server.fetch);
+    await auth.refresh();
+    const refused = auth.switchOrganization("globex");
+    await expect(refused).rejects.toBeInstanceOf(OrganizationSwitchRefused);
+    await expect(refused).rejects.toThrow("not a member of globex");
+    expect(auth.identity?.orgId).toBe("acme");
+    expect(storage.getItem("opsmesh.auth.refresh")).toBe("rt-1");
+  });
+
+  it("a switch with a dead refresh token ends the sign-in", async () => {
+    const storage = new MemoryStorage();
+    storage.setItem("opsmesh.auth.refresh", "revoked");
+    const server = fakeServer(() => ({ status: 400, body: { error: "invalid_grant", error_description: "revoked" } }));
+    const auth = client(storage, server.fetch);
+    await expect(auth.switchOrganization("globex")).rejects.toBeInstanceOf(SignInRequired);
+    expect(auth.canRestore).toBe(false);
+  });
+
+  it("tokens for another org than the one asked for are refused, not shown as that org", async () => {
+    const storage = new MemoryStorage();
+    storage.setItem("opsmesh.auth.refresh", "rt");
+    const server = fakeServer(() => ({
+      status: 200,
+      body: { access_token: accessToken(Math.floor(Date.now() / 1000) + 900, "acme"), token_type: "Bearer", refresh_token: "rt-2" },
+    }));
+    const auth = client(storage, server.fetch);
+    await expect(auth.switchOrganization("globex")).rejects.toBeInstanceOf(OrganizationSwitchRefused);
+    expect(auth.identity?.orgId).toBe("acme");
+    expect(storage.getItem("opsmesh.auth.refresh")).toBe("rt-2"); // the spent one is replaced
+  });
+
+  it("a switch asked for during a refresh waits for it, and calls meanwhile wait for the switch", async () => {
+    const storage = new MemoryStorage();
+    storage.setItem("opsmesh.auth.refresh", "rt-0");
+    let issued = 0;
+    const server = fakeServer((form) => {
+      expect(form.get("refresh_token")).toBe(`rt-${issued}`); // each single-use token spent once
+      issued += 1;
+      const org = form.get("org_id") ?? "acme";
+      return {
+        status: 200,
+        body: { access_token: accessToken(Math.floor(Date.now() / 1000) + 900, org), token_type: "Bearer", refresh_token: `rt-${issued}` },
+      };
+    });
+    const auth = client(storage, server.fetch);
+    const refreshing = auth.refresh();
+    const switching = auth.switchOrganization("globex");
+    await refreshing;
+    const token = await auth.accessToken(); // after the refresh, before the switch has answered
+    await switching;
+    expect(JSON.parse(atob(token.split(".")[1]!.replace(/-/g, "+").replace(/_/g, "/"))).org_id).toBe("globex");
+    expect(server.tokenCalls.map((form) => form.get("org_id"))).toEqual([null, "globex"]);
   });
 });

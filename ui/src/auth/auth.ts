@@ -2,7 +2,7 @@ import * as oauth from "oauth4webapi";
 import { identityOf, type Identity } from "./claims";
 
 /**
- * Authorization code + PKCE (S256) sign-in against session_svc, with rotating refresh tokens.
+ * Authorization code + PKCE (S256) sign-in against identity_svc, with rotating refresh tokens.
  *
  * Token storage, as safely as a public client in a browser can:
  * - the access token (short-lived JWT) lives in memory only;
@@ -34,6 +34,19 @@ export class SignInRequired extends Error {
 
 const PENDING_KEY = "opsmesh.auth.pending";
 const REFRESH_KEY = "opsmesh.auth.refresh";
+
+/** The refresh-token grant's form parameter naming another organization of the user: the
+ * authorization server answers with tokens for that organization (docs/identity.md). */
+export const ORGANIZATION_PARAMETER = "org_id";
+
+/** The authorization server would not issue tokens for the chosen organization (the user is not,
+ * or no longer, a member); the sign-in for the current organization stays as it was. */
+export class OrganizationSwitchRefused extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "OrganizationSwitchRefused";
+  }
+}
 
 interface PendingSignIn {
   readonly verifier: string;
@@ -151,6 +164,8 @@ export class AuthClient {
 
   /** A valid access token, refreshed first when it is about to expire. */
   async accessToken(): Promise<string> {
+    // An exchange under way (an organization switch) decides which token is current.
+    if (this.refreshing) await this.refreshing.catch(() => undefined);
     if (this.access && this.access.identity.expiresAt - this.skew > this.now()) {
       return this.access.token;
     }
@@ -162,34 +177,61 @@ export class AuthClient {
   /** Exchanges the refresh token for new tokens. Concurrent callers share one exchange, so a
    * burst of calls never spends the same single-use refresh token twice. */
   refresh(): Promise<void> {
-    this.refreshing ??= this.exchangeRefreshToken().finally(() => {
-      this.refreshing = null;
-    });
+    if (!this.refreshing) {
+      const refreshing: Promise<void> = this.exchangeRefreshToken().finally(() => {
+        // A switch queued behind this refresh has taken its place: leave that one.
+        if (this.refreshing === refreshing) this.refreshing = null;
+      });
+      this.refreshing = refreshing;
+    }
     return this.refreshing;
   }
 
-  private async exchangeRefreshToken(): Promise<void> {
+  /**
+   * Tokens for another organization of the user, without a password prompt: the refresh-token
+   * grant naming that organization. It waits for a refresh under way (the refresh token is
+   * single use) and is itself the exchange that concurrent calls wait for, so calls made
+   * meanwhile already carry the new organization's token.
+   */
+  switchOrganization(orgId: string): Promise<void> {
+    const before = this.refreshing ?? Promise.resolve();
+    const switching: Promise<void> = before
+      .catch(() => undefined) // a failed refresh is reported to its own caller; try anyway
+      .then(() => this.exchangeRefreshToken(orgId))
+      .finally(() => {
+        if (this.refreshing === switching) this.refreshing = null;
+      });
+    this.refreshing = switching;
+    return switching;
+  }
+
+  private async exchangeRefreshToken(orgId?: string): Promise<void> {
     const token = this.refreshToken;
     if (!token) {
       this.clear();
       throw new SignInRequired("Please sign in.");
     }
     const as = await this.server();
-    const response = await oauth.refreshTokenGrantRequest(
-      as,
-      this.client,
-      oauth.None(),
-      token,
-      this.http(),
-    );
+    const response = await oauth.refreshTokenGrantRequest(as, this.client, oauth.None(), token, {
+      ...this.http(),
+      ...(orgId === undefined ? {} : { additionalParameters: { [ORGANIZATION_PARAMETER]: orgId } }),
+    });
+    let tokens: oauth.TokenEndpointResponse;
     try {
-      this.accept(await oauth.processRefreshTokenResponse(as, this.client, response));
+      tokens = await oauth.processRefreshTokenResponse(as, this.client, response);
     } catch (error) {
-      if (error instanceof oauth.ResponseBodyError) {
-        this.clear(); // invalid_grant: expired, revoked or reused — the family is gone
-        throw new SignInRequired();
+      if (!(error instanceof oauth.ResponseBodyError)) throw error; // unreachable: keep the token
+      if (orgId !== undefined && error.error !== "invalid_grant") {
+        // Refused for that organization only: the refresh token was not spent, stay signed in.
+        throw new OrganizationSwitchRefused(error.error_description ?? "You cannot switch to that organization.");
       }
-      throw error; // the server is unreachable: keep the token, a later try may work
+      this.clear(); // invalid_grant: expired, revoked or reused — the family is gone
+      throw new SignInRequired();
+    }
+    this.accept(tokens); // the old refresh token is spent: keep whatever came back
+    const issuedFor = this.identity?.orgId ?? "";
+    if (orgId !== undefined && issuedFor !== orgId) {
+      throw new OrganizationSwitchRefused(`The server issued tokens for ${issuedFor || "no organization"}.`);
     }
   }
 
