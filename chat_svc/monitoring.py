@@ -4,7 +4,8 @@ and summaries of their answers small enough for a model's context.
 Tenancy works like prom-label-proxy: every vector and matrix selector of a scoped
 caller's query gets an ``org_id="<org>"`` matcher, replacing any ``org_id`` matcher
 the query had, so no function, operator, subquery or regex can reach another
-organization's series. Operators and admins see the whole platform unchanged.
+organization's series. Platform roles (mesh.context.PLATFORM_ROLES) see the whole platform
+unchanged; an organization's own admins and operators do not.
 
 Non-finite sample values: Prometheus writes them as ``"NaN"``, ``"+Inf"`` and
 ``"-Inf"``; JSON and protobuf ``Struct`` cannot carry NaN or infinities as numbers.

@@ -43,6 +43,10 @@ def current_principal() -> Principal:
 
 _IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
 _ROLE = re.compile(r"[a-z][a-z0-9_:.-]{0,63}")
+PLATFORM_ROLES = frozenset({"platform:admin", "platform:operator"})
+"""Roles over the whole platform (every organization's data in the agents' tools). Only the
+operator grants them (the accounts command); an organization's own roles (admin, operator,
+member), which its admins hand out, never reach beyond that organization."""
 
 
 def parse_identifier(value: str | None, what: str) -> str:

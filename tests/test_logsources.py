@@ -489,7 +489,7 @@ async def test_an_unreachable_clickhouse_is_a_tool_failure() -> None:
 
 ACME = ToolContext(principal=ALICE)
 GLOBEX = ToolContext(principal=BOB)
-OPERATOR = ToolContext(principal=Principal("olga", "acme", frozenset({"operator"})))
+OPERATOR = ToolContext(principal=Principal("olga", "acme", frozenset({"platform:operator"})))
 
 
 def by_name(tools: list[Tool[Any]]) -> dict[str, Tool[Any]]:

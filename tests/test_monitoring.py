@@ -47,7 +47,7 @@ __all__ = ["monitoring"]  # the fixture, registered by importing it
 
 ACME = ToolContext(principal=Principal("alice", "acme"))
 GLOBEX = ToolContext(principal=Principal("gus", "globex"))
-OPERATOR = ToolContext(principal=Principal("olga", "acme", frozenset({"operator"})))
+OPERATOR = ToolContext(principal=Principal("olga", "acme", frozenset({"platform:operator"})))
 TOOL_NAMES = {
     "prometheus_query",
     "prometheus_query_range",
@@ -130,7 +130,11 @@ def test_unscopable_queries_are_tool_failures(query: str, message: str) -> None:
 
 def test_platform_roles_are_unscoped_and_others_are_not() -> None:
     assert Scope.of(OPERATOR.principal).org_id is None
-    assert Scope.of(Principal("root", "acme", frozenset({"admin"}))).org_id is None
+    assert Scope.of(Principal("root", "acme", frozenset({"platform:admin"}))).org_id is None
+    # An organization's own admins and operators (roles its admins hand out in invitations)
+    # never read beyond it.
+    org_roles = frozenset({"admin", "operator"})
+    assert Scope.of(Principal("ann", "acme", org_roles)).org_id == "acme"
     assert Scope.of(Principal("v", "acme", frozenset({"viewer"}))).org_id == "acme"
     assert Scope(org_id=None).promql("sum(up)") == "sum(up)"
     with pytest.raises(ToolFailure, match="not a series selector"):

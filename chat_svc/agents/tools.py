@@ -21,17 +21,14 @@ from typing import Any, Generic, TypeVar, get_type_hints
 
 from pydantic import BaseModel, ValidationError
 
-from mesh.context import Principal
+from mesh.context import PLATFORM_ROLES, Principal
 
 ArgsT = TypeVar("ArgsT", bound=BaseModel)
-
-PLATFORM_ROLES = ("admin", "operator")
-"""Roles that read the whole platform; every other caller reads its own organization only."""
 
 
 def visible_org(principal: Principal) -> str | None:
     """The organization whose data ``principal`` may read through a tool; None: all of them."""
-    return None if any(principal.has_role(role) for role in PLATFORM_ROLES) else principal.org_id
+    return None if principal.roles & PLATFORM_ROLES else principal.org_id
 
 
 class ToolFailure(Exception):
