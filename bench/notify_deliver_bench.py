@@ -35,6 +35,7 @@ from notify_svc.config import NotifySettings
 from notify_svc.server import build_runner
 from notify_svc.smtp import SmtpSettings
 from notify_svc.store import NotificationStore
+from notify_svc.webhooks import WebhookSettings
 from opsmesh.notify.v1 import notify_pb2, notify_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +102,7 @@ async def measure(deliveries: int, concurrency: int) -> float:
         redis=RedisSettings(url=redis.url),
         smtp=SmtpSettings(port=port, pool_size=concurrency),
         task_address=f"127.0.0.1:{free_port()}",
+        webhooks=WebhookSettings(port=0),
     )
     runner, _ = build_runner(settings)
     client = connect_redis(settings.redis)

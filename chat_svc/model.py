@@ -31,7 +31,7 @@ from mesh.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from mesh.settings import EnvReader
+from mesh.settings import fixed, integer, seconds, setting, string, words
 from opsmesh.errors.v1 import errors_pb2
 
 log = logging.getLogger("opsmesh.model")
@@ -40,50 +40,44 @@ log = logging.getLogger("opsmesh.model")
 _MAX_LINE_BYTES = 1 << 20
 
 
+def _model_host(raw: str) -> str:
+    return raw if "://" in raw else f"http://{raw}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelSettings:
-    host: str = "http://127.0.0.1:11434"
-    allowed: tuple[str, ...] = ()
+    host: str = setting("OLLAMA_HOST", "http://127.0.0.1:11434", _model_host)
+    allowed: tuple[str, ...] = words("OPSMESH_CHAT_MODELS")
     """Models requests may name; empty allows whatever the server has."""
-    default: str = "llama3.2:3b"
-    connect_timeout: float = 5.0
-    first_token_timeout: float = 300.0
+    chosen_default: str = string(
+        "OPSMESH_CHAT_DEFAULT_MODEL",
+        doc="empty: the first of OPSMESH_CHAT_MODELS, else llama3.2:3b",
+    )
+    connect_timeout: float = seconds(
+        "OPSMESH_OLLAMA_CONNECT_TIMEOUT", 5.0, minimum=0.1, maximum=120
+    )
+    first_token_timeout: float = seconds(
+        "OPSMESH_OLLAMA_FIRST_TOKEN_TIMEOUT", 300.0, minimum=1, maximum=3600
+    )
     """Model load plus prompt evaluation may take this long."""
-    idle_timeout: float = 60.0
+    idle_timeout: float = seconds("OPSMESH_OLLAMA_IDLE_TIMEOUT", 60.0, minimum=0.1, maximum=3600)
     """Longest silence between two tokens."""
-    retries: int = 3
-    backoff_base: float = 0.5
-    backoff_cap: float = 8.0
-    max_connections: int = 1024
+    retries: int = integer("OPSMESH_OLLAMA_RETRIES", 3, minimum=0, maximum=20)
+    backoff_base: float = fixed(0.5, why="tests shorten the retry backoff")
+    backoff_cap: float = fixed(8.0, why="tests shorten the retry backoff")
+    max_connections: int = integer("OPSMESH_OLLAMA_MAX_CONNECTIONS", 1024, minimum=1, maximum=65536)
     """Concurrent HTTP connections to the model server (one per streaming answer)."""
 
-    @classmethod
-    def from_env(cls, env: EnvReader) -> ModelSettings:
-        host = env.string("OLLAMA_HOST", "http://127.0.0.1:11434")
-        if "://" not in host:
-            host = f"http://{host}"
-        allowed = tuple(
-            m.strip() for m in env.string("OPSMESH_CHAT_MODELS", "").split(",") if m.strip()
-        )
-        default = env.string("OPSMESH_CHAT_DEFAULT_MODEL", allowed[0] if allowed else "llama3.2:3b")
-        if allowed and default not in allowed:
-            env.problem(f"OPSMESH_CHAT_DEFAULT_MODEL={default!r} is not in OPSMESH_CHAT_MODELS")
-        return cls(
-            host=host,
-            allowed=allowed,
-            default=default,
-            connect_timeout=env.seconds(
-                "OPSMESH_OLLAMA_CONNECT_TIMEOUT", 5, minimum=0.1, maximum=120
-            ),
-            first_token_timeout=env.seconds(
-                "OPSMESH_OLLAMA_FIRST_TOKEN_TIMEOUT", 300, minimum=1, maximum=3600
-            ),
-            idle_timeout=env.seconds("OPSMESH_OLLAMA_IDLE_TIMEOUT", 60, minimum=0.1, maximum=3600),
-            retries=env.integer("OPSMESH_OLLAMA_RETRIES", 3, minimum=0, maximum=20),
-            max_connections=env.integer(
-                "OPSMESH_OLLAMA_MAX_CONNECTIONS", 1024, minimum=1, maximum=65536
-            ),
-        )
+    @property
+    def default(self) -> str:
+        """The model of requests that name none."""
+        return self.chosen_default or (self.allowed[0] if self.allowed else "llama3.2:3b")
+
+    def check(self, problems: list[str]) -> None:
+        if self.allowed and self.default not in self.allowed:
+            problems.append(
+                f"OPSMESH_CHAT_DEFAULT_MODEL={self.default!r} is not in OPSMESH_CHAT_MODELS"
+            )
 
 
 def _backoff(attempt: int, settings: ModelSettings) -> float:

@@ -100,4 +100,4 @@ async def serve(environ: Mapping[str, str]) -> None:
 
 
 def main() -> None:
-    run_main("chat_svc", serve)
+    run_main("chat_svc", serve, ChatSettings)

@@ -25,9 +25,9 @@ from mesh.context import Principal
 from mesh.errors import Unauthenticated
 from mesh.logs import configure_service_logging
 from mesh.server import RunnerOptions, ServiceRunner, run_main
-from mesh.settings import EnvReader, ServerSettings
+from mesh.settings import ServerSettings, fixed, load, nested, seconds, string
 from opsmesh.chat.v1 import chat_pb2
-from opsmesh.identity.v1 import identity_pb2
+from opsmesh.identity.v1 import identity_pb2, organization_pb2
 from opsmesh.notify.v1 import notify_pb2
 from opsmesh.session.v1 import session_pb2
 from opsmesh.task.v1 import task_pb2
@@ -37,41 +37,43 @@ from opsmesh.task.v1 import task_pb2
 # limit service, the worker's health) are not listed. NotificationService's worker-only
 # DeliverNotification is part of its contract and listed with it.
 IDENTITY = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
+ORGANIZATIONS = organization_pb2.DESCRIPTOR.services_by_name["OrganizationService"].full_name
 SESSION = session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
 CHAT = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 TASK = task_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name
 NOTIFY = notify_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name
-PUBLIC_SERVICES = (IDENTITY, SESSION, CHAT, TASK, NOTIFY)
+PUBLIC_SERVICES = (IDENTITY, ORGANIZATIONS, SESSION, CHAT, TASK, NOTIFY)
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 @dataclass(frozen=True, kw_only=True)
 class EdgeInfoSettings:
-    server: ServerSettings
-    backends: Mapping[str, str]
-    """Public service name → address of its gRPC server (``host:port``)."""
-    health_timeout: float = 1.0
+    server: ServerSettings = nested(ServerSettings, port=50057, metrics_port=9157)
+    identity_address: str = string("OPSMESH_IDENTITY_ADDR", "127.0.0.1:50058")
+    session_address: str = string("OPSMESH_SESSION_ADDR", "127.0.0.1:50051")
+    chat_address: str = string("OPSMESH_CHAT_ADDR", "127.0.0.1:50052")
+    notify_address: str = string("OPSMESH_NOTIFY_ADDR", "127.0.0.1:50053")
+    task_address: str = string("OPSMESH_TASK_ADDR", "127.0.0.1:50054")
+    health_timeout: float = seconds("OPSMESH_EDGE_HEALTH_TIMEOUT", 1.0, minimum=0.05, maximum=30)
     """Deadline of one forwarded health check."""
-    watch_interval: float = 1.0
+    watch_interval: float = fixed(1.0, why="tests watch faster")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> EdgeInfoSettings:
-        env = EnvReader(environ)
-        settings = cls(
-            server=ServerSettings.from_env(env, default_port=50057, default_metrics_port=9157),
-            backends={
-                IDENTITY: env.string("OPSMESH_IDENTITY_ADDR", "127.0.0.1:50058"),
-                SESSION: env.string("OPSMESH_SESSION_ADDR", "127.0.0.1:50051"),
-                CHAT: env.string("OPSMESH_CHAT_ADDR", "127.0.0.1:50052"),
-                NOTIFY: env.string("OPSMESH_NOTIFY_ADDR", "127.0.0.1:50053"),
-                TASK: env.string("OPSMESH_TASK_ADDR", "127.0.0.1:50054"),
-            },
-            health_timeout=env.seconds(
-                "OPSMESH_EDGE_HEALTH_TIMEOUT", 1.0, minimum=0.05, maximum=30
-            ),
-        )
-        env.check()
-        return settings
+        return load(cls, environ)
+
+    @property
+    def backends(self) -> dict[str, str]:
+        """Public service name → address of its gRPC server (``host:port``)."""
+        return {
+            IDENTITY: self.identity_address,
+            # Served by the same identity_svc process as IdentityService.
+            ORGANIZATIONS: self.identity_address,
+            SESSION: self.session_address,
+            CHAT: self.chat_address,
+            NOTIFY: self.notify_address,
+            TASK: self.task_address,
+        }
 
 
 class _NoCalls:
@@ -107,4 +109,4 @@ async def serve(environ: Mapping[str, str]) -> None:
 
 
 def main() -> None:
-    run_main("edgeinfo_svc", serve)
+    run_main("edgeinfo_svc", serve, EdgeInfoSettings)

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from mesh.context import Principal, parse_identifier, parse_roles
 from mesh.revocations import RevocationFeed
-from mesh.settings import EnvReader
+from mesh.settings import choice, setting, string, url
 from mesh.tokens import JwtAuthenticator, RemoteJwks
 
 log = logging.getLogger(__name__)
@@ -58,43 +58,34 @@ class TrustedHeaderAuthenticator:
         )
 
 
+def _issuer(raw: str) -> str:
+    return raw.rstrip("/")
+
+
 @dataclass(frozen=True, kw_only=True)
 class AuthSettings:
     """How a service learns who calls: ``jwt`` (verify access tokens) or ``trusted-headers``."""
 
-    mode: str = "trusted-headers"
-    issuer: str = "http://127.0.0.1:8090"
-    audience: str = "opsmesh"
-    jwks_url: str = ""
+    mode: str = choice("OPSMESH_AUTH_MODE", "trusted-headers", ("trusted-headers", "jwt"))
+    issuer: str = setting("OPSMESH_JWT_ISSUER", "", _issuer, doc="required with jwt")
+    audience: str = string("OPSMESH_JWT_AUDIENCE", "opsmesh")
+    jwks_url: str = string("OPSMESH_JWKS_URL", "", doc="empty: <issuer>/.well-known/jwks.json")
     """Where the issuer publishes its keys; empty: ``<issuer>/.well-known/jwks.json``."""
-    revocation_feed_url: str = ""
+    revocation_feed_url: str = url(
+        "OPSMESH_REVOCATION_FEED_URL",
+        "",
+        schemes=("redis://", "rediss://", "unix://"),
+        expected="a redis://, rediss:// or unix:// URL",
+        doc="empty: OPSMESH_REDIS_URL",
+    )
     """The Redis the issuer publishes revoked sessions to (mesh/revocations.py); empty: the
     service's own Redis (OPSMESH_REDIS_URL)."""
 
-    @classmethod
-    def from_env(cls, env: EnvReader) -> AuthSettings:
-        issuer = env.string("OPSMESH_JWT_ISSUER", "").rstrip("/")
-        mode = env.string(
-            "OPSMESH_AUTH_MODE", "trusted-headers", choices=("trusted-headers", "jwt")
-        )
-        if mode == "jwt" and not issuer:
-            env.problem("OPSMESH_JWT_ISSUER is required with OPSMESH_AUTH_MODE=jwt: the issuer URL")
-        return cls(
-            mode=mode,
-            issuer=issuer,
-            audience=env.string("OPSMESH_JWT_AUDIENCE", "opsmesh"),
-            jwks_url=env.string("OPSMESH_JWKS_URL", f"{issuer}/.well-known/jwks.json"),
-            revocation_feed_url=_feed_url(env),
-        )
-
-
-def _feed_url(env: EnvReader) -> str:
-    url = env.string("OPSMESH_REVOCATION_FEED_URL", "")
-    if url and not url.startswith(("redis://", "rediss://", "unix://")):
-        env.problem(
-            f"OPSMESH_REVOCATION_FEED_URL={url!r}: expected a redis://, rediss:// or unix:// URL"
-        )
-    return url
+    def check(self, problems: list[str]) -> None:
+        if self.mode == "jwt" and not self.issuer:
+            problems.append(
+                "OPSMESH_JWT_ISSUER is required with OPSMESH_AUTH_MODE=jwt: the issuer URL"
+            )
 
 
 def authenticator_for(

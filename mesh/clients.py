@@ -12,7 +12,7 @@ import httpx
 from mesh.auth import ORG_HEADER, ROLES_HEADER, USER_HEADER
 from mesh.context import Principal, authorization_var
 from mesh.errors import DependencyUnavailable
-from mesh.settings import EnvReader
+from mesh.settings import string
 from mesh.tokens import ACT_AS_ORG_HEADER, ACT_AS_USER_HEADER
 
 Metadata = tuple[tuple[str, str], ...]
@@ -84,24 +84,17 @@ class ServiceClientSettings:
     """A service's own OAuth client, for calls it makes on its own behalf (queueing work,
     delivering email); without one it forwards the caller's credentials."""
 
-    token_url: str = ""
-    client_id: str = ""
-    secret: str = ""
+    token_url: str = string("OPSMESH_SERVICE_TOKEN_URL", doc="the issuer's token endpoint")
+    client_id: str = string("OPSMESH_SERVICE_CLIENT_ID")
+    secret: str = string("OPSMESH_SERVICE_CLIENT_SECRET")
 
-    @classmethod
-    def from_env(cls, env: EnvReader) -> ServiceClientSettings:
-        settings = cls(
-            token_url=env.string("OPSMESH_SERVICE_TOKEN_URL", ""),
-            client_id=env.string("OPSMESH_SERVICE_CLIENT_ID", ""),
-            secret=env.string("OPSMESH_SERVICE_CLIENT_SECRET", ""),
-        )
-        given = [bool(settings.token_url), bool(settings.client_id), bool(settings.secret)]
+    def check(self, problems: list[str]) -> None:
+        given = [bool(self.token_url), bool(self.client_id), bool(self.secret)]
         if any(given) and not all(given):
-            env.problem(
+            problems.append(
                 "OPSMESH_SERVICE_TOKEN_URL, OPSMESH_SERVICE_CLIENT_ID and "
                 "OPSMESH_SERVICE_CLIENT_SECRET go together: set all three or none"
             )
-        return settings
 
 
 def service_credentials(

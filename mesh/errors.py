@@ -15,7 +15,6 @@ with the generic reason of the status code instead, or raises
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from typing import ClassVar, cast
 
@@ -33,9 +32,10 @@ log = logging.getLogger(__name__)
 ERROR_DOMAIN = "opsmesh.dev"
 REASON_PREFIX = "ERROR_REASON_"
 
-# Raise on an undeclared reason instead of falling back (tests/conftest.py turns it on, for
-# the services the tests start in other processes too).
-STRICT_REASONS = os.environ.get("OPSMESH_STRICT_ERROR_REASONS") == "1"
+# Raise on an undeclared reason instead of falling back: tests/conftest.py turns it on, and a
+# service runner does when its settings say so (OPSMESH_STRICT_ERROR_REASONS, for the services
+# the tests start in other processes).
+STRICT_REASONS = False
 
 
 class UndeclaredReason(ValueError):

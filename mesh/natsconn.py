@@ -14,7 +14,7 @@ import nats.js.errors
 from nats.aio.client import Client
 
 from mesh.errors import DependencyUnavailable
-from mesh.settings import EnvReader
+from mesh.settings import seconds, setting
 
 log = logging.getLogger("opsmesh.nats")
 
@@ -39,27 +39,18 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 """NATS' own default address: the dev stack (``make up``) sets its own explicitly."""
 
 
+def _nats_urls(raw: str) -> str:
+    if not all(part.strip().startswith(("nats://", "tls://")) for part in raw.split(",")):
+        raise ValueError("expected nats:// or tls:// URLs, comma-separated")
+    return raw
+
+
 @dataclass(frozen=True, kw_only=True)
 class NatsSettings:
-    url: str = DEFAULT_NATS_URL
-    connect_timeout: float = 2.0
-    request_timeout: float = 2.0
+    url: str = setting("OPSMESH_NATS_URL", DEFAULT_NATS_URL, _nats_urls)
+    connect_timeout: float = seconds("OPSMESH_NATS_CONNECT_TIMEOUT", 2.0, minimum=0.1, maximum=60)
+    request_timeout: float = seconds("OPSMESH_NATS_TIMEOUT", 2.0, minimum=0.1, maximum=60)
     """Timeout of JetStream API calls and publish acknowledgements."""
-
-    @classmethod
-    def from_env(cls, env: EnvReader, *, default_url: str) -> NatsSettings:
-        url = env.string("OPSMESH_NATS_URL", default_url)
-        if not all(part.strip().startswith(("nats://", "tls://")) for part in url.split(",")):
-            env.problem(
-                f"OPSMESH_NATS_URL={url!r}: expected nats:// or tls:// URLs, comma-separated"
-            )
-        return cls(
-            url=url,
-            connect_timeout=env.seconds(
-                "OPSMESH_NATS_CONNECT_TIMEOUT", 2.0, minimum=0.1, maximum=60
-            ),
-            request_timeout=env.seconds("OPSMESH_NATS_TIMEOUT", 2.0, minimum=0.1, maximum=60),
-        )
 
 
 async def connect_nats(settings: NatsSettings, *, name: str) -> Client:

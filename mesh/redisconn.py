@@ -24,7 +24,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
 from mesh.errors import DependencyUnavailable
-from mesh.settings import EnvReader
+from mesh.settings import integer, seconds, setting, string, url
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 """Redis' own default address: the dev stack (``make up``) sets its own explicitly."""
@@ -41,50 +41,40 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def _sentinel_addresses(raw: str) -> tuple[tuple[str, int], ...]:
+    addresses: list[tuple[str, int]] = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected host:port[,host:port]")
+        addresses.append((host.strip("[]"), int(port)))
+    return tuple(addresses)
+
+
+def _password(raw: str) -> str | None:
+    return raw
+
+
 @dataclass(frozen=True, kw_only=True)
 class RedisSettings:
-    url: str = "redis://127.0.0.1:6379/0"
-    sentinels: tuple[tuple[str, int], ...] = ()
+    url: str = url(
+        "OPSMESH_REDIS_URL",
+        DEFAULT_REDIS_URL,
+        schemes=("redis://", "rediss://", "unix://"),
+        expected="a redis://, rediss:// or unix:// URL",
+    )
+    sentinels: tuple[tuple[str, int], ...] = setting(
+        "OPSMESH_REDIS_SENTINELS", (), _sentinel_addresses, doc="host:port[,host:port]"
+    )
     """Sentinel addresses; when set, the master of ``sentinel_master`` is used instead of url."""
-    sentinel_master: str = "mymaster"
-    password: str | None = None
-    db: int = 0
-    socket_timeout: float = 1.0
-    connect_timeout: float = 1.0
-    max_connections: int = 64
-    pool_timeout: float = 1.0
+    sentinel_master: str = string("OPSMESH_REDIS_SENTINEL_MASTER", "mymaster")
+    password: str | None = setting("OPSMESH_REDIS_PASSWORD", None, _password)
+    db: int = integer("OPSMESH_REDIS_DB", 0, minimum=0, maximum=15)
+    socket_timeout: float = seconds("OPSMESH_REDIS_TIMEOUT", 1.0, minimum=0.01, maximum=60)
+    connect_timeout: float = seconds("OPSMESH_REDIS_CONNECT_TIMEOUT", 1.0, minimum=0.01, maximum=60)
+    max_connections: int = integer("OPSMESH_REDIS_MAX_CONNECTIONS", 64, minimum=1, maximum=10_000)
+    pool_timeout: float = seconds("OPSMESH_REDIS_POOL_TIMEOUT", 1.0, minimum=0.001, maximum=60)
     """Seconds a command waits for a free connection when all ``max_connections`` are busy."""
-
-    @classmethod
-    def from_env(cls, env: EnvReader, *, default_url: str) -> RedisSettings:
-        sentinels_raw = env.string("OPSMESH_REDIS_SENTINELS", "")
-        sentinels: list[tuple[str, int]] = []
-        for item in filter(None, (part.strip() for part in sentinels_raw.split(","))):
-            host, sep, port = item.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                env.problem(
-                    f"OPSMESH_REDIS_SENTINELS={sentinels_raw!r}: expected host:port[,host:port]"
-                )
-                break
-            sentinels.append((host.strip("[]"), int(port)))
-        url = env.string("OPSMESH_REDIS_URL", default_url)
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            env.problem(f"OPSMESH_REDIS_URL={url!r}: expected a redis://, rediss:// or unix:// URL")
-        return cls(
-            url=url,
-            sentinels=tuple(sentinels),
-            sentinel_master=env.string("OPSMESH_REDIS_SENTINEL_MASTER", "mymaster"),
-            password=env.string("OPSMESH_REDIS_PASSWORD", "") or None,
-            db=env.integer("OPSMESH_REDIS_DB", 0, minimum=0, maximum=15),
-            socket_timeout=env.seconds("OPSMESH_REDIS_TIMEOUT", 1.0, minimum=0.01, maximum=60),
-            connect_timeout=env.seconds(
-                "OPSMESH_REDIS_CONNECT_TIMEOUT", 1.0, minimum=0.01, maximum=60
-            ),
-            max_connections=env.integer(
-                "OPSMESH_REDIS_MAX_CONNECTIONS", 64, minimum=1, maximum=10_000
-            ),
-            pool_timeout=env.seconds("OPSMESH_REDIS_POOL_TIMEOUT", 1.0, minimum=0.001, maximum=60),
-        )
 
 
 def _no_retries() -> Retry:

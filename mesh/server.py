@@ -24,6 +24,7 @@ from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
+from mesh import errors
 from mesh.auth import Authenticator
 from mesh.health import HealthMonitor, Probe
 from mesh.metrics import RpcMetrics
@@ -89,6 +90,9 @@ class ServiceRunner:
         """``health``: the ``grpc.health.v1`` servicer (default: a status board the probes
         set); ``reflected``: more service names reflection lists than the registrations'."""
         self._settings = settings
+        if settings.strict_error_reasons:
+            # Process-wide on purpose: every error the process maps must use a declared reason.
+            errors.STRICT_REASONS = True
         self._registrations = tuple(registrations)
         self._options = options or RunnerOptions()
         self.registry = registry or CollectorRegistry()
@@ -215,12 +219,17 @@ def run(main: Coroutine[Any, Any, None]) -> None:
     uvloop.run(main)
 
 
-def run_main(name: str, serve: Callable[[Mapping[str, str]], Coroutine[Any, Any, None]]) -> None:
+def run_main(
+    name: str,
+    serve: Callable[[Mapping[str, str]], Coroutine[Any, Any, None]],
+    settings: type[Any],
+) -> None:
     """A service's ``main``: serve with the process environment; bad settings exit with 2.
 
-    ``--help`` prints the service's settings and exits before anything connects.
+    ``--help`` prints the service's settings (those ``settings`` declares) and exits before
+    anything connects.
     """
-    parse_command_line(serve.__module__)
+    parse_command_line(serve.__module__, settings)
     try:
         run(serve(os.environ))
     except SettingsError as error:

@@ -11,7 +11,7 @@ from email.utils import parseaddr
 
 import aiosmtplib
 
-from mesh.settings import EnvReader
+from mesh.settings import choice, integer, seconds, string
 
 log = logging.getLogger("opsmesh.smtp")
 
@@ -26,33 +26,17 @@ class DeliveryError(Exception):
 
 @dataclass(frozen=True, kw_only=True)
 class SmtpSettings:
-    host: str = "127.0.0.1"
-    port: int = 2525
-    security: str = "none"
+    host: str = string("OPSMESH_SMTP_HOST", "127.0.0.1")
+    port: int = integer("OPSMESH_SMTP_PORT", 2525, minimum=1, maximum=65535)
+    security: str = choice("OPSMESH_SMTP_SECURITY", "none", ("none", "starttls", "tls"))
     """none, starttls or tls (implicit TLS, usually port 465)."""
-    ca_file: str = ""
+    ca_file: str = string("OPSMESH_SMTP_CA_FILE")
     """CA bundle to verify the server with (an internal relay's own CA); empty: the system's."""
-    username: str = ""
-    password: str = ""
-    timeout: float = 10.0
-    pool_size: int = 4
-    sender: str = "opsmesh <noreply@opsmesh.localhost>"
-
-    @classmethod
-    def from_env(cls, env: EnvReader) -> SmtpSettings:
-        return cls(
-            host=env.string("OPSMESH_SMTP_HOST", "127.0.0.1"),
-            port=env.integer("OPSMESH_SMTP_PORT", 2525, minimum=1, maximum=65535),
-            security=env.string(
-                "OPSMESH_SMTP_SECURITY", "none", choices=("none", "starttls", "tls")
-            ),
-            ca_file=env.string("OPSMESH_SMTP_CA_FILE", ""),
-            username=env.string("OPSMESH_SMTP_USERNAME", ""),
-            password=env.string("OPSMESH_SMTP_PASSWORD", ""),
-            timeout=env.seconds("OPSMESH_SMTP_TIMEOUT", 10.0, minimum=0.1, maximum=300),
-            pool_size=env.integer("OPSMESH_SMTP_POOL_SIZE", 4, minimum=1, maximum=100),
-            sender=env.string("OPSMESH_MAIL_FROM", "opsmesh <noreply@opsmesh.localhost>"),
-        )
+    username: str = string("OPSMESH_SMTP_USERNAME")
+    password: str = string("OPSMESH_SMTP_PASSWORD")
+    timeout: float = seconds("OPSMESH_SMTP_TIMEOUT", 10.0, minimum=0.1, maximum=300)
+    pool_size: int = integer("OPSMESH_SMTP_POOL_SIZE", 4, minimum=1, maximum=100)
+    sender: str = string("OPSMESH_MAIL_FROM", "opsmesh <noreply@opsmesh.localhost>")
 
 
 class SmtpProvider:

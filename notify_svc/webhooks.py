@@ -25,7 +25,7 @@ from aiohttp import web
 
 from mesh.context import Principal
 from mesh.errors import OpsmeshError, Unavailable
-from mesh.settings import EnvReader
+from mesh.settings import fixed, port_number, seconds, string, words
 from notify_svc.authz import ALERT_WEBHOOK_ROLE, BILLING_WEBHOOK_ROLE
 from opsmesh.notify.v1 import notify_pb2
 
@@ -46,27 +46,14 @@ Send = Callable[[Principal, notify_pb2.SendEmailRequest], Awaitable[notify_pb2.N
 
 @dataclass(frozen=True, kw_only=True)
 class WebhookSettings:
-    host: str = "127.0.0.1"
-    port: int = 8093
+    host: str = fixed("127.0.0.1", why="the service's OPSMESH_HOST, given by notify_svc")
+    port: int = port_number("OPSMESH_WEBHOOK_PORT", 8093, doc="0 turns the webhook server off")
     """0 turns the webhook server off."""
-    billing_secret: str = ""
-    tolerance: float = 300.0
-    alert_token: str = ""
-    alert_org: str = ""
-    alert_emails: tuple[str, ...] = ()
-
-    @classmethod
-    def from_env(cls, env: EnvReader) -> WebhookSettings:
-        emails = env.string("OPSMESH_ALERT_EMAILS", "")
-        return cls(
-            host=env.string("OPSMESH_HOST", "127.0.0.1"),
-            port=env.integer("OPSMESH_WEBHOOK_PORT", 8093, minimum=0, maximum=65535),
-            billing_secret=env.string("OPSMESH_BILLING_WEBHOOK_SECRET", ""),
-            tolerance=env.seconds("OPSMESH_WEBHOOK_TOLERANCE", 300, minimum=1, maximum=3600),
-            alert_token=env.string("OPSMESH_ALERT_WEBHOOK_TOKEN", ""),
-            alert_org=env.string("OPSMESH_ALERT_ORG", ""),
-            alert_emails=tuple(e.strip() for e in emails.split(",") if e.strip()),
-        )
+    billing_secret: str = string("OPSMESH_BILLING_WEBHOOK_SECRET")
+    tolerance: float = seconds("OPSMESH_WEBHOOK_TOLERANCE", 300.0, minimum=1, maximum=3600)
+    alert_token: str = string("OPSMESH_ALERT_WEBHOOK_TOKEN")
+    alert_org: str = string("OPSMESH_ALERT_ORG")
+    alert_emails: tuple[str, ...] = words("OPSMESH_ALERT_EMAILS")
 
 
 def billing_signature(secret: str, timestamp: int, body: bytes) -> str:

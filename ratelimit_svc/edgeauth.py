@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 from mesh.context import Principal
 from mesh.errors import Unauthenticated
-from mesh.settings import EnvReader
+from mesh.settings import setting
 from opsmesh.errors.v1 import errors_pb2
 
 log = logging.getLogger(__name__)
@@ -29,15 +29,21 @@ writes it into Envoy's config with sed, which needs nothing quoted."""
 EDGE_PRINCIPAL = Principal(user_id="envoy", org_id="mesh", roles=frozenset({"edge"}))
 
 
-def edge_credential_from_env(env: EnvReader) -> str:
+def _edge_credential(raw: str) -> str:
+    if not CREDENTIAL_SHAPE.fullmatch(raw):
+        raise ValueError("expected 16+ letters, digits or '_~.-' (openssl rand -hex 32)")
+    return raw
+
+
+def edge_credential_setting() -> str:
     """The secret the edge must show; empty: any caller is believed (tests on one host)."""
-    credential = env.string(EDGE_CREDENTIAL_VARIABLE, "")
-    if credential and not CREDENTIAL_SHAPE.fullmatch(credential):
-        env.problem(
-            f"{EDGE_CREDENTIAL_VARIABLE}: expected 16+ letters, digits or '_~.-' "
-            "(openssl rand -hex 32)"
-        )
-    return credential
+    return setting(
+        "OPSMESH_RATELIMIT_EDGE_CREDENTIAL",
+        "",
+        _edge_credential,
+        doc="empty: any caller",
+        secret=True,
+    )
 
 
 class EdgeCredentialAuthenticator:

@@ -10,10 +10,10 @@ from envoy.service.ratelimit.v3 import rls_pb2_grpc
 
 from mesh.health import Probe
 from mesh.logs import configure_service_logging
-from mesh.redisconn import DEFAULT_REDIS_URL, RedisSettings, connect_redis
+from mesh.redisconn import RedisSettings, connect_redis
 from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
-from mesh.settings import EnvReader, ServerSettings
-from ratelimit_svc.edgeauth import edge_authenticator, edge_credential_from_env
+from mesh.settings import ServerSettings, choice, integer, load, nested, setting
+from ratelimit_svc.edgeauth import edge_authenticator, edge_credential_setting
 from ratelimit_svc.limits import DEFAULT_LOCAL_CACHE_SIZE, Limiter, load_rules
 from ratelimit_svc.service import SERVICE_NAME, RateLimitService
 
@@ -23,38 +23,27 @@ DEFAULT_RULES = Path(__file__).resolve().parent / "ratelimits.toml"
 
 @dataclass(frozen=True, kw_only=True)
 class RateLimitSettings:
-    server: ServerSettings
-    redis: RedisSettings
-    rules: Path = DEFAULT_RULES
-    failure_mode: str = "open"
-    edge_credential: str = ""
+    server: ServerSettings = nested(ServerSettings, port=50055, metrics_port=9155)
+    redis: RedisSettings = nested(RedisSettings)
+    rules: Path = setting("OPSMESH_RATELIMIT_RULES", DEFAULT_RULES, Path, doc="the packaged file")
+    failure_mode: str = choice("OPSMESH_RATELIMIT_FAILURE_MODE", "open", ("open", "closed"))
+    edge_credential: str = edge_credential_setting()
     """What Envoy must show (ratelimit_svc/edgeauth.py); empty: any caller."""
-    local_cache_size: int = DEFAULT_LOCAL_CACHE_SIZE
+    local_cache_size: int = integer(
+        "OPSMESH_RATELIMIT_LOCAL_CACHE_SIZE",
+        DEFAULT_LOCAL_CACHE_SIZE,
+        minimum=0,
+        maximum=10_000_000,
+    )
     """Over-limit keys remembered in-process until their window ends; 0 turns it off."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> RateLimitSettings:
-        env = EnvReader(environ)
-        rules = Path(env.string("OPSMESH_RATELIMIT_RULES", str(DEFAULT_RULES)))
-        if not rules.is_file():
-            env.problem(f"OPSMESH_RATELIMIT_RULES={str(rules)!r}: no such file")
-        settings = cls(
-            server=ServerSettings.from_env(env, default_port=50055, default_metrics_port=9155),
-            redis=RedisSettings.from_env(env, default_url=DEFAULT_REDIS_URL),
-            rules=rules,
-            failure_mode=env.string(
-                "OPSMESH_RATELIMIT_FAILURE_MODE", "open", choices=("open", "closed")
-            ),
-            edge_credential=edge_credential_from_env(env),
-            local_cache_size=env.integer(
-                "OPSMESH_RATELIMIT_LOCAL_CACHE_SIZE",
-                DEFAULT_LOCAL_CACHE_SIZE,
-                minimum=0,
-                maximum=10_000_000,
-            ),
-        )
-        env.check()
-        return settings
+        return load(cls, environ)
+
+    def check(self, problems: list[str]) -> None:
+        if not self.rules.is_file():
+            problems.append(f"OPSMESH_RATELIMIT_RULES={str(self.rules)!r}: no such file")
 
 
 def build_runner(
@@ -86,4 +75,4 @@ async def serve(environ: Mapping[str, str]) -> None:
 
 
 def main() -> None:
-    run_main("ratelimit_svc", serve)
+    run_main("ratelimit_svc", serve, RateLimitSettings)

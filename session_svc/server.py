@@ -53,4 +53,4 @@ async def serve(environ: Mapping[str, str]) -> None:
 
 
 def main() -> None:
-    run_main("session_svc", serve)
+    run_main("session_svc", serve, SessionSettings)

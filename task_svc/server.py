@@ -65,4 +65,4 @@ async def serve(environ: Mapping[str, str]) -> None:
 
 
 def main() -> None:
-    run_main("task_svc", serve)
+    run_main("task_svc", serve, TaskSettings)

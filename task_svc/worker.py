@@ -38,7 +38,6 @@ from mesh.health import Probe
 from mesh.logs import configure_logging
 from mesh.natsconn import close_nats, connect_nats
 from mesh.server import RunnerOptions, ServiceRunner, run_main
-from mesh.settings import ServerSettings
 from opsmesh.task.v1 import task_pb2
 from task_svc import lease, states
 from task_svc.attempt import AttemptContext, LeaseKeeper, quietly
@@ -58,8 +57,6 @@ from task_svc.store import TaskStore, now
 from task_svc.workspace import KubeClient, workspace_handler
 
 log = logging.getLogger("opsmesh.worker")
-
-DEFAULT_WORKER_GRPC_PORT = 50056
 
 
 def backoff(retry: int, policy: RetryPolicy) -> float:
@@ -354,7 +351,7 @@ class Worker:
         if self._in_flight:
             log.info("draining %d running tasks", len(self._in_flight))
             _, pending = await asyncio.wait(
-                set(self._in_flight), timeout=self._settings.grace_period
+                set(self._in_flight), timeout=self._settings.server.grace_period
             )
             for job in pending:
                 job.cancel()
@@ -389,11 +386,10 @@ def handlers_for(
     closers: list[Callable[[], Awaitable[None]]] = []
     emails: ProvisioningEmails | None = None
     credentials: Credentials = trusted_headers
-    if settings.service_token_url and settings.service_client_id:
+    if settings.service_client.token_url:
+        client = settings.service_client
         service = ServiceCredentials(
-            token_url=settings.service_token_url,
-            client_id=settings.service_client_id,
-            secret=settings.service_client_secret,
+            token_url=client.token_url, client_id=client.client_id, secret=client.secret
         )
         credentials = service
         closers.append(service.close)
@@ -402,7 +398,7 @@ def handlers_for(
         handlers[task_pb2.TASK_TYPE_EMAIL] = email_handler(channel, credentials=credentials)
         emails = ProvisioningEmails(channel, credentials=credentials)
         closers.append(functools.partial(channel.close, None))
-    if settings.kube is not None and settings.kube.api:
+    if settings.kube.api:
         kube = KubeClient(settings.kube)
         handlers[task_pb2.TASK_TYPE_WORKSPACE] = workspace_handler(kube, emails)
         closers.append(kube.close)
@@ -435,7 +431,9 @@ def reaper_for(
 
 async def serve(environ: Mapping[str, str], handlers: Mapping[int, Handler] | None = None) -> None:
     settings = WorkerSettings.from_env(environ)
-    configure_logging(service="task_worker", level=settings.log_level, fmt=settings.log_format)
+    configure_logging(
+        service="task_worker", level=settings.server.log_level, fmt=settings.server.log_format
+    )
     client: Client = await connect_nats(settings.nats, name=f"task-worker-{settings.worker_id}")
     js = client.jetstream(timeout=settings.nats.request_timeout)
     store = TaskStore(await ensure_topology(js, settings.topology))
@@ -455,14 +453,8 @@ async def serve(environ: Mapping[str, str], handlers: Mapping[int, Handler] | No
         if not client.is_connected:
             raise ConnectionError("not connected to NATS")
 
-    port = int(environ.get("OPSMESH_GRPC_PORT") or DEFAULT_WORKER_GRPC_PORT)
     runner = ServiceRunner(
-        settings=ServerSettings(
-            host=settings.host,
-            port=port,
-            metrics_port=settings.metrics_port,
-            grace_period=settings.grace_period,
-        ),
+        settings=settings.server,
         registrations=[],
         authenticator=_NoCallers(),
         probes=[Probe(name="nats", check=nats_connected)],
@@ -483,7 +475,7 @@ class _NoCallers:
 
 
 def main() -> None:
-    run_main("task worker", serve)
+    run_main("task worker", serve, WorkerSettings)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import httpx
 from google.protobuf import json_format
 
-from mesh.settings import EnvReader
+from mesh.settings import seconds, setting, string
 from opsmesh.task.v1 import task_pb2
 from task_svc.handlers import Handler, PermanentError, TaskCancelled, TaskContext
 
@@ -31,30 +31,38 @@ DEFAULT_QUOTA = {"cpu": "4", "memory": "8Gi", "storage": "50Gi", "pods": 50}
 _IN_CLUSTER = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
+def _in_cluster(value: str) -> Callable[[], str]:
+    """A default that applies inside a Kubernetes pod (its service account is mounted)."""
+    return lambda: value if _IN_CLUSTER.exists() else ""
+
+
+def _api_url(raw: str) -> str:
+    if not raw.startswith(("https://", "http://")):
+        raise ValueError("expected an https:// URL")
+    return raw.rstrip("/")
+
+
 @dataclass(frozen=True, kw_only=True)
 class KubeSettings:
-    api: str
+    api: str = setting(
+        "OPSMESH_KUBE_API",
+        "",
+        _api_url,
+        default_factory=_in_cluster("https://kubernetes.default.svc"),
+        doc="in a pod: https://kubernetes.default.svc; elsewhere empty: no cluster",
+    )
     """The API server URL, e.g. https://kubernetes.default.svc; empty: no cluster."""
-    token_file: str = ""
-    ca_file: str = ""
-    timeout: float = 10.0
-
-    @classmethod
-    def from_env(cls, env: EnvReader) -> KubeSettings:
-        in_cluster = _IN_CLUSTER.exists()
-        api = env.string("OPSMESH_KUBE_API", "https://kubernetes.default.svc" if in_cluster else "")
-        if api and not api.startswith(("https://", "http://")):
-            env.problem(f"OPSMESH_KUBE_API={api!r}: expected an https:// URL")
-        return cls(
-            api=api.rstrip("/"),
-            token_file=env.string(
-                "OPSMESH_KUBE_TOKEN_FILE", str(_IN_CLUSTER / "token") if in_cluster else ""
-            ),
-            ca_file=env.string(
-                "OPSMESH_KUBE_CA_FILE", str(_IN_CLUSTER / "ca.crt") if in_cluster else ""
-            ),
-            timeout=env.seconds("OPSMESH_KUBE_TIMEOUT", 10.0, minimum=0.1, maximum=300),
-        )
+    token_file: str = string(
+        "OPSMESH_KUBE_TOKEN_FILE",
+        default_factory=_in_cluster(str(_IN_CLUSTER / "token")),
+        doc="in a pod: the service account's token",
+    )
+    ca_file: str = string(
+        "OPSMESH_KUBE_CA_FILE",
+        default_factory=_in_cluster(str(_IN_CLUSTER / "ca.crt")),
+        doc="in a pod: the service account's CA",
+    )
+    timeout: float = seconds("OPSMESH_KUBE_TIMEOUT", 10.0, minimum=0.1, maximum=300)
 
 
 def namespace_name(org_id: str, workspace: str) -> str:

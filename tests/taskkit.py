@@ -132,7 +132,7 @@ async def running_worker(
         lease_ttl=lease_ttl,
         reap_interval=reap_interval or 1.0,
         outbox_grace=0.5,
-        grace_period=grace,
+        server=ServerSettings(port=0, grace_period=grace),
     )
     handlers: dict[int, Any] = dict.fromkeys(types, handler)
     registry = CollectorRegistry()

@@ -47,7 +47,7 @@ def chat_settings(
         model=replace(
             ModelSettings(
                 host=ollama_url,
-                default="llama3.2:3b",
+                chosen_default="llama3.2:3b",
                 idle_timeout=2.0,
                 first_token_timeout=10.0,
                 backoff_base=0.01,

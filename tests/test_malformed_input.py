@@ -224,7 +224,7 @@ async def test_ratelimit_service_refuses_malformed_requests(
 async def test_edgeinfo_service_refuses_malformed_requests(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    settings = EdgeInfoSettings(server=ServerSettings(port=0), backends={})
+    settings = EdgeInfoSettings(server=ServerSettings(port=0))
     async with started(build_edgeinfo(settings, options=FAST_HEALTH)) as address:
         await assert_every_malformed_request_refused(address, REFLECTION, caplog)
 

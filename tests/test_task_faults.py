@@ -30,6 +30,7 @@ from mesh.settings import ServerSettings
 from notify_svc.config import NotifySettings
 from notify_svc.server import build_runner as build_notify
 from notify_svc.smtp import SmtpSettings
+from notify_svc.webhooks import WebhookSettings
 from opsmesh.notify.v1 import notify_pb2 as notify_pb
 from opsmesh.notify.v1 import notify_pb2_grpc
 from opsmesh.task.v1 import task_pb2 as pb
@@ -300,6 +301,7 @@ async def email_run(tmp_path: Path, redis_url: str) -> AsyncIterator[EmailRun]:
                 task_address=f"127.0.0.1:{tasks.runner.port}",
                 key_prefix=f"faults:{uuid.uuid4().hex[:8]}:",
                 claim_lease=5.0,  # a killed worker does not kill notify_svc: its sends finish
+                webhooks=WebhookSettings(port=0),
             )
             runner, _ = build_notify(settings, options=FAST_HEALTH)
             await runner.start()

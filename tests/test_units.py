@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -13,7 +14,9 @@ import pytest
 from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from chat_svc.config import ChatSettings
 from devtools.servers import ManagedProcess, ServerStartError, find_binary
+from edgeinfo_svc.server import EdgeInfoSettings
 from identity_svc.config import IdentitySettings
 from mesh.auth import authenticator_from_mode
 from mesh.context import Principal, current_principal, request_id_var
@@ -21,9 +24,29 @@ from mesh.errors import DependencyUnavailable, InvalidArgument, to_status
 from mesh.logs import JsonFormatter, configure_logging
 from mesh.pagination import decode_token, encode_token, page_size
 from mesh.redisconn import RedisSettings, connect_redis
-from mesh.settings import EnvReader, ServerSettings, SettingsError
+from mesh.settings import (
+    ServerSettings,
+    SettingsError,
+    boolean,
+    choice,
+    declared_settings,
+    fixed,
+    integer,
+    load,
+    nested,
+    port_number,
+    required,
+    seconds,
+    setting,
+    string,
+    words,
+)
+from notify_svc.config import NotifySettings
+from ratelimit_svc.server import RateLimitSettings
 from session_svc.config import SessionSettings
 from session_svc.context_patch import merge_patch
+from task_svc.config import TaskSettings, Topology, WorkerSettings
+from webui.server import WebSettings
 
 
 def struct(value: dict[str, object]) -> struct_pb2.Struct:
@@ -55,34 +78,44 @@ def test_merge_patch_matches_rfc7396(target, patch, expected) -> None:
     assert json_format.MessageToDict(merged) == expected
 
 
-def test_env_reader_collects_every_problem() -> None:
-    env = EnvReader(
-        {"A": "x", "B": "99999", "C": "soon", "D": "maybe", "E": "purple", "F": "inf", "G": "2.5m"}
+def _alphanumeric(raw: str) -> str:
+    if not raw.isalnum():
+        raise ValueError("expected letters and digits")
+    return raw
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Units:
+    ms: float = seconds("T_MS", 0.0, minimum=0, maximum=10)
+    hour: float = seconds("T_H", 0.0, minimum=0, maximum=1e6)
+    day: float = seconds("T_D", 0.0, minimum=0, maximum=1e6)
+    short: float = seconds("T_SHORT", 1.0, minimum=0, maximum=10)
+    yes: bool = boolean("T_YES", False)
+    off: bool = boolean("T_OFF", True)
+    blank: str = string("T_BLANK", "default")
+    token: str = setting("T_TOKEN", "", _alphanumeric, secret=True)
+
+
+def test_settings_parse_units_and_booleans_and_blank_means_the_default() -> None:
+    environ = {"T_MS": "250ms", "T_H": "1h", "T_D": "1d", "T_YES": "YES", "T_OFF": "off"}
+    assert load(_Units, {**environ, "T_BLANK": " "}) == _Units(
+        ms=0.25, hour=3600, day=86400, yes=True, off=False
     )
-    assert env.integer("A", 1, minimum=0, maximum=10) == 1
-    assert env.integer("B", 1, minimum=0, maximum=10) == 1
-    assert env.seconds("C", 3.0, minimum=0, maximum=10) == 3.0
-    assert env.boolean("D", False) is False
-    assert env.string("E", "red", choices=("red", "blue")) == "red"
-    assert env.seconds("F", 1.0, minimum=0, maximum=10) == 1.0
-    assert env.seconds("G", 1.0, minimum=0, maximum=1000) == 150.0
-    assert env.seconds("G", 1.0, minimum=0, maximum=10) == 1.0
+
+
+def test_bad_numbers_and_durations_are_reported_but_secrets_never_repeated() -> None:
+    environ = {"T_MS": "inf", "T_H": "soon", "T_SHORT": "2.5m", "T_TOKEN": "hunter2!"}
     with pytest.raises(SettingsError) as caught:
-        env.check()
-    names = [p.split("=")[0] for p in caught.value.problems]
-    assert names == ["A", "B", "C", "D", "E", "F", "G"]
-    assert "expected a duration from 0s to 10s" in str(caught.value)
-
-
-def test_env_reader_parses_units_and_booleans() -> None:
-    env = EnvReader({"MS": "250ms", "H": "1h", "D": "1d", "T": "YES", "F": "off", "EMPTY": " "})
-    assert env.seconds("MS", 0, minimum=0, maximum=10) == 0.25
-    assert env.seconds("H", 0, minimum=0, maximum=1e6) == 3600
-    assert env.seconds("D", 0, minimum=0, maximum=1e6) == 86400
-    assert env.boolean("T", False) is True
-    assert env.boolean("F", True) is False
-    assert env.string("EMPTY", "default") == "default"
-    env.check()
+        load(_Units, environ)
+    assert [problem.split("=")[0].split(":")[0] for problem in caught.value.problems] == [
+        "T_MS",
+        "T_H",
+        "T_SHORT",
+        "T_TOKEN",
+    ]
+    assert "T_SHORT='2.5m': expected a duration from 0s to 10s" in str(caught.value)
+    assert "T_TOKEN: expected letters and digits" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
 
 
 REQUIRED_IDENTITY_ENV = {
@@ -131,10 +164,100 @@ def test_identity_settings_defaults_and_cross_checks() -> None:
     )  # no OAuth endpoints: no issuer needed
 
 
-def test_server_settings_from_env() -> None:
-    env = EnvReader({"OPSMESH_HOST": "0.0.0.0", "OPSMESH_ACCESS_LOG": "true"})
-    settings = ServerSettings.from_env(env, default_port=1234)
+def test_server_settings_take_their_port_from_the_use_site() -> None:
+    environ = {"OPSMESH_HOST": "0.0.0.0", "OPSMESH_ACCESS_LOG": "true"}
+    settings = load(ServerSettings, environ, port=1234)
     assert (settings.host, settings.port, settings.access_log) == ("0.0.0.0", 1234, True)
+    assert load(ServerSettings, {**environ, "OPSMESH_GRPC_PORT": "99"}, port=1234).port == 99
+    with pytest.raises(SettingsError, match="OPSMESH_GRPC_PORT is required"):
+        load(ServerSettings, environ)  # no service gave it a default
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Inner:
+    port: int = port_number("T_INNER_PORT", 1)
+    ratio: float = fixed(0.5, why="not configurable")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Declared:
+    name: str = required("T_NAME", str, doc="what it is called")
+    mode: str = choice("T_MODE", "a", ("a", "b"))
+    count: int = integer("T_COUNT", 3, minimum=0, maximum=9)
+    wait: float = seconds("T_WAIT", 1.0, minimum=0, maximum=600)
+    loud: bool = boolean("T_LOUD", False)
+    tags: tuple[str, ...] = words("T_TAGS")
+    inner: _Inner = nested(_Inner, port=2)
+
+    def check(self, problems: list[str]) -> None:
+        if self.loud and self.mode == "b":
+            problems.append("T_LOUD does not go with T_MODE=b")
+
+
+def test_declared_settings_are_read_with_defaults_units_and_use_site_defaults() -> None:
+    settings = load(
+        _Declared, {"T_NAME": " n ", "T_WAIT": "250ms", "T_TAGS": "x, y z", "T_LOUD": ""}
+    )
+    assert settings == _Declared(name="n", wait=0.25, tags=("x", "y", "z"), inner=_Inner(port=2))
+    assert load(_Declared, {"T_NAME": "n", "T_INNER_PORT": "7", "T_WAIT": "5m"}).inner.port == 7
+    assert load(_Declared, {"T_NAME": "n", "T_WAIT": "5m"}).wait == 300
+    assert _Declared(name="n").inner.port == 2  # constructed directly: the use site's default
+
+
+def test_declared_settings_report_every_problem_at_once() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load(
+            _Declared,
+            {
+                "T_MODE": "c",
+                "T_COUNT": "10",
+                "T_WAIT": "soon",
+                "T_LOUD": "maybe",
+                "T_INNER_PORT": "x",
+            },
+        )
+    assert [problem.split("=")[0].split(" ")[0] for problem in caught.value.problems] == [
+        "T_NAME",
+        "T_MODE",
+        "T_COUNT",
+        "T_WAIT",
+        "T_LOUD",
+        "T_INNER_PORT",
+    ]
+    assert "T_NAME is required: what it is called" in str(caught.value)
+    with pytest.raises(SettingsError, match="T_LOUD does not go with T_MODE=b"):
+        load(_Declared, {"T_NAME": "n", "T_MODE": "b", "T_LOUD": "yes"})
+
+
+def test_a_settings_field_without_a_declaration_is_refused() -> None:
+    @dataclass(frozen=True, kw_only=True)
+    class Undeclared:
+        port: int = 1
+
+    with pytest.raises(TypeError, match=r"Undeclared\.port declares no setting"):
+        load(Undeclared, {})
+    with pytest.raises(TypeError, match=r"Undeclared\.port declares no setting"):
+        declared_settings(Undeclared)
+
+
+SERVICE_SETTINGS = [
+    ChatSettings,
+    NotifySettings,
+    TaskSettings,
+    WorkerSettings,
+    RateLimitSettings,
+    EdgeInfoSettings,
+    WebSettings,
+    SessionSettings,
+    IdentitySettings,
+]
+
+
+@pytest.mark.parametrize("settings", SERVICE_SETTINGS, ids=lambda cls: cls.__name__)
+def test_every_setting_of_a_service_is_declared_once(settings: type[object]) -> None:
+    variables = [declared.spec.variable for declared in declared_settings(settings)]
+    assert variables
+    assert sorted(name for name in set(variables) if variables.count(name) > 1) == []
 
 
 def test_error_status_carries_error_info_field_violation_and_retry_info() -> None:
@@ -247,10 +370,8 @@ def test_process_that_exits_or_never_gets_ready_fails_with_its_log(tmp_path: Pat
 
 
 def test_redis_settings_reject_non_redis_urls() -> None:
-    env = EnvReader({"OPSMESH_REDIS_URL": "http://x"})
-    RedisSettings.from_env(env, default_url="redis://127.0.0.1:1/0")
     with pytest.raises(SettingsError, match="expected a redis://"):
-        env.check()
+        load(RedisSettings, {"OPSMESH_REDIS_URL": "http://x"})
 
 
 def test_free_ports_stay_out_of_the_ephemeral_range_and_are_not_handed_out_twice() -> None:
@@ -264,13 +385,7 @@ def test_free_ports_stay_out_of_the_ephemeral_range_and_are_not_handed_out_twice
 
 
 def test_the_task_stream_replica_count_is_a_validated_setting() -> None:
-    from mesh.settings import EnvReader, SettingsError
-    from task_svc.config import _topology
-
-    env = EnvReader({"OPSMESH_TASK_REPLICAS": "3"})
-    assert _topology(env).replicas == 3
-    assert _topology(EnvReader({})).replicas == 1
-    refused = EnvReader({"OPSMESH_TASK_REPLICAS": "7"})
-    _topology(refused)
-    with pytest.raises(SettingsError):
-        refused.check()
+    assert load(Topology, {"OPSMESH_TASK_REPLICAS": "3"}).replicas == 3
+    assert load(Topology, {}).replicas == 1
+    with pytest.raises(SettingsError, match="OPSMESH_TASK_REPLICAS"):
+        load(Topology, {"OPSMESH_TASK_REPLICAS": "7"})

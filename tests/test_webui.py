@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from mesh.settings import EnvReader, SettingsError
+from mesh.settings import SettingsError, load
 from webui.server import IMMUTABLE, WebClientFiles, WebSettings
 
 
@@ -79,13 +79,11 @@ async def test_health_says_whether_a_build_is_there(client, build: Path) -> None
 
 
 def test_settings_from_the_environment_and_their_errors(tmp_path: Path) -> None:
-    settings = WebSettings.from_env(
-        EnvReader({"OPSMESH_WEB_ROOT": str(tmp_path), "OPSMESH_WEB_PORT": "9999"})
-    )
+    settings = load(WebSettings, {"OPSMESH_WEB_ROOT": str(tmp_path), "OPSMESH_WEB_PORT": "9999"})
     assert settings.root == tmp_path
     assert settings.port == 9999
     with pytest.raises(SettingsError, match="OPSMESH_WEB_PORT"):
-        WebSettings.from_env(EnvReader({"OPSMESH_WEB_PORT": "http"}))
+        load(WebSettings, {"OPSMESH_WEB_PORT": "http"})
     result = subprocess.run(
         [sys.executable, "-m", "webui"],
         env=dict(os.environ, OPSMESH_WEB_PORT="-1"),

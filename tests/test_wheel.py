@@ -30,8 +30,9 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devtools.servers import ManagedProcess, RedisServer, free_port
-from mesh.settings import EnvReader, SettingsError
-from mesh.settingsdoc import help_text, parse_command_line, settings_read_by
+from mesh.settings import SettingsError, load
+from mesh.settingsdoc import help_text, parse_command_line
+from ratelimit_svc.server import DEFAULT_RULES, RateLimitSettings
 from tests.helpers import assert_eventually
 from webui.server import WebSettings
 
@@ -121,6 +122,12 @@ def test_the_wheel_ships_the_product_and_its_data_but_not_devtools(installed: In
     top_level = {name.split("/")[0] for name in names if "/" in name}
     assert {name for name in top_level if not name.endswith(".dist-info")} == PRODUCT
     assert "ratelimit_svc/ratelimits.toml" in names
+    # identity's pages, their stylesheet and the common passwords the policy refuses.
+    assert {
+        "identity_svc/pages/sign_in.html",
+        "identity_svc/pages/style.css",
+        "identity_svc/data/common_passwords.txt",
+    } <= set(names)
     packaged = (installed.target / "ratelimit_svc" / "ratelimits.toml").read_bytes()
     assert packaged == (CHECKOUT / "ratelimit_svc" / "ratelimits.toml").read_bytes()
 
@@ -241,32 +248,36 @@ def test_webui_from_the_wheel_without_a_root_says_which_setting_is_missing(
 ) -> None:
     result = installed.run("-m", "webui")
     assert result.returncode == 2
-    assert "OPSMESH_WEB_ROOT is not set" in result.stderr
+    assert "OPSMESH_WEB_ROOT is required" in result.stderr
 
 
 def test_the_web_root_must_be_a_directory(tmp_path: Path) -> None:
-    with pytest.raises(SettingsError, match="OPSMESH_WEB_ROOT is not set"):
-        WebSettings.from_env(EnvReader({}))
+    with pytest.raises(SettingsError, match="OPSMESH_WEB_ROOT is required"):
+        load(WebSettings, {})
     missing = tmp_path / "nowhere"
     with pytest.raises(SettingsError, match=f"OPSMESH_WEB_ROOT='{missing}': no such directory"):
-        WebSettings.from_env(EnvReader({"OPSMESH_WEB_ROOT": str(missing)}))
+        load(WebSettings, {"OPSMESH_WEB_ROOT": str(missing)})
 
 
-def test_settings_are_read_from_the_sources_with_their_literal_defaults() -> None:
-    settings = {s.name: s.default for s in settings_read_by("ratelimit_svc.server")}
-    assert settings["OPSMESH_RATELIMIT_FAILURE_MODE"] == "'open'"
-    assert settings["OPSMESH_RATELIMIT_RULES"] == ""  # computed: the packaged file
-    assert "OPSMESH_REDIS_URL" in settings  # from mesh.redisconn, which the service imports
-    assert "OPSMESH_REDIS_URL" not in help_text("webui.server", follow_mesh=False)
-    assert settings_read_by("no_such_package") == []
+def test_help_lists_the_declared_settings_with_the_services_defaults() -> None:
+    lines = help_text(RateLimitSettings).splitlines()
+    assert "  OPSMESH_RATELIMIT_FAILURE_MODE  default 'open'" in lines
+    assert (
+        f"  OPSMESH_RATELIMIT_RULES  default {str(DEFAULT_RULES)!r}  (the packaged file)" in lines
+    )
+    assert "  OPSMESH_GRPC_PORT  default 50055  (the gRPC port (0: any free port))" in lines
+    assert "  OPSMESH_REDIS_URL  default 'redis://127.0.0.1:6379/0'" in lines  # nested
+    web = help_text(WebSettings)
+    assert "OPSMESH_REDIS_URL" not in web
+    assert "  OPSMESH_WEB_ROOT  required  (" in web
 
 
 def test_help_exits_zero_and_stray_arguments_exit_two(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as helped:
-        parse_command_line("ratelimit_svc.server", ["--help"])
+        parse_command_line("ratelimit_svc.server", RateLimitSettings, ["--help"])
     assert helped.value.code == 0
     assert "OPSMESH_RATELIMIT_RULES" in capsys.readouterr().out
     with pytest.raises(SystemExit) as refused:
-        parse_command_line("ratelimit_svc.server", ["serve"])
+        parse_command_line("ratelimit_svc.server", RateLimitSettings, ["serve"])
     assert refused.value.code == 2
-    parse_command_line("ratelimit_svc.server", [])
+    parse_command_line("ratelimit_svc.server", RateLimitSettings, [])

@@ -20,7 +20,16 @@ from pathlib import Path
 from aiohttp import web
 
 from mesh.logs import configure_logging
-from mesh.settings import EnvReader, SettingsError
+from mesh.settings import (
+    SettingsError,
+    host_setting,
+    load,
+    log_format_setting,
+    log_level_setting,
+    port_number,
+    required,
+    words,
+)
 from mesh.settingsdoc import parse_command_line
 
 log = logging.getLogger("opsmesh.webui")
@@ -28,43 +37,29 @@ log = logging.getLogger("opsmesh.webui")
 IMMUTABLE = "public, max-age=31536000, immutable"
 
 
+def _web_root(raw: str) -> Path:
+    root = Path(raw)
+    if not root.is_dir():
+        raise ValueError("no such directory")
+    return root
+
+
 @dataclass(frozen=True, kw_only=True)
 class WebSettings:
-    root: Path
+    root: Path = required(
+        "OPSMESH_WEB_ROOT",
+        _web_root,
+        doc="the folder of a web client build ('npm --workspace ui run build' writes ui/dist)",
+    )
     """The web client build (index.html, assets/); required: the wheel carries no UI."""
-    host: str = "127.0.0.1"
-    port: int = 8095
-    connect_src: tuple[str, ...] = ()
+    host: str = host_setting()
+    port: int = port_number("OPSMESH_WEB_PORT", 8095)
+    connect_src: tuple[str, ...] = words(
+        "OPSMESH_WEB_CONNECT_SRC", doc="origins besides the page's own the client may call"
+    )
     """Origins besides the page's own the client may call (an API on another origin)."""
-    log_level: str = "INFO"
-    log_format: str = "json"
-
-    @classmethod
-    def from_env(cls, env: EnvReader) -> WebSettings:
-        settings = cls(
-            root=_web_root(env),
-            host=env.string("OPSMESH_HOST", "127.0.0.1"),
-            port=env.integer("OPSMESH_WEB_PORT", 8095, minimum=0, maximum=65535),
-            connect_src=tuple(env.string("OPSMESH_WEB_CONNECT_SRC", "").split()),
-            log_level=env.string(
-                "OPSMESH_LOG_LEVEL", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
-            ),
-            log_format=env.string("OPSMESH_LOG_FORMAT", "json", choices=("json", "text")),
-        )
-        env.check()
-        return settings
-
-
-def _web_root(env: EnvReader) -> Path:
-    raw = env.string("OPSMESH_WEB_ROOT", "")
-    if not raw:
-        env.problem(
-            "OPSMESH_WEB_ROOT is not set: the folder of a web client build"
-            " ('npm --workspace ui run build' writes ui/dist)"
-        )
-    elif not Path(raw).is_dir():
-        env.problem(f"OPSMESH_WEB_ROOT={raw!r}: no such directory")
-    return Path(raw)
+    log_level: str = log_level_setting()
+    log_format: str = log_format_setting()
 
 
 def security_headers(connect_src: tuple[str, ...]) -> dict[str, str]:
@@ -154,10 +149,9 @@ async def serve(settings: WebSettings) -> None:
 
 
 def main() -> None:
-    # webui is no gRPC service: its settings are its own, not the mesh modules' it imports.
-    parse_command_line(__name__, follow_mesh=False)
+    parse_command_line(__name__, WebSettings)
     try:
-        settings = WebSettings.from_env(EnvReader(os.environ))
+        settings = load(WebSettings, os.environ)
     except SettingsError as error:
         print(f"webui: {error}", file=sys.stderr)
         raise SystemExit(2) from error

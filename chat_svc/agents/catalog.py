@@ -8,32 +8,23 @@ from functools import cached_property
 from typing import Any
 
 from chat_svc.agents.tools import Tool
-from mesh.settings import EnvReader
+from mesh.settings import integer, seconds
 from opsmesh.chat.v1 import chat_pb2
 
 
 @dataclass(frozen=True, kw_only=True)
 class AgentLimits:
-    max_tool_rounds: int = 6
+    max_tool_rounds: int = integer("OPSMESH_AGENT_MAX_TOOL_ROUNDS", 6, minimum=1, maximum=50)
     """Model turns that may call tools; the turn after the last must answer in words."""
-    max_tool_output_chars: int = 6000
+    max_tool_output_chars: int = integer(
+        "OPSMESH_AGENT_MAX_TOOL_OUTPUT_CHARS", 6000, minimum=200, maximum=200_000
+    )
     """A tool result longer than this is cut before the model reads it."""
-    tool_timeout: float = 20.0
-    approval_timeout: float = 300.0
+    tool_timeout: float = seconds("OPSMESH_AGENT_TOOL_TIMEOUT", 20.0, minimum=0.1, maximum=600)
+    approval_timeout: float = seconds(
+        "OPSMESH_AGENT_APPROVAL_TIMEOUT", 300.0, minimum=1, maximum=86_400
+    )
     """A state-changing call without a decision by then is not run."""
-
-    @classmethod
-    def from_env(cls, env: EnvReader) -> AgentLimits:
-        return cls(
-            max_tool_rounds=env.integer("OPSMESH_AGENT_MAX_TOOL_ROUNDS", 6, minimum=1, maximum=50),
-            max_tool_output_chars=env.integer(
-                "OPSMESH_AGENT_MAX_TOOL_OUTPUT_CHARS", 6000, minimum=200, maximum=200_000
-            ),
-            tool_timeout=env.seconds("OPSMESH_AGENT_TOOL_TIMEOUT", 20, minimum=0.1, maximum=600),
-            approval_timeout=env.seconds(
-                "OPSMESH_AGENT_APPROVAL_TIMEOUT", 300, minimum=1, maximum=86_400
-            ),
-        )
 
 
 _COMMON = (

@@ -1,12 +1,12 @@
 """The troubleshooting agent's tools: log search, log patterns, and why a task failed.
 
-All three only read. The scope is the caller's, never the model's: a user reads the
-log lines of their own organization (``org_id`` on each line), a platform role
-(``platform:admin``, ``platform:operator``) reads platform-wide (lines of every organization and of none). No
-argument names an organization. Log lines are untrusted text written by anyone who
-can make a service log something, so what the model reads is bounded
-(:data:`MAX_TEXT`) and every line is cut short; the records and patterns go whole
-(within the query's limit) in ``data`` for clients.
+All three only read. The scope is the caller's, never the model's: a user reads the log
+lines of their own organization (``org_id`` on each line), a platform role
+(``platform:admin``, ``platform:operator``) reads platform-wide (lines of every
+organization and of none). No argument names an organization. Log lines are untrusted
+text written by anyone who can make a service log something, so what the model reads is
+bounded (:data:`MAX_TEXT`) and every line is cut short; the records and patterns go
+whole (within the query's limit) in ``data`` for clients.
 """
 
 from __future__ import annotations

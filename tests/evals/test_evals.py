@@ -243,7 +243,7 @@ async def test_model_evaluation(environment: Environment) -> None:
                 environment.settings.model,  # type: ignore[attr-defined]
                 host=host,
                 allowed=(model,),
-                default=model,
+                chosen_default=model,
                 first_token_timeout=600.0,
                 idle_timeout=120.0,
             ),
