@@ -142,6 +142,8 @@ COMPONENTS = (
         env=(
             ("OPSMESH_IDENTITY_HTTP_PORT", "8090"),
             ("OPSMESH_JWT_KEYS_DIR", JWT_KEYS_DIR),
+            # Password reset and invitation emails, sent as the identity service.
+            ("OPSMESH_NOTIFY_ADDR", "notify:50053"),
             ("OPSMESH_OAUTH_CLIENTS", "opsmesh-web=$(OPSMESH_JWT_ISSUER)/oauth/callback"),
             (
                 "OPSMESH_SERVICE_CLIENTS",
@@ -799,6 +801,7 @@ def mesh_edges() -> list[Edge]:
         Edge("notify", WORLD, (587, 25), "SMTP"),
         Edge("notify", WORLD, (443,), "SendGrid (OPSMESH_MAIL_PROVIDER=sendgrid)"),
         Edge("task-worker", "notify", (grpc("notify"),)),
+        Edge("identity", "notify", (grpc("notify"),), "reset and invitation emails"),
         Edge("task-worker", "identity", (8090,), "service token"),
         Edge("task-worker", KUBE_API, (443, 6443), "workspaces"),
         Edge("prometheus", "alertmanager", (9093,)),

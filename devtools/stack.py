@@ -782,7 +782,8 @@ def _seed_dev_user(config: StackConfig) -> tuple[str, str]:
             "--user",
             "dev",
             "--roles",
-            "admin",
+            # The dev org's admin, and the stack's operator: the agents show the whole platform.
+            "admin,platform:admin",
             # Where "Forgot password?" sends the dev user's reset link (make mail shows it).
             "--email",
             DEV_USER_EMAIL,

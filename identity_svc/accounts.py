@@ -39,8 +39,8 @@ from mesh.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from mesh.redisconn import DEFAULT_REDIS_URL, RedisSettings, connect_redis, redis_errors
-from mesh.settings import EnvReader
+from mesh.redisconn import RedisSettings, connect_redis, redis_errors
+from mesh.settings import integer, load, seconds
 
 _HASHER = PasswordHasher()  # argon2id with the library's current recommended parameters
 # Verified against when the user does not exist, so both paths cost the same.
@@ -96,37 +96,28 @@ _CREATE = CREATE_ACCOUNT_LUA + "return create_account(unpack(ARGV))"
 
 @dataclass(frozen=True, kw_only=True)
 class SignInSettings:
-    max_failures: int = 5
+    max_failures: int = integer("OPSMESH_LOGIN_MAX_FAILURES", 5, minimum=1, maximum=1000)
     """Per (account, client address) within the window."""
-    max_failures_per_address: int = 20
+    max_failures_per_address: int = integer(
+        "OPSMESH_LOGIN_MAX_FAILURES_PER_ADDRESS", 20, minimum=1, maximum=100_000
+    )
     """Per client address (an IPv6 address counts as its /64), whatever the accounts."""
-    max_failures_per_account: int = 100
+    max_failures_per_account: int = integer(
+        "OPSMESH_LOGIN_MAX_FAILURES_PER_ACCOUNT", 100, minimum=0, maximum=1_000_000
+    )
     """Per account from all addresses together; 0 turns this limit off."""
-    failure_window: float = 900.0
-    hash_threads: int = max(1, (os.cpu_count() or 2) // 2)
+    failure_window: float = seconds("OPSMESH_LOGIN_FAILURE_WINDOW", 900.0, minimum=1, maximum=86400)
+    hash_threads: int = integer(
+        "OPSMESH_PASSWORD_HASH_THREADS",
+        max(1, (os.cpu_count() or 2) // 2),
+        minimum=1,
+        maximum=64,
+        doc="half the cores",
+    )
     """Password checks running at once (argon2 uses ~64 MiB and a core each); half the
     cores by default, so that the event loop keeps a core while many users sign in."""
-    hash_queue: int = 16
+    hash_queue: int = integer("OPSMESH_PASSWORD_HASH_QUEUE", 16, minimum=0, maximum=10_000)
     """Password checks that may wait for a thread; more are refused (429)."""
-
-    @classmethod
-    def from_env(cls, env: EnvReader) -> SignInSettings:
-        return cls(
-            max_failures=env.integer("OPSMESH_LOGIN_MAX_FAILURES", 5, minimum=1, maximum=1000),
-            max_failures_per_address=env.integer(
-                "OPSMESH_LOGIN_MAX_FAILURES_PER_ADDRESS", 20, minimum=1, maximum=100_000
-            ),
-            max_failures_per_account=env.integer(
-                "OPSMESH_LOGIN_MAX_FAILURES_PER_ACCOUNT", 100, minimum=0, maximum=1_000_000
-            ),
-            failure_window=env.seconds(
-                "OPSMESH_LOGIN_FAILURE_WINDOW", 900, minimum=1, maximum=86400
-            ),
-            hash_threads=env.integer(
-                "OPSMESH_PASSWORD_HASH_THREADS", cls.hash_threads, minimum=1, maximum=64
-            ),
-            hash_queue=env.integer("OPSMESH_PASSWORD_HASH_QUEUE", 16, minimum=0, maximum=10_000),
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +199,7 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _parse_email(email: str) -> str:
+def parse_email(email: str) -> str:
     """An email address as stored (normalized), one notify_svc will send to; empty stays
     empty (an account without email gets no reset link)."""
     if not email.strip():
@@ -255,20 +246,13 @@ class Accounts:
     ) -> NewAccount:
         """Validates an account (the password policy included) and hashes its password."""
         try:
-            account = Account(
-                user_id=parse_identifier(user_id.lower(), "user"),
-                org_id=parse_identifier(org_id, "org"),
-                roles=parse_roles(roles),
-                email=_parse_email(email),
-            )
+            user = parse_identifier(user_id.lower(), "user")
+            org = parse_identifier(org_id, "org")
+            granted = parse_roles(roles)
         except Unauthenticated as error:
             raise InvalidArgument(error.message) from None
         account = Account(
-            user_id=account.user_id,
-            org_id=account.org_id,
-            roles=account.roles,
-            email=account.email,
-            orgs=frozenset({account.org_id}),
+            user_id=user, org_id=org, roles=granted, email=parse_email(email), orgs=frozenset({org})
         )
         check_password(password, user_id=account.user_id, email=account.email)
         hashed = await self._hashes.run(lambda: _HASHER.hash(password))
@@ -465,8 +449,7 @@ async def _create_from_cli(argv: list[str] | None = None) -> int:
     password = (
         sys.stdin.readline().rstrip("\n") if args.password_stdin else secrets.token_urlsafe(12)
     )
-    env = EnvReader(os.environ)
-    client = connect_redis(RedisSettings.from_env(env, default_url=DEFAULT_REDIS_URL))
+    client = connect_redis(load(RedisSettings, os.environ))
     try:
         account = await Accounts(client).create(
             org_id=args.org,

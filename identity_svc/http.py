@@ -3,16 +3,18 @@
 * ``GET /.well-known/openid-configuration``: discovery; ``GET /.well-known/jwks.json``:
   every key of the ring (services and Envoy verify access tokens with them).
 * ``GET/POST /oauth/authorize``: the login page for local accounts (authorization code
-  with PKCE S256 only, exact redirect URIs, supported scopes only). The POST must come
-  from the issuer's own origin and carry the page's form token, which is bound to the
-  authorization request and to a SameSite cookie (login CSRF). Failed logins are
+  with PKCE S256 only, exact redirect URIs, supported scopes only). The POST must not
+  name another origin (``Origin: null``, what browsers send under no-referrer, names
+  none) and must carry the page's form token, which is bound to the authorization
+  request and to a SameSite cookie (login CSRF). Failed logins are
   throttled per client address, which is taken from X-Forwarded-For only as far as the
   hops are trusted proxies (docs/identity.md).
 * ``POST /oauth/token``: ``authorization_code`` (with ``code_verifier``),
   ``refresh_token`` (rotating) and ``client_credentials``; ``POST /oauth/revoke``: ends
   a refresh token's session.
 * The account pages (identity_svc/web.py: one stylesheet, no-referrer, form tokens):
-  ``/account/password/*`` (reset, identity_svc/reset_pages.py) and the invitation page.
+  ``/account/password/*`` (reset, identity_svc/reset_pages.py) and ``/invitations/accept``
+  (identity_svc/invitation_pages.py), added with :meth:`IdentityHttp.add_pages`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from identity_svc.keys import KeyRing
 from identity_svc.oauth import SUPPORTED_SCOPES, OAuthError, OAuthServer, granted_scope
 from identity_svc.web import STYLESHEET_PATH, Pages, foreign_origin, origin_of, page, stylesheet
 from mesh.errors import ResourceExhausted
-from mesh.settings import EnvReader
+from mesh.settings import fixed, port_number, required, seconds, setting
 from mesh.tokens import ALGORITHM
 
 log = logging.getLogger("opsmesh.identity")
@@ -44,50 +46,34 @@ log = logging.getLogger("opsmesh.identity")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def parse_networks(raw: str, env: EnvReader, name: str) -> tuple[Network, ...]:
-    """Comma-separated addresses or CIDRs (``127.0.0.1/32, ::1``); a bad entry is a problem."""
+def parse_networks(raw: str) -> tuple[Network, ...]:
+    """Comma-separated addresses or CIDRs (``127.0.0.1/32, ::1``)."""
     networks = []
     for entry in filter(None, (part.strip() for part in raw.split(","))):
         try:
             networks.append(ipaddress.ip_network(entry, strict=False))
         except ValueError:
-            env.problem(f"{name}: {entry!r} is no IP address or CIDR")
+            raise ValueError(f"{entry!r} is no IP address or CIDR") from None
     return tuple(networks)
 
 
 @dataclass(frozen=True, kw_only=True)
 class IssuerSettings:
-    keys_dir: Path
-    """The token signing keys (OPSMESH_JWT_KEYS_DIR, required)."""
-    http_host: str = "127.0.0.1"
-    http_port: int = 8090
-    """0 turns the HTTP endpoints off."""
-    access_token_ttl: float = 900.0
-    trusted_proxies: tuple[Network, ...] = ()
-    """Peers whose X-Forwarded-For is believed (the edge); none: the peer is the client."""
-
-    @classmethod
-    def from_env(cls, env: EnvReader) -> IssuerSettings:
-        return cls(
-            keys_dir=_keys_dir(env),
-            http_host=env.string("OPSMESH_HOST", "127.0.0.1"),
-            http_port=env.integer("OPSMESH_IDENTITY_HTTP_PORT", 8090, minimum=0, maximum=65535),
-            access_token_ttl=env.seconds(
-                "OPSMESH_ACCESS_TOKEN_TTL", 900, minimum=60, maximum=86400
-            ),
-            trusted_proxies=parse_networks(
-                env.string("OPSMESH_TRUSTED_PROXIES", ""), env, "OPSMESH_TRUSTED_PROXIES"
-            ),
-        )
-
-
-def _keys_dir(env: EnvReader) -> Path:
-    """Where the signing keys live: required, because a default path would make a second key
+    keys_dir: Path = required(
+        "OPSMESH_JWT_KEYS_DIR",
+        Path,
+        doc="the directory of the token signing keys",
+    )
+    """The token signing keys: required, because a default path would make a second key
     ring wherever the service happened to start."""
-    raw = env.string("OPSMESH_JWT_KEYS_DIR", "")
-    if not raw:
-        env.problem("OPSMESH_JWT_KEYS_DIR is required: the directory of the token signing keys")
-    return Path(raw)
+    http_host: str = fixed("127.0.0.1", why="the service's OPSMESH_HOST, given by identity_svc")
+    http_port: int = port_number("OPSMESH_IDENTITY_HTTP_PORT", 8090, doc="0: no OAuth endpoints")
+    """0 turns the HTTP endpoints off."""
+    access_token_ttl: float = seconds("OPSMESH_ACCESS_TOKEN_TTL", 900.0, minimum=60, maximum=86400)
+    trusted_proxies: tuple[Network, ...] = setting(
+        "OPSMESH_TRUSTED_PROXIES", (), parse_networks, doc="addresses or CIDRs, comma-separated"
+    )
+    """Peers whose X-Forwarded-For is believed (the edge); none: the peer is the client."""
 
 
 def client_address(peer: str, forwarded_for: list[str], trusted: tuple[Network, ...]) -> str:
@@ -383,7 +369,10 @@ class IdentityHttp:
             return self._oauth.client_credentials(client_id=client_id, secret=secret)
         if grant == "refresh_token":
             return await self._oauth.refresh(
-                refresh_token=form.get("refresh_token", ""), client_id=form.get("client_id", "")
+                refresh_token=form.get("refresh_token", ""),
+                client_id=form.get("client_id", ""),
+                # Switching organization: tokens for another org of the same user.
+                org_id=form.get("org_id", ""),
             )
         raise OAuthError("unsupported_grant_type", f"grant_type {grant[:40]!r} is not supported")
 

@@ -24,19 +24,22 @@ import secrets
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 from cryptography.fernet import Fernet, InvalidToken
+from redis.asyncio.client import Pipeline
+from redis.exceptions import WatchError
 
 from identity_svc.accounts import Account
 from identity_svc.keys import KeyRing, issue_access_token
+from identity_svc.organizations import Memberships, split_roles
 from mesh.auth import AuthSettings
 from mesh.context import Principal
 from mesh.redisconn import redis_errors
 from mesh.revocations import FEED_KEY_PREFIX, feed_key, feed_ttl_ms
-from mesh.settings import EnvReader
+from mesh.settings import seconds, setting
 
 SUPPORTED_SCOPES = ("openid", "offline_access")
 """What a client may ask for; ``offline_access`` is what earns a refresh token."""
@@ -56,6 +59,18 @@ if redis.call('EXISTS', family) == 0 then return {'invalid'} end
 if redis.call('HGET', family, 'client') ~= ARGV[6] then return {'invalid'} end
 if redis.call('HGET', family, 'revoked') == '1' then return {'revoked'} end
 local f = redis.call('HMGET', family, 'user', 'org', 'roles', 'scope', 'current')
+-- A session lives only while its user belongs to its organization (removal revokes it too,
+-- this is the belt to those braces), and carries the roles the membership has now.
+local member = redis.call('HGET', ARGV[1] .. 'orgs:' .. f[1], f[2])
+if not member then
+  redis.call('HSET', family, 'revoked', '1')
+  redis.call('SET', ARGV[8] .. t.family, '1', 'PX', ARGV[9])
+  return {'revoked'}
+end
+if member ~= f[3] then
+  redis.call('HSET', family, 'roles', member)
+  f[3] = member
+end
 local now = tonumber(ARGV[2])
 local used = tonumber(t.used_at or '0')
 if used > 0 then
@@ -132,6 +147,16 @@ return revoked
 """
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Rotated:
+    """A rotated refresh token: the token response and the session it belongs to."""
+
+    tokens: dict[str, Any]
+    family: str
+    user: str
+    org_id: str
+
+
 class OAuthError(Exception):
     """An OAuth error response: ``error`` code, description, HTTP status."""
 
@@ -142,66 +167,66 @@ class OAuthError(Exception):
         self.status = status
 
 
+def _public_clients(raw: str) -> dict[str, tuple[str, ...]]:
+    clients: dict[str, tuple[str, ...]] = {}
+    for entry in raw.split(";"):
+        client_id, _, uris = entry.partition("=")
+        listed = tuple(u.strip() for u in uris.split(",") if u.strip())
+        if not client_id.strip() or not listed:
+            raise ValueError("expected client=uri[,uri][;client=uri]")
+        clients[client_id.strip()] = listed
+    return clients
+
+
+def _service_clients(raw: str) -> dict[str, str]:
+    services: dict[str, str] = {}
+    for entry in filter(None, (e.strip() for e in raw.split(";"))):
+        client_id, _, secret = entry.partition("=")
+        if not client_id or len(secret) < 16:
+            raise ValueError("expected client=secret (16+ characters)[;...]")
+        services[client_id] = _digest(secret)
+    return services
+
+
+def _no_clients() -> dict[str, Any]:
+    return {}
+
+
 @dataclass(frozen=True, kw_only=True)
 class OAuthSettings:
-    clients: Mapping[str, tuple[str, ...]] = field(
-        default_factory=lambda: {
-            "opsmesh-web": (
-                "http://localhost:8080/oauth/callback",
-                "http://localhost:5173/oauth/callback",
-            )
-        }
+    clients: Mapping[str, tuple[str, ...]] = setting(
+        "OPSMESH_OAUTH_CLIENTS",
+        {},
+        _public_clients,
+        default_factory=_no_clients,
+        doc="client=uri[,uri][;client=uri]; none: a redirect URI is the deployment's own",
     )
     """Public clients and their exact redirect URIs."""
-    service_clients: Mapping[str, str] = field(default_factory=dict)
+    service_clients: Mapping[str, str] = setting(
+        "OPSMESH_SERVICE_CLIENTS",
+        {},
+        _service_clients,
+        default_factory=_no_clients,
+        doc="client=secret[;client=secret]",
+        secret=True,
+    )
     """Confidential service clients: client id -> SHA-256 (hex) of its secret."""
-    code_ttl: float = 60.0
-    refresh_idle: float = 7 * 86400.0
-    refresh_absolute: float = 30 * 86400.0
-    reuse_grace: float = 2.0
-
-    @classmethod
-    def from_env(cls, env: EnvReader) -> OAuthSettings:
-        raw = env.string("OPSMESH_OAUTH_CLIENTS", "")
-        clients: dict[str, tuple[str, ...]] | None = None
-        if raw:
-            clients = {}
-            for entry in raw.split(";"):
-                client_id, _, uris = entry.partition("=")
-                listed = tuple(u.strip() for u in uris.split(",") if u.strip())
-                if not client_id.strip() or not listed:
-                    env.problem(
-                        f"OPSMESH_OAUTH_CLIENTS={raw!r}: expected client=uri[,uri][;client=uri]"
-                    )
-                    break
-                clients[client_id.strip()] = listed
-        services: dict[str, str] = {}
-        raw_services = env.string("OPSMESH_SERVICE_CLIENTS", "")
-        for entry in filter(None, (e.strip() for e in raw_services.split(";"))):
-            client_id, _, secret = entry.partition("=")
-            if not client_id or len(secret) < 16:
-                env.problem(
-                    "OPSMESH_SERVICE_CLIENTS: expected client=secret (16+ characters)[;...]"
-                )
-                break
-            services[client_id] = _digest(secret)
-        return cls(
-            # No public client unless configured: a redirect URI is the deployment's own.
-            clients=clients or {},
-            service_clients=services,
-            code_ttl=env.seconds("OPSMESH_OAUTH_CODE_TTL", 60, minimum=5, maximum=600),
-            refresh_idle=env.seconds(
-                "OPSMESH_REFRESH_IDLE", 7 * 86400, minimum=60, maximum=365 * 86400
-            ),
-            refresh_absolute=env.seconds(
-                "OPSMESH_REFRESH_ABSOLUTE", 30 * 86400, minimum=60, maximum=365 * 86400
-            ),
-            reuse_grace=env.seconds("OPSMESH_REFRESH_REUSE_GRACE", 2, minimum=0, maximum=60),
-        )
+    code_ttl: float = seconds("OPSMESH_OAUTH_CODE_TTL", 60.0, minimum=5, maximum=600)
+    refresh_idle: float = seconds(
+        "OPSMESH_REFRESH_IDLE", 7 * 86400.0, minimum=60, maximum=365 * 86400
+    )
+    refresh_absolute: float = seconds(
+        "OPSMESH_REFRESH_ABSOLUTE", 30 * 86400.0, minimum=60, maximum=365 * 86400
+    )
+    reuse_grace: float = seconds("OPSMESH_REFRESH_REUSE_GRACE", 2.0, minimum=0, maximum=60)
 
 
 def _digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def granted_scope(requested: str) -> str:
@@ -248,6 +273,7 @@ class OAuthServer:
         self._take_code = client.register_script(_TAKE_CODE)
         self._revoke = client.register_script(_REVOKE)
         self._revoke_user = client.register_script(_REVOKE_USER)
+        self._memberships = Memberships(client, prefix=prefix)
 
     def check_client(self, client_id: str, redirect_uri: str) -> None:
         allowed = self.settings.clients.get(client_id)
@@ -332,7 +358,8 @@ class OAuthServer:
         principal = Principal(record["user"], record["org"], frozenset(record["roles"]))
         offline = "offline_access" in record["scope"].split()
         refresh = secrets.token_urlsafe(32) if offline else ""
-        await self._start_family(family, principal, client_id, record["scope"], refresh)
+        principal = await self._start_family(family, principal, client_id, record["scope"], refresh)
+        record["roles"] = sorted(principal.roles)
         body = {**self._access(principal, family), "scope": record["scope"]}
         if refresh:  # only a client granted offline_access keeps a session without the user
             body["refresh_token"] = refresh
@@ -342,36 +369,66 @@ class OAuthServer:
 
     async def _start_family(
         self, family: str, principal: Principal, client_id: str, scope: str, refresh: str
-    ) -> None:
-        """The family record (the ``sid`` of its access tokens) and its first refresh token."""
-        family_key = f"{self._prefix}fam:{family}"
+    ) -> Principal:
+        """The family record (the ``sid`` of its access tokens) and its first refresh token,
+        only while the user belongs to the principal's organization (checked in the same
+        transaction: a removal cannot slip between the check and the family, which would
+        miss the removal's revocation). Returns the principal with its current roles."""
+        members_of = self._memberships.orgs_key(principal.user_id)
         with redis_errors():
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(
-                    family_key,
-                    mapping={
-                        "user": principal.user_id,
-                        "org": principal.org_id,
-                        "roles": ",".join(sorted(principal.roles)),
-                        "client": client_id,
-                        "scope": scope,
-                        "current": _digest(refresh) if refresh else "",
-                        "created": int(time.time() * 1000),
-                        "revoked": "0",
-                    },
-                )
-                pipe.pexpire(family_key, int(self.settings.refresh_absolute * 1000))
-                # Every family of a user, to end them all (password reset, member removal).
-                pipe.sadd(self._user_families_key(principal.user_id), family)
-                pipe.pexpire(
-                    self._user_families_key(principal.user_id),
-                    int(self.settings.refresh_absolute * 1000),
-                )
-                if refresh:
-                    token_key = f"{self._prefix}rt:{_digest(refresh)}"
-                    pipe.hset(token_key, mapping={"family": family, "used_at": 0, "successor": ""})
-                    pipe.pexpire(token_key, int(self.settings.refresh_idle * 1000))
-                await pipe.execute()
+                while True:
+                    try:
+                        await pipe.watch(members_of)
+                        roles = await pipe.hget(members_of, principal.org_id)
+                        if roles is None:
+                            raise OAuthError(
+                                "invalid_grant", "the user is not a member of the organization"
+                            )
+                        principal = Principal(
+                            principal.user_id, principal.org_id, split_roles(roles)
+                        )
+                        pipe.multi()  # type: ignore[no-untyped-call]
+                        self._write_family(pipe, family, principal, client_id, scope, refresh)
+                        await pipe.execute()
+                        return principal
+                    except WatchError:
+                        continue
+
+    def _write_family(
+        self,
+        pipe: Pipeline,
+        family: str,
+        principal: Principal,
+        client_id: str,
+        scope: str,
+        refresh: str,
+    ) -> None:
+        family_key = f"{self._prefix}fam:{family}"
+        pipe.hset(
+            family_key,
+            mapping={
+                "user": principal.user_id,
+                "org": principal.org_id,
+                "roles": ",".join(sorted(principal.roles)),
+                "client": client_id,
+                "scope": scope,
+                "current": _digest(refresh) if refresh else "",
+                "created": int(time.time() * 1000),
+                "revoked": "0",
+            },
+        )
+        pipe.pexpire(family_key, int(self.settings.refresh_absolute * 1000))
+        # Every family of a user, to end them all (password reset, member removal).
+        pipe.sadd(self._user_families_key(principal.user_id), family)
+        pipe.pexpire(
+            self._user_families_key(principal.user_id),
+            int(self.settings.refresh_absolute * 1000),
+        )
+        if refresh:
+            token_key = f"{self._prefix}rt:{_digest(refresh)}"
+            pipe.hset(token_key, mapping={"family": family, "used_at": 0, "successor": ""})
+            pipe.pexpire(token_key, int(self.settings.refresh_idle * 1000))
 
     def _id_token(self, record: Mapping[str, Any], client_id: str, family: str) -> str:
         """An OpenID Connect ID token: who signed in, for the client (its ``aud``), echoing the
@@ -394,7 +451,44 @@ class OAuthServer:
             claims["nonce"] = record["nonce"]
         return self._ring.sign(claims)
 
-    async def refresh(self, *, refresh_token: str, client_id: str) -> dict[str, Any]:
+    async def refresh(
+        self, *, refresh_token: str, client_id: str, org_id: str = ""
+    ) -> dict[str, Any]:
+        """Rotates ``refresh_token``. With ``org_id`` naming another organization of the user
+        (switching organization), the session moves there: a new family in that org (new
+        refresh token and ``sid``) replaces the old one, which is revoked; no password is
+        asked, and an org the user does not belong to is refused before anything is spent."""
+        if org_id:
+            await self._check_switch(refresh_token, org_id)
+        rotated = await self._rotate(refresh_token=refresh_token, client_id=client_id)
+        if not org_id or rotated.org_id == org_id:
+            return rotated.tokens
+        family = str(uuid.uuid4())
+        principal = Principal(rotated.user, org_id)
+        scope = str(rotated.tokens["scope"])
+        offline = "offline_access" in scope.split()
+        refresh = secrets.token_urlsafe(32) if offline else ""
+        principal = await self._start_family(family, principal, client_id, scope, refresh)
+        await self.revoke_family(rotated.family)
+        tokens = {**self._access(principal, family), "scope": scope}
+        if refresh:
+            tokens["refresh_token"] = refresh
+        return tokens
+
+    async def _check_switch(self, refresh_token: str, org_id: str) -> None:
+        """invalid_request unless the refresh token's user belongs to ``org_id`` (read
+        before the token is spent, so a refused switch leaves the session as it was)."""
+        with redis_errors():
+            family = await self._redis.hget(f"{self._prefix}rt:{_digest(refresh_token)}", "family")
+            user = None
+            if family is not None:
+                user = await self._redis.hget(f"{self._prefix}fam:{_text(family)}", "user")
+        if user is None:
+            raise OAuthError("invalid_grant", "unknown or expired refresh token")
+        if await self._memberships.get(org_id[:128], _text(user)) is None:
+            raise OAuthError("invalid_request", "the user is not a member of that organization")
+
+    async def _rotate(self, *, refresh_token: str, client_id: str) -> _Rotated:
         fresh = secrets.token_urlsafe(32)
         sealed = _sealer(refresh_token).encrypt(fresh.encode()).decode()
         with redis_errors():
@@ -423,7 +517,8 @@ class OAuthServer:
             raise OAuthError("invalid_grant", "unknown or expired refresh token")
         family, user, org, roles, scope = parts[1:6]
         principal = Principal(user, org, frozenset(r for r in roles.split(",") if r))
-        return {**self._access(principal, family), "refresh_token": fresh, "scope": scope}
+        tokens = {**self._access(principal, family), "refresh_token": fresh, "scope": scope}
+        return _Rotated(tokens=tokens, family=family, user=user, org_id=org)
 
     @staticmethod
     def _unseal(spent_token: str, sealed: str) -> str:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 
 from identity_svc.accounts import Accounts
 from identity_svc.audit import AuditLog
 from identity_svc.config import IdentitySettings
 from identity_svc.http import IdentityHttp
+from identity_svc.invitation_pages import InvitationPages
+from identity_svc.invitations import InvitationProblem, Invitations
 from identity_svc.keys import KeyRing, LocalKeys
 from identity_svc.mail import Mailer, NotifyMailer
 from identity_svc.oauth import OAuthServer
-from identity_svc.organizations import Memberships
+from identity_svc.org_service import SERVICE_NAME as ORGANIZATION_SERVICE
+from identity_svc.org_service import OrganizationService
 from identity_svc.reset import ResetLinks
 from identity_svc.reset_pages import PasswordResetPages
 from identity_svc.service import SERVICE_NAME, IdentityService
@@ -22,7 +26,7 @@ from mesh.redisconn import connect_redis
 from mesh.revocations import RevocationFeed
 from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
 from mesh.tokens import JwtAuthenticator
-from opsmesh.identity.v1 import identity_pb2_grpc
+from opsmesh.identity.v1 import identity_pb2_grpc, organization_pb2_grpc
 
 
 def build_runner(
@@ -49,7 +53,10 @@ def build_runner(
         notify = NotifyMailer(settings.mail, ring=ring, auth=settings.auth)
         mailer = notify
         closers.append(notify.close)
-    http = IdentityHttp(settings.issuer, ring, settings.auth.issuer, oauth=oauth, accounts=accounts)
+    # The OAuth endpoints listen where the gRPC server does (one OPSMESH_HOST per process).
+    endpoints = replace(settings.issuer, http_host=settings.server.host)
+    http = IdentityHttp(endpoints, ring, settings.auth.issuer, oauth=oauth, accounts=accounts)
+    audit = AuditLog(client)
     http.add_pages(
         PasswordResetPages(
             issuer=settings.auth.issuer,
@@ -58,8 +65,25 @@ def build_runner(
             oauth=oauth,
             mailer=mailer,
             client_address=http.address_of,
-            audit=AuditLog(client),
-            memberships=Memberships(client),
+            audit=audit,
+            memberships=accounts.memberships,
+        )
+    )
+    invitations = Invitations(
+        client,
+        accounts=accounts,
+        mailer=mailer,
+        audit=audit,
+        issuer=settings.auth.issuer,
+        settings=settings.invitations,
+    )
+    http.add_pages(
+        InvitationPages(
+            issuer=settings.auth.issuer,
+            accounts=accounts,
+            invitations=invitations,
+            refused=InvitationProblem,
+            client_address=http.address_of,
         )
     )
     # The issuer reads the feed it publishes like any verifier (the schema, not its records).
@@ -84,7 +108,14 @@ def build_runner(
                 SERVICE_NAME,
                 IdentityService(accounts),
                 identity_pb2_grpc.add_IdentityServiceServicer_to_server,
-            )
+            ),
+            Registration.of(
+                ORGANIZATION_SERVICE,
+                OrganizationService(
+                    accounts=accounts, invitations=invitations, audit=audit, oauth=oauth
+                ),
+                organization_pb2_grpc.add_OrganizationServiceServicer_to_server,
+            ),
         ],
         authenticator=authenticator or authenticator_for(settings.auth),
         probes=[Probe(name="redis", check=redis_answers)],
@@ -102,4 +133,4 @@ async def serve(environ: Mapping[str, str]) -> None:
 
 
 def main() -> None:
-    run_main("identity_svc", serve)
+    run_main("identity_svc", serve, IdentitySettings)

@@ -33,7 +33,7 @@ class IdentityService(identity_pb2_grpc.IdentityServiceServicer):
         if SERVICE_ROLE in caller.roles:
             return identity_pb2.ACCOUNT_KIND_SERVICE
         account = await self._accounts.find(caller.user_id)
-        # An account of another organization is not this caller's: the token names its org.
-        if account is None or account.org_id != caller.org_id:
+        # An account that is no member of the token's organization is not this caller's.
+        if account is None or caller.org_id not in account.orgs:
             return identity_pb2.ACCOUNT_KIND_NONE
         return identity_pb2.ACCOUNT_KIND_LOCAL

@@ -15,13 +15,26 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from identity_svc.http import IssuerSettings
 from identity_svc.keys import KeyRing, issue_access_token
 from mesh.auth import AuthSettings
 from mesh.context import Principal, parse_identifier, parse_roles
 from mesh.errors import Unauthenticated
-from mesh.settings import EnvReader, SettingsError
+from mesh.settings import SettingsError, duration, load, nested
+
+
+@dataclass(frozen=True, kw_only=True)
+class _TokenSettings:
+    """What the commands read: the service's own declarations of the keys and the issuer."""
+
+    issuer: IssuerSettings = nested(IssuerSettings)
+    auth: AuthSettings = nested(AuthSettings)
+
+    def check(self, problems: list[str]) -> None:
+        if not self.auth.issuer:
+            problems.append("OPSMESH_JWT_ISSUER is required: the issuer the tokens name")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,28 +54,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     prune.add_argument("--older-than", required=True)
     args = parser.parse_args(argv)
     overrides = {"OPSMESH_ACCESS_TOKEN_TTL": args.ttl} if getattr(args, "ttl", "") else {}
-    env = EnvReader({**os.environ, **overrides})
-    issuer = IssuerSettings.from_env(env)
-    auth = AuthSettings.from_env(env)
-    if not auth.issuer:
-        env.problem("OPSMESH_JWT_ISSUER is required: the issuer the tokens name")
     try:
-        env.check()
+        settings = load(_TokenSettings, {**os.environ, **overrides})
     except SettingsError as error:
         print(error, file=sys.stderr)
         return 2
-    ring = KeyRing.load_or_create(issuer.keys_dir)
+    ring = KeyRing.load_or_create(settings.issuer.keys_dir)
     if args.command == "rotate":
         key = ring.rotate()
-        print(f"new signing key {key.kid} in {issuer.keys_dir}")
+        print(f"new signing key {key.kid} in {settings.issuer.keys_dir}")
         return 0
     if args.command == "prune":
-        reader = EnvReader({"age": args.older_than})
-        age = reader.seconds("age", 0, minimum=0, maximum=10 * 365 * 86400)
         try:
-            reader.check()
-        except SettingsError as error:
-            print(f"--older-than: {error}", file=sys.stderr)
+            age = duration(args.older_than, minimum=0, maximum=10 * 365 * 86400)
+        except ValueError as error:
+            print(f"--older-than={args.older_than!r}: {error}", file=sys.stderr)
             return 2
         removed = ring.prune(time.time() - age)
         print(f"removed {len(removed)} key(s): {', '.join(removed) or '-'}")
@@ -78,7 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(
         issue_access_token(
-            ring, principal, issuer=auth.issuer, audience=auth.audience, ttl=issuer.access_token_ttl
+            ring,
+            principal,
+            issuer=settings.auth.issuer,
+            audience=settings.auth.audience,
+            ttl=settings.issuer.access_token_ttl,
         )
     )
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from grpc import aio
 
@@ -64,7 +65,8 @@ def build_runner(
         credentials=credentials,
     )
 
-    webhooks = Webhooks(settings.webhooks, service.send)
+    # The webhook server listens where the gRPC server does (one OPSMESH_HOST per process).
+    webhooks = Webhooks(replace(settings.webhooks, host=settings.server.host), service.send)
 
     async def redis_answers() -> None:
         await client.ping()
@@ -106,4 +108,4 @@ async def serve(environ: Mapping[str, str]) -> None:
 
 
 def main() -> None:
-    run_main("notify_svc", serve)
+    run_main("notify_svc", serve, NotifySettings)

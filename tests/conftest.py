@@ -77,6 +77,12 @@ def session_settings(redis_url: str, **limits: float) -> SessionSettings:
     )
 
 
+WEB_CLIENTS = {
+    "opsmesh-web": ("http://localhost:8080/oauth/callback", "http://localhost:5173/oauth/callback")
+}
+"""The web client as the dev stack registers it (a deployment names its own redirect URIs)."""
+
+
 def identity_settings(
     redis_url: str,
     *,
@@ -96,7 +102,7 @@ def identity_settings(
             http_port=http_port,
             access_token_ttl=access_token_ttl,
         ),
-        oauth=oauth or OAuthSettings(),
+        oauth=oauth or OAuthSettings(clients=WEB_CLIENTS),
     )
 
 

@@ -26,7 +26,6 @@ from devtools.servers import RedisServer
 from edgeinfo_svc.health import EdgeHealth
 from edgeinfo_svc.server import (
     CHAT,
-    IDENTITY,
     NOTIFY,
     PUBLIC_SERVICES,
     SESSION,
@@ -116,16 +115,11 @@ async def edge(request, redis_server: RedisServer, tmp_path: Path) -> AsyncItera
     edgeinfo = build_edgeinfo(
         EdgeInfoSettings(
             server=ServerSettings(port=ports["edgeinfo"]),
-            backends={
-                name: f"127.0.0.1:{ports[key]}"
-                for name, key in (
-                    (IDENTITY, "identity"),
-                    (SESSION, "session"),
-                    (CHAT, "chat"),
-                    (TASK, "task"),
-                    (NOTIFY, "notify"),
-                )
-            },
+            identity_address=f"127.0.0.1:{ports['identity']}",
+            session_address=f"127.0.0.1:{ports['session']}",
+            chat_address=f"127.0.0.1:{ports['chat']}",
+            task_address=f"127.0.0.1:{ports['task']}",
+            notify_address=f"127.0.0.1:{ports['notify']}",
             health_timeout=0.5,
             watch_interval=0.1,
         ),

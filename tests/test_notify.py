@@ -84,7 +84,11 @@ async def notify_stack(
             redis=RedisSettings(url=redis_url),
             smtp=SmtpSettings(port=sink.port, timeout=2.0, sender="opsmesh <noreply@opsmesh.test>"),
             task_address=f"127.0.0.1:{tasks.runner.port}",
-            **{"key_prefix": f"test:{uuid.uuid4().hex[:8]}:", **overrides},
+            **{
+                "key_prefix": f"test:{uuid.uuid4().hex[:8]}:",
+                "webhooks": WebhookSettings(port=0),
+                **overrides,
+            },
         )
         runner, webhooks = build_runner(settings, options=FAST_HEALTH)
         await runner.start()

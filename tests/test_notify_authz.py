@@ -31,6 +31,7 @@ from notify_svc.server import build_runner
 from notify_svc.shielded import ShieldedTasks
 from notify_svc.smtp import SmtpProvider, SmtpSettings
 from notify_svc.store import NotificationStore
+from notify_svc.webhooks import WebhookSettings
 from opsmesh.notify.v1 import notify_pb2 as pb
 from opsmesh.notify.v1 import notify_pb2_grpc
 from tests.conftest import FAST_HEALTH
@@ -69,6 +70,7 @@ async def notify_at_edge(edge: Edge, redis_server: RedisServer) -> AsyncIterator
             task_address=f"127.0.0.1:{free_port()}",
             key_prefix=f"test:{uuid.uuid4().hex[:8]}:",
             auth=AuthSettings(mode="jwt", issuer=edge.issuer),
+            webhooks=WebhookSettings(port=0),
         ),
         options=FAST_HEALTH,
     )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email
+import email.message
 import hashlib
 import json
 import os
@@ -41,16 +43,17 @@ from devtools.stack import (
     free_ports_environment,
     restart,
 )
-from mesh.settings import EnvReader, SettingsError
+from mesh.settings import SettingsError
 from opsmesh.chat.v1 import chat_pb2, chat_pb2_grpc
+from opsmesh.identity.v1 import organization_pb2, organization_pb2_grpc
 from opsmesh.notify.v1 import notify_pb2, notify_pb2_grpc
 from opsmesh.session.v1 import session_pb2, session_pb2_grpc
 from opsmesh.task.v1 import task_pb2, task_pb2_grpc
 from ratelimit_svc.edgeauth import (
     EDGE_CREDENTIAL_METADATA,
     EDGE_CREDENTIAL_VARIABLE,
-    edge_credential_from_env,
 )
+from ratelimit_svc.server import RateLimitSettings
 from tests.helpers import assert_eventually, identity
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,8 +125,9 @@ def _pkce() -> tuple[str, str]:
     return verifier, base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
-def sign_in(stack: Stack) -> dict[str, Any]:
-    """The web client's sign-in, through the edge: authorization code with PKCE."""
+def sign_in(stack: Stack, user: str = "dev", password: str = "") -> dict[str, Any]:
+    """The web client's sign-in, through the edge: authorization code with PKCE (the dev
+    user unless another is named)."""
     verifier, challenge = _pkce()
     redirect = f"{stack.edge}/oauth/callback"
     params = {
@@ -138,7 +142,7 @@ def sign_in(stack: Stack) -> dict[str, Any]:
     with httpx.Client(base_url=stack.edge, timeout=10) as http:
         page = http.get("/oauth/authorize", params=params)
         form = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', page.text))
-        login = {"username": "dev", "password": stack.secret("dev-credentials")}
+        login = {"username": user, "password": password or stack.secret("dev-credentials")}
         signed = http.post("/oauth/authorize", data=form | login)
         assert signed.status_code == 302, signed.text
         code = parse_qs(urlsplit(signed.headers["location"]).query)["code"][0]
@@ -295,6 +299,67 @@ async def test_an_alert_through_the_webhook_becomes_an_email_in_jwt_mode(stack: 
         assert any("StackTrustProbe" in mail for mail in mails)
 
     await assert_eventually(delivered, timeout=30)
+
+
+def _mail_to(stack: Stack, address: str) -> list[email.message.Message]:
+    files = [path for path in (stack.run_dir / "mail").rglob("*") if path.is_file()]
+    mails = [email.message_from_bytes(path.read_bytes()) for path in files]
+    return [mail for mail in mails if address in str(mail.get("To", ""))]
+
+
+def _text_of(mail: email.message.Message) -> str:
+    parts = [part for part in mail.walk() if part.get_content_type() == "text/plain"]
+    payload = parts[0].get_payload(decode=True)
+    assert isinstance(payload, bytes)
+    return payload.decode()
+
+
+async def test_an_invitation_email_reaches_the_mail_sink_and_its_link_signs_the_person_up(
+    stack: Stack,
+) -> None:
+    # Issue #17's path as a person sees it: the dev admin invites, notify_svc (as identity's
+    # service credentials allow) delivers through the task worker to the mail sink, and the
+    # link in that email makes an account that signs in as a member of the dev org.
+    invited = f"guest{secrets.token_hex(4)}@example.com"
+    admin = sign_in(stack)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.port('EDGE')}") as channel:
+        orgs = organization_pb2_grpc.OrganizationServiceStub(channel)
+        await orgs.InviteMember(
+            organization_pb2.InviteMemberRequest(email=invited, role="operator"),
+            metadata=(("authorization", f"Bearer {admin['access_token']}"),),
+            timeout=10,
+        )
+
+        async def delivered() -> str:
+            mails = _mail_to(stack, invited)
+            assert mails
+            found = re.search(r"https?://\S+/invitations/accept\?token=[\w-]+", _text_of(mails[0]))
+            assert found
+            return found.group(0)
+
+        link = await assert_eventually(delivered, timeout=30)
+        assert link.startswith(f"{stack.edge}/invitations/accept?token=")
+        name = f"guest{secrets.token_hex(3)}"
+        password = "an invitation well taken"
+        async with httpx.AsyncClient(timeout=10) as http:
+            page = await http.get(link)
+            assert page.status_code == 200, page.text
+            form = dict(
+                re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', page.text)
+            )
+            joined = await http.post(
+                f"{stack.edge}/invitations/accept",
+                data={**form, "username": name, "password": password, "confirm": password},
+                headers={"Origin": "null"},
+            )
+            assert joined.status_code == 200, joined.text
+        tokens = sign_in(stack, name, password)
+        mine = await orgs.ListMyOrganizations(
+            organization_pb2.ListMyOrganizationsRequest(),
+            metadata=(("authorization", f"Bearer {tokens['access_token']}"),),
+            timeout=10,
+        )
+    assert [(o.org_id, list(o.roles)) for o in mine.organizations] == [("dev", ["operator"])]
 
 
 def test_redis_refuses_a_client_without_the_password(stack: Stack) -> None:
@@ -477,13 +542,10 @@ def test_a_record_without_commands_cannot_be_restarted_piece_by_piece(
 
 def test_the_edge_credential_setting_takes_url_safe_secrets_only() -> None:
     for bad in ("short", "has spaces in it, sixteen+", 'quote"d-0123456789abcdef'):
-        env = EnvReader({EDGE_CREDENTIAL_VARIABLE: bad})
-        edge_credential_from_env(env)
         with pytest.raises(SettingsError, match=EDGE_CREDENTIAL_VARIABLE):
-            env.check()
-    good = EnvReader({EDGE_CREDENTIAL_VARIABLE: "0123456789abcdef_-"})
-    assert edge_credential_from_env(good) == "0123456789abcdef_-"
-    good.check()
+            RateLimitSettings.from_env({EDGE_CREDENTIAL_VARIABLE: bad})
+    good = RateLimitSettings.from_env({EDGE_CREDENTIAL_VARIABLE: "0123456789abcdef_-"})
+    assert good.edge_credential == "0123456789abcdef_-"
 
 
 def test_system_packages_lists_one_set_for_up_and_test() -> None:

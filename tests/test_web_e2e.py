@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import sys
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from devtools.stack import free_ports_environment
+from devtools.stack import StackConfig, free_ports_environment, redis_url
 from tests.ollama_standin import OllamaStandIn, Reply, Scenario
 from tests.webclient import ROOT, ensure_built
 
@@ -64,6 +65,44 @@ def model(body: dict[str, Any]) -> Reply:
     return PLAIN
 
 
+SECOND_ORG = "e2e-second"
+"""An organization of its own admin, who invites the dev user (ui/e2e/switcher.spec.ts)."""
+
+
+async def second_org_admin(env: dict[str, str]) -> dict[str, str]:
+    """Creates the admin of SECOND_ORG in the stack's identity store, as ``make up`` creates the
+    dev user, and names them for the browser tests."""
+    password = secrets.token_urlsafe(16)
+    config = StackConfig.from_env(env, ROOT)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "identity_svc.accounts",
+        "create",
+        "--org",
+        SECOND_ORG,
+        "--user",
+        "second-admin",
+        "--roles",
+        "admin",
+        "--email",
+        "second-admin@example.com",
+        "--password-stdin",
+        cwd=ROOT,
+        env=dict(env, OPSMESH_REDIS_URL=redis_url(config)),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(f"{password}\n".encode()), 60)
+    assert process.returncode == 0, output.decode(errors="replace")
+    return {
+        "OPSMESH_E2E_SECOND_ORG": SECOND_ORG,
+        "OPSMESH_E2E_SECOND_USER": "second-admin",
+        "OPSMESH_E2E_SECOND_PASSWORD": password,
+    }
+
+
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[dict[str, str]]:
     if shutil.which(CHROMIUM) is None:
@@ -86,6 +125,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[dict[str, str]]:
         password = (tmp_path / "run" / "dev-credentials").read_text().strip()
         yield dict(
             env,
+            **await second_org_admin(env),
             OPSMESH_E2E_URL=f"http://localhost:{env['OPSMESH_DEV_EDGE_PORT']}",
             OPSMESH_E2E_USER="dev",
             OPSMESH_E2E_PASSWORD=password,
@@ -111,4 +151,7 @@ async def test_the_web_client_in_a_real_browser(stack: dict[str, str]) -> None:
         "03-history.png",
         "agents-01-monitoring.png",
         "agents-04-approved.png",
+        "members-01-invited.png",
+        "switcher-01-second-org.png",
+        "reset-01-changed.png",
     } <= {p.name for p in shots.iterdir()}
