@@ -96,24 +96,32 @@ def stack_environment(ports: dict[str, int], redis_url: str, keys: Path) -> dict
     }
 
 
+async def start_verifying_session(
+    env: dict[str, str], ports: dict[str, int], feed_url: str
+) -> ServiceRunner:
+    """A started session service that verifies like every service: the issuer's JWKS and the
+    revocation feed (never the issuer's own keys or storage)."""
+    session = build_runner(
+        SessionSettings.from_env(
+            {
+                **env,
+                "OPSMESH_GRPC_PORT": str(ports["session"]),
+                "OPSMESH_JWKS_URL": f"http://127.0.0.1:{ports['identity_http']}/.well-known/jwks.json",
+                "OPSMESH_REVOCATION_FEED_URL": feed_url,
+            }
+        )
+    )
+    await session.start()
+    return session
+
+
 @pytest.fixture
 async def stack(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Stack]:
     ports = free_edge_ports()
     env = stack_environment(ports, redis_server.url, tmp_path / "keys")
     identity: ServiceRunner = build_identity(IdentitySettings.from_env(env))
     await identity.start()
-    # A session service verifying like every service: the issuer's JWKS, the revocation feed.
-    session: ServiceRunner = build_runner(
-        SessionSettings.from_env(
-            {
-                **env,
-                "OPSMESH_GRPC_PORT": str(ports["session"]),
-                "OPSMESH_JWKS_URL": f"http://127.0.0.1:{ports['identity_http']}/.well-known/jwks.json",
-                "OPSMESH_REVOCATION_FEED_URL": redis_server.url,
-            }
-        )
-    )
-    await session.start()
+    session = await start_verifying_session(env, ports, redis_server.url)
     client = connect_redis(RedisSettings(url=redis_server.url))
     user = f"eve{secrets.token_hex(4)}"
     await Accounts(client).create(org_id="acme", user_id=user, password=PASSWORD)

@@ -36,8 +36,6 @@ from mesh.server import ServiceRunner
 from opsmesh.identity.v1 import organization_pb2 as pb
 from opsmesh.identity.v1 import organization_pb2_grpc
 from opsmesh.session.v1 import session_pb2_grpc
-from session_svc.config import SessionSettings
-from session_svc.server import build_runner as build_session
 from tests.helpers import redeem_code, refresh_grant, status_with_token, wait_envoy_live
 from tests.test_identity_attacks import (
     CLIENT,
@@ -48,6 +46,7 @@ from tests.test_identity_attacks import (
     sign_in,
     some_address,
     stack_environment,
+    start_verifying_session,
 )
 from tests.test_password_reset import HIDDEN, on_edge
 
@@ -150,17 +149,7 @@ async def stack(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Stac
         mailer=mailer,
     )
     await identity.start()
-    session: ServiceRunner = build_session(
-        SessionSettings.from_env(
-            {
-                **env,
-                "OPSMESH_GRPC_PORT": str(ports["session"]),
-                "OPSMESH_JWKS_URL": f"http://127.0.0.1:{ports['identity_http']}/.well-known/jwks.json",
-                "OPSMESH_REVOCATION_FEED_URL": redis_server.url,
-            }
-        )
-    )
-    await session.start()
+    session = await start_verifying_session(env, ports, redis_server.url)
     client = connect_redis(RedisSettings(url=redis_server.url))
     accounts = Accounts(client)
     org = f"org{secrets.token_hex(4)}"

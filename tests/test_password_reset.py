@@ -33,8 +33,6 @@ from identity_svc.server import build_runner as build_identity
 from mesh.redisconn import RedisSettings, connect_redis
 from mesh.server import ServiceRunner
 from opsmesh.session.v1 import session_pb2_grpc
-from session_svc.config import SessionSettings
-from session_svc.server import build_runner as build_session
 from tests.helpers import (
     assert_eventually,
     redeem_code,
@@ -51,6 +49,7 @@ from tests.test_identity_attacks import (
     sign_in,
     some_address,
     stack_environment,
+    start_verifying_session,
 )
 
 NEW_PASSWORD = "a brand new sentence of words"
@@ -104,17 +103,7 @@ async def stack(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Stac
     mailer = RecordingMailer()
     identity: ServiceRunner = build_identity(IdentitySettings.from_env(env), mailer=mailer)
     await identity.start()
-    session: ServiceRunner = build_session(
-        SessionSettings.from_env(
-            {
-                **env,
-                "OPSMESH_GRPC_PORT": str(ports["session"]),
-                "OPSMESH_JWKS_URL": f"http://127.0.0.1:{ports['identity_http']}/.well-known/jwks.json",
-                "OPSMESH_REVOCATION_FEED_URL": redis_server.url,
-            }
-        )
-    )
-    await session.start()
+    session = await start_verifying_session(env, ports, redis_server.url)
     client = connect_redis(RedisSettings(url=redis_server.url))
     user = f"rita{secrets.token_hex(4)}"
     email = f"{user}@example.com"
