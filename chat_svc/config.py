@@ -64,6 +64,10 @@ class ChatSettings:
     """How long a session's recent turns stay in Redis after its last message; older sessions'
     first prompt reads them from the history once."""
     max_message_chars: int = fixed(32_000, why="the contract's limit, not a deployment's")
+    delta_interval: float = seconds("OPSMESH_CHAT_DELTA_INTERVAL", 0.0, minimum=0, maximum=1)
+    """Shortest time between two text deltas of one answer after the first; tokens that arrive
+    meanwhile share one message. 0 (the default) sends whatever is ready at once, the lowest
+    latency per token; under heavy load 40ms halves the messages (docs/operations.md)."""
     auth: AuthSettings = nested(AuthSettings)
     agent_limits: AgentLimits = nested(AgentLimits)
     task_address: str = string("OPSMESH_TASK_ADDR", doc="empty disables the operations tools")

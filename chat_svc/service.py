@@ -360,10 +360,19 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                 transcript.add(response)
             return response
 
+        interval = self._settings.delta_interval
+        loop = asyncio.get_running_loop()
+        next_flush = 0.0
         try:
             yield event(started=generation.started())
             while True:
                 await wake.wait()
+                if interval and not (stop_wait.done() or producer.done()):
+                    # Pace deltas after the first (time to first token is untouched): tokens that
+                    # arrive meanwhile share one message instead of one message each.
+                    if (pause := next_flush - loop.time()) > 0:
+                        await asyncio.sleep(pause)
+                    next_flush = loop.time() + interval
                 while (kind := generation.feed.take()) is not None:
                     yield event(**kind)
                 if stop_wait.done() or producer.done():

@@ -524,3 +524,40 @@ async def test_a_slow_reader_gets_coalesced_deltas_and_the_whole_answer(chat) ->
     assert "".join(d.content for d in deltas) == "".join(tokens)
     assert sum(d.token_count for d in deltas) == 300
     assert len(deltas) < 150, f"{len(deltas)} deltas: the slow reader should get coalesced ones"
+
+
+async def test_a_delta_interval_paces_deltas_but_not_the_first_token(
+    session_runner: ServiceRunner, redis_server: RedisServer, history_dsn: str
+) -> None:
+    ollama = await OllamaStandIn().start()
+    settings = chat_settings(session_runner, redis_server.url, history_dsn, ollama.url)
+    runner = await build_runner(replace(settings, delta_interval=0.25), options=FAST_HEALTH)
+    await runner.start()
+    tokens = [f" t{i}" for i in range(20)]
+    ollama.scenario = Scenario(tokens=tokens, seconds_per_token=0.02)
+    who = identity(f"u{uuid.uuid4().hex[:8]}", "acme")
+    try:
+        async with (
+            aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel,
+            aio.insecure_channel(f"127.0.0.1:{session_runner.port}") as session_channel,
+        ):
+            stack = ChatStack(
+                chat_pb2_grpc.ChatServiceStub(channel),
+                session_pb2_grpc.SessionServiceStub(session_channel),
+                ollama,
+                runner,
+                who,
+            )
+            request = pb.StreamChatRequest(session_id=await new_session(stack), message="x")
+            deltas = [
+                event.delta
+                async for event in stack.stub.StreamChat(request, metadata=who)
+                if event.HasField("delta")
+            ]
+    finally:
+        await runner.stop()
+        await ollama.stop()
+    assert "".join(d.content for d in deltas) == "".join(tokens)
+    assert deltas[0].token_count == 1  # the first token is not held back
+    # 20 tokens over ~0.4 s in 0.25 s steps: a few messages, not one per token.
+    assert len(deltas) <= 5, [d.token_count for d in deltas]
