@@ -315,25 +315,13 @@ class Accounts:
             raise NotFound(f"no user {user_id}")
         check_password(password, user_id=account.user_id, email=account.email)
         hashed = await self._hashes.run(lambda: _HASHER.hash(password))
-        key = self.user_key(account.user_id)
-        with redis_errors():
-            # Optimistic: another change to the record (roles, memberships) between the read
-            # and the write makes this try again instead of overwriting it.
-            async with self._redis.pipeline(transaction=True) as pipe:
-                while True:
-                    try:
-                        await pipe.watch(key)
-                        raw = await pipe.get(key)
-                        if not raw:
-                            raise NotFound(f"no user {user_id}")
-                        record = json.loads(raw)
-                        record["hash"] = hashed
-                        pipe.multi()  # type: ignore[no-untyped-call]
-                        pipe.set(key, json.dumps(record), keepttl=True)
-                        await pipe.execute()
-                        return
-                    except WatchError:
-                        continue
+
+        def rehash(record: dict[str, Any], pipe: Any) -> bool:
+            record["hash"] = hashed
+            return True
+
+        if not await self._rewrite(self.user_key(account.user_id), rehash):
+            raise NotFound(f"no user {user_id}")
 
     async def reserve_attempts(self, keys: list[str], limits: list[int], *, window: float) -> float:
         """Takes one attempt from every counter in ``keys`` (each below its limit) or from
@@ -363,7 +351,23 @@ class Accounts:
     async def _adopt(self, user: str) -> None:
         """Gives an account made before memberships existed the membership its record names,
         and marks the record, so that a later removal from that org stays a removal."""
-        key = self.user_key(user)
+
+        def adopt(record: dict[str, Any], pipe: Any) -> bool:
+            if record.get("m"):
+                return False
+            roles = join_roles(frozenset(record.pop("roles", [])))
+            record["m"] = 1
+            pipe.hsetnx(self.memberships.members_key(record["org"]), user, roles)
+            pipe.hsetnx(self.memberships.orgs_key(user), record["org"], roles)
+            return True
+
+        await self._rewrite(self.user_key(user), adopt)
+
+    async def _rewrite(self, key: str, edit: Callable[[dict[str, Any], Any], bool]) -> bool:
+        """Rewrites the account record at ``key`` with ``edit``, which may queue more commands
+        on the transaction and returns False to leave the record as it is; False when there is
+        no record. Optimistic: another change to the record (roles, memberships) between the
+        read and the write makes this try again instead of overwriting it."""
         with redis_errors():
             async with self._redis.pipeline(transaction=True) as pipe:
                 while True:
@@ -371,18 +375,13 @@ class Accounts:
                         await pipe.watch(key)
                         raw = await pipe.get(key)
                         if not raw:
-                            return
+                            return False
                         record = json.loads(raw)
-                        if record.get("m"):
-                            return
-                        roles = join_roles(frozenset(record.pop("roles", [])))
-                        record["m"] = 1
                         pipe.multi()  # type: ignore[no-untyped-call]
-                        pipe.hsetnx(self.memberships.members_key(record["org"]), user, roles)
-                        pipe.hsetnx(self.memberships.orgs_key(user), record["org"], roles)
-                        pipe.set(key, json.dumps(record), keepttl=True)
-                        await pipe.execute()
-                        return
+                        if edit(record, pipe):
+                            pipe.set(key, json.dumps(record), keepttl=True)
+                            await pipe.execute()
+                        return True
                     except WatchError:
                         continue
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import ipaddress
 import logging
@@ -36,7 +35,16 @@ from aiohttp import web
 from identity_svc.accounts import Accounts, SignInThrottled
 from identity_svc.keys import KeyRing
 from identity_svc.oauth import SUPPORTED_SCOPES, OAuthError, OAuthServer, granted_scope
-from identity_svc.web import STYLESHEET_PATH, Pages, foreign_origin, origin_of, page, stylesheet
+from identity_svc.web import (
+    FORM_TOKEN_FIELD,
+    STYLESHEET_PATH,
+    Pages,
+    foreign_origin,
+    form_token,
+    origin_of,
+    page,
+    stylesheet,
+)
 from mesh.errors import ResourceExhausted
 from mesh.settings import fixed, port_number, required, seconds, setting
 from mesh.tokens import ALGORITHM
@@ -133,18 +141,17 @@ _AUTHORIZE_FIELDS = (
     "code_challenge_method",
     "nonce",
 )
-FORM_TOKEN_FIELD = "form_token"  # noqa: S105 - a form field's name, no secret
 LOGIN_COOKIE = "opsmesh_login"
 # Every identity response: no MIME sniffing, no URL (with codes, state or a reset or
 # invitation token) in any Referer header, not even to our own origin.
 _BASELINE_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
-def form_token(browser_secret: str, params: Mapping[str, str]) -> str:
-    """The login form's token: the authorization request, keyed with the browser's cookie."""
-    request = "\n".join(f"{name}={params.get(name, '')}" for name in _AUTHORIZE_FIELDS)
-    digest = hmac.new(browser_secret.encode(), request.encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+def sign_in_token(browser_secret: str, params: Mapping[str, str]) -> str:
+    """The sign-in form's token: the authorization request, keyed with the browser's cookie."""
+    return form_token(
+        browser_secret, "sign-in", *(f"{name}={params.get(name, '')}" for name in _AUTHORIZE_FIELDS)
+    )
 
 
 def _oauth_error(error: OAuthError) -> web.Response:
@@ -279,7 +286,7 @@ class IdentityHttp:
     def _login(
         self, params: dict[str, str], secret: str, error: str, username: str, status: int
     ) -> web.Response:
-        hidden = {**params, FORM_TOKEN_FIELD: form_token(secret, params)}
+        hidden = {**params, FORM_TOKEN_FIELD: sign_in_token(secret, params)}
         return page(
             "sign_in.html",
             status=status,
@@ -296,7 +303,7 @@ class IdentityHttp:
         if foreign_origin(request, self._issuer):
             return True
         secret = request.cookies.get(LOGIN_COOKIE, "")
-        return not secret or not hmac.compare_digest(token, form_token(secret, params))
+        return not secret or not hmac.compare_digest(token, sign_in_token(secret, params))
 
     async def _authorize(self, request: web.Request) -> web.StreamResponse:
         assert self._oauth is not None
