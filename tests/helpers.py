@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tomllib
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -16,6 +18,12 @@ from mesh.auth import ORG_HEADER, ROLES_HEADER, USER_HEADER
 from opsmesh.session.v1 import session_pb2
 
 T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parent.parent
+PRODUCT_PACKAGES: tuple[str, ...] = tuple(
+    tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["coverage"]["run"]["source"]
+)
+"""Our own Python packages, as the coverage gate measures them (pyproject.toml)."""
 
 
 async def assert_eventually(

@@ -9,6 +9,8 @@ from urllib.parse import unquote
 
 import pytest
 
+from tests.helpers import PRODUCT_PACKAGES
+
 ROOT = Path(__file__).resolve().parent.parent
 README_MAX_LINES = 80
 
@@ -22,18 +24,7 @@ DOC_FILES = sorted(
         *ROOT.glob("contracts/**/*.md"),
     }
 )
-SOURCE_PACKAGES = (
-    "mesh",
-    "identity_svc",
-    "session_svc",
-    "chat_svc",
-    "notify_svc",
-    "task_svc",
-    "ratelimit_svc",
-    "edgeinfo_svc",
-    "webui",
-    "devtools",
-)
+SOURCE_PACKAGES = (*PRODUCT_PACKAGES, "devtools")
 
 _FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
 _INLINE_CODE = re.compile(r"`[^`\n]*`")

@@ -32,18 +32,10 @@ from mesh.errors import (
     to_status,
 )
 from opsmesh.errors.v1 import errors_pb2
+from tests.helpers import PRODUCT_PACKAGES
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = (
-    "mesh",
-    "identity_svc",
-    "session_svc",
-    "chat_svc",
-    "notify_svc",
-    "task_svc",
-    "ratelimit_svc",
-    "webui",
-)
+PACKAGES = PRODUCT_PACKAGES
 PROTO = ROOT / "proto" / "opsmesh" / "errors" / "v1" / "errors.proto"
 
 

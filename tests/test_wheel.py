@@ -33,20 +33,11 @@ from devtools.servers import ManagedProcess, RedisServer, free_port
 from mesh.settings import SettingsError, load
 from mesh.settingsdoc import help_text, parse_command_line
 from ratelimit_svc.server import DEFAULT_RULES, RateLimitSettings
-from tests.helpers import assert_eventually
+from tests.helpers import PRODUCT_PACKAGES, assert_eventually
 from webui.server import WebSettings
 
 CHECKOUT = Path(__file__).resolve().parent.parent
-PRODUCT = {
-    "mesh",
-    "identity_svc",
-    "session_svc",
-    "chat_svc",
-    "notify_svc",
-    "task_svc",
-    "ratelimit_svc",
-}
-PRODUCT |= {"edgeinfo_svc", "webui", "opsmesh"}  # opsmesh: the generated code
+PRODUCT = {*PRODUCT_PACKAGES, "opsmesh"}  # opsmesh: the generated code
 ENTRY_MODULES = (
     "identity_svc",
     "session_svc",
