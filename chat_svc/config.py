@@ -55,6 +55,10 @@ class ChatSettings:
         "OPSMESH_HISTORY_DSN", _history_dsn, doc="chdb://PATH (embedded) or a ClickHouse URL"
     )
     """clickhouse-connect DSN: chdb://PATH (embedded) or http(s)://host:8123/db."""
+    history_flush_interval: float = seconds(
+        "OPSMESH_HISTORY_FLUSH_INTERVAL", 1.0, minimum=0.05, maximum=60
+    )
+    """Longest wait of a history message for its batch insert (reads see it meanwhile)."""
     session_address: str = string("OPSMESH_SESSION_ADDR", "127.0.0.1:50051")
     history_turns: int = integer("OPSMESH_CHAT_HISTORY_TURNS", 20, minimum=0, maximum=500)
     """Earlier messages of the session given to the model with each new one."""

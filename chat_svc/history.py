@@ -219,8 +219,41 @@ class HistoryStore:
         self._thread.shutdown(wait=True)
 
 
+def merged(
+    stored: Sequence[Message],
+    unwritten: Sequence[Message],
+    *,
+    limit: int,
+    newest_first: bool,
+    after: tuple[datetime, str] | None,
+) -> list[Message]:
+    """A page of the history from ClickHouse's page and the messages not written to it yet.
+
+    ``stored`` is ClickHouse's first ``limit`` messages after ``after``; the page of both is
+    the first ``limit`` of their union, each message once (one may be in both while its batch
+    is being written).
+    """
+
+    def key(message: Message) -> tuple[datetime, str]:
+        return (message.timestamp, message.message_id)
+
+    if after is not None:
+        unwritten = [m for m in unwritten if (key(m) < after if newest_first else key(m) > after)]
+    if not unwritten:
+        return list(stored)
+    by_id = {m.message_id: m for m in stored}
+    by_id.update((m.message_id, m) for m in unwritten)
+    return sorted(by_id.values(), key=key, reverse=newest_first)[:limit]
+
+
 class HistoryWriter:
-    """Writes messages in batches, off the request path; never blocks a stream on ClickHouse."""
+    """Writes messages in batches, off the request path; never blocks a stream on ClickHouse.
+
+    A batch goes at least every ``flush_interval`` (a second by default: ClickHouse advises
+    about one insert per second, since every insert is a part its background merges rewrite;
+    with embedded chDB those merges run in this process). Reads merge what is still waiting
+    (:meth:`unwritten`), so a client sees its answer in the history at once.
+    """
 
     def __init__(
         self,
@@ -228,7 +261,7 @@ class HistoryWriter:
         *,
         max_pending: int = 10_000,
         batch_size: int = 500,
-        flush_interval: float = 0.2,
+        flush_interval: float = 1.0,
         retry_interval: float = 1.0,
     ) -> None:
         self._store = store
@@ -261,6 +294,14 @@ class HistoryWriter:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def unwritten(self, *, org_id: str, user_id: str, session_id: str) -> list[Message]:
+        """The session's messages still waiting for ClickHouse (a read sees its own writes)."""
+        return [
+            m
+            for m in self._pending
+            if m.session_id == session_id and m.user_id == user_id and m.org_id == org_id
+        ]
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="history-writer")

@@ -36,7 +36,7 @@ async def build_runner(
     """A ready-to-start server; migrates the history schema first."""
     history = HistoryStore(settings.history_dsn)
     await history.migrate()
-    writer = HistoryWriter(history)
+    writer = HistoryWriter(history, flush_interval=settings.history_flush_interval)
     models = ModelServer(settings.model)
     redis = connect_redis(settings.redis)
     revocations = RevocationFeed.open(settings.auth.revocation_feed_url, default=redis)

@@ -17,7 +17,7 @@ from chat_svc.agents.tools import ToolContext
 from chat_svc.approvals import Approvals
 from chat_svc.config import ChatSettings
 from chat_svc.generation import Generation
-from chat_svc.history import HistoryStore, HistoryWriter, Message
+from chat_svc.history import HistoryStore, HistoryWriter, Message, merged
 from chat_svc.model import ModelServer
 from chat_svc.recent import RecentTurns, Turn
 from chat_svc.stops import StopSignals
@@ -130,15 +130,32 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             )
         return reply.session
 
+    async def _history_page(
+        self,
+        principal: Principal,
+        session_id: str,
+        *,
+        limit: int,
+        newest_first: bool,
+        after: tuple[datetime, str] | None = None,
+    ) -> list[Message]:
+        """A page of the session's history: ClickHouse's and the messages still on their way."""
+        owner = {"org_id": principal.org_id, "user_id": principal.user_id, "session_id": session_id}
+        stored = await self._history.page(
+            **owner, limit=limit, newest_first=newest_first, after=after
+        )
+        return merged(
+            stored,
+            self._writer.unwritten(**owner),
+            limit=limit,
+            newest_first=newest_first,
+            after=after,
+        )
+
     async def _earlier(self, principal: Principal, session_id: str) -> list[Turn]:
         """The session's turns from the durable history, oldest first (the cache's fallback)."""
-        newest = await self._history.page(
-            org_id=principal.org_id,
-            user_id=principal.user_id,
-            session_id=session_id,
-            limit=self._settings.history_turns,
-            newest_first=True,
-            after=None,
+        newest = await self._history_page(
+            principal, session_id, limit=self._settings.history_turns, newest_first=True
         )
         return [Turn(m.role, m.content) for m in reversed(newest)]
 
@@ -576,13 +593,8 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                     "page_token is not a token of this list", field="page_token"
                 ) from None
         newest_first = request.order != chat_pb2.HISTORY_ORDER_OLDEST_FIRST
-        messages = await self._history.page(
-            org_id=principal.org_id,
-            user_id=principal.user_id,
-            session_id=session_id,
-            limit=limit + 1,
-            newest_first=newest_first,
-            after=after,
+        messages = await self._history_page(
+            principal, session_id, limit=limit + 1, newest_first=newest_first, after=after
         )
         more = len(messages) > limit
         messages = messages[:limit]

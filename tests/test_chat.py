@@ -14,7 +14,7 @@ from google.protobuf import struct_pb2
 from grpc import aio
 
 from chat_svc.config import ChatSettings
-from chat_svc.history import HistoryWriter, Message
+from chat_svc.history import HistoryWriter, Message, merged
 from chat_svc.model import ModelSettings
 from chat_svc.server import build_runner
 from devtools.servers import RedisServer, free_port
@@ -503,6 +503,77 @@ async def test_history_writer_retries_while_clickhouse_is_away_and_never_drops_s
     assert any(
         "shutting down with 1 history messages NOT stored" in r.getMessage() for r in caplog.records
     )
+
+
+async def test_history_shows_messages_still_waiting_for_their_batch_insert(
+    session_runner: ServiceRunner, redis_server: RedisServer, history_dsn: str
+) -> None:
+    ollama = await OllamaStandIn().start()
+    settings = chat_settings(session_runner, redis_server.url, history_dsn, ollama.url)
+    runner = await build_runner(replace(settings, history_flush_interval=60.0), options=FAST_HEALTH)
+    await runner.start()
+    who = identity(f"u{uuid.uuid4().hex[:8]}", "acme")
+    try:
+        async with (
+            aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel,
+            aio.insecure_channel(f"127.0.0.1:{session_runner.port}") as session_channel,
+        ):
+            stack = ChatStack(
+                chat_pb2_grpc.ChatServiceStub(channel),
+                session_pb2_grpc.SessionServiceStub(session_channel),
+                ollama,
+                runner,
+                who,
+            )
+            session_id = await new_session(stack)
+            for turn in range(2):
+                await collect(
+                    stack.stub.StreamChat(
+                        pb.StreamChatRequest(session_id=session_id, message=f"q{turn}"),
+                        metadata=who,
+                    )
+                )
+            # Nothing is in ClickHouse yet (a minute to the next batch), and every page has it.
+            seen, token = [], ""
+            while True:
+                page = await stack.stub.GetHistory(
+                    pb.GetHistoryRequest(
+                        session_id=session_id,
+                        page_size=3,
+                        page_token=token,
+                        order=pb.HISTORY_ORDER_OLDEST_FIRST,
+                    ),
+                    metadata=who,
+                )
+                seen += [m.content for m in page.messages]
+                if not (token := page.next_page_token):
+                    break
+            assert seen == ["q0", "Hello, world!", "q1", "Hello, world!"]
+            other = identity(who[0][1], "evilcorp")
+            assert (
+                await stack.stub.GetHistory(
+                    pb.GetHistoryRequest(session_id=session_id), metadata=other
+                )
+            ).messages == []
+    finally:
+        await runner.stop()  # writes the waiting messages
+        await ollama.stop()
+
+
+def test_a_history_page_merges_unwritten_messages_once_in_order() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    messages = [replace(message(n), timestamp=start + timedelta(milliseconds=n)) for n in range(6)]
+    stored, unwritten = messages[:4], messages[3:]  # m3 is being written: in both
+    newest = merged(stored[::-1][:3], unwritten, limit=3, newest_first=True, after=None)
+    assert [m.content for m in newest] == ["m5", "m4", "m3"]
+    cursor = (messages[4].timestamp, messages[4].message_id)
+    older = merged(stored[::-1][1:], unwritten, limit=3, newest_first=True, after=cursor)
+    assert [m.content for m in older] == ["m3", "m2", "m1"]
+    cursor = (messages[2].timestamp, messages[2].message_id)
+    newer = merged(stored[3:], unwritten, limit=10, newest_first=False, after=cursor)
+    assert [m.content for m in newer] == ["m3", "m4", "m5"]
 
 
 async def test_a_slow_reader_gets_coalesced_deltas_and_the_whole_answer(chat) -> None:
