@@ -153,6 +153,7 @@ bench: $(STAMP) $(UI_BUILD) ## run the benchmarks (bench/*.py; installs the Cele
 	$(BENCH) bench/task_bench.py || true
 	$(BENCH) bench/notify_bench.py || true
 	$(BENCH) bench/chat_bench.py || true
+	$(BENCH) bench/chat_profile.py || true
 	$(BENCH) bench/agent_bench.py || true
 	$(BENCH) bench/ui_stream_bench.py || true
 	$(BENCH) bench/edge_bench.py

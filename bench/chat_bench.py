@@ -247,17 +247,33 @@ async def _level(
     )
 
 
-async def _floor_per_token(address: str, pid: int, streams: int) -> float:
-    """CPU seconds per streamed token of a bare grpc.aio server sending the same events."""
+@dataclass
+class Floor:
+    """What a bare grpc.aio server streaming the same events costs (bench/grpc_floor.py)."""
+
+    per_message: float
+    """CPU seconds per streamed token, at 50 streams."""
+    per_request: float
+    """CPU seconds per one-token answer, sent like chat_svc's in batches of 20."""
+    ttft: list[float]
+    """Its time to first token (ms) at 50 streams started together: gRPC's own queueing."""
+
+
+async def _floor(address: str, pid: int, streams: int) -> Floor:
     async with aio.insecure_channel(address) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         await through_chat(stub, ["floor"] * 5)
         before = cpu_seconds(pid)
         streamed = await through_chat(stub, ["floor"] * streams)
-        return (cpu_seconds(pid) - before) / max(1, streamed.tokens)
+        per_message = (cpu_seconds(pid) - before) / max(1, streamed.tokens)
+        return Floor(
+            per_message=per_message,
+            per_request=await _cpu_per_request(stub, ["floor"] * 200, pid),
+            ttft=streamed.ttfts,
+        )
 
 
-def _report(levels: list[Level], per_request: float, floor: float) -> bool:
+def _report(levels: list[Level], per_request: float, floor: Floor) -> bool:
     print(
         f"{'streams':>8}  {'direct TTFT p50/p99 ms':>24}  {'chat_svc TTFT p50/p99 ms':>26}"
         f"  {'added p50/p99':>14}  {'tokens/s direct':>15}  {'via chat':>9}  {'ratio':>6}"
@@ -277,13 +293,21 @@ def _report(levels: list[Level], per_request: float, floor: float) -> bool:
             f"{level.chat_rate / level.direct_rate:>5.2f}x  {per_token[level.streams] * 1e6:>12.1f}"
             f"  {level.chat_deltas / max(1, level.chat_tokens):>10.2f}"
         )
-    print(f"\nchat_svc CPU per request (one-token answers): {per_request * 1000:.2f} ms")
     at_50 = next(level for level in levels if level.streams == 50)
     per_message = at_50.chat_deltas / max(1, at_50.chat_tokens)
     print(
-        f"bare grpc.aio floor, same events at 50 streams: {floor * 1e6:.1f} us CPU per message "
-        f"(chat_svc: {per_token[50] / floor:.1f}x the floor per token; at {per_message:.2f} "
-        f"messages per token the floor alone is {floor * per_message * 1e6:.1f} us per token)"
+        f"\nchat_svc CPU per request (one-token answers): {per_request * 1000:.2f} ms; "
+        f"a bare grpc.aio server streaming the same three events: {floor.per_request * 1000:.2f} ms"
+    )
+    print(
+        f"bare grpc.aio floor, same events at 50 streams: {floor.per_message * 1e6:.1f} us CPU "
+        f"per message (chat_svc: {per_token[50] / floor.per_message:.1f}x the floor per token; "
+        f"at {per_message:.2f} messages per token the floor alone is "
+        f"{floor.per_message * per_message * 1e6:.1f} us per token)"
+    )
+    print(
+        f"the bare server's own TTFT at 50 streams started together (no model, no Redis): "
+        f"p50 {pct(floor.ttft, 0.5):.1f} / p99 {pct(floor.ttft, 0.99):.1f} ms"
     )
     busiest = levels[-1]
     shares = ", ".join(
@@ -333,7 +357,7 @@ async def run(args: argparse.Namespace) -> int:
             per_request = await _cpu_per_request(
                 stub, await _new_sessions(sessions, 200), pids["chat_svc"]
             )
-            floor = await _floor_per_token(started["floor_addr"], started["floor"].pid, 50)
+            floor = await _floor(started["floor_addr"], started["floor"].pid, 50)
             levels = [
                 await _level(
                     streams,
