@@ -11,6 +11,7 @@ RPCs get ``grace_period`` to finish, then the server stops.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -202,11 +203,20 @@ class ServiceRunner:
             loop.add_signal_handler(sig, self.request_stop)
         try:
             await self.start()
+            _freeze_startup_objects()
             await self._stop_requested.wait()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self.stop()
+
+
+def _freeze_startup_objects() -> None:
+    """Moves what start-up built (modules, wiring, caches: most of a service's objects, and
+    they live as long as it) out of the cyclic collector's sight, so its full collections stop
+    walking them again and again (in chat_svc that walk was a fifth of its CPU per request)."""
+    gc.collect()
+    gc.freeze()
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
