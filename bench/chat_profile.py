@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import collections
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,8 +54,8 @@ PARTS = (
 )
 
 
-def _threads(pid: int) -> collections.Counter[str]:
-    """CPU seconds so far of each of the process' thread groups, by thread name."""
+def _threads(pid: int, python_names: dict[str, str]) -> collections.Counter[str]:
+    """CPU seconds so far of each of the process' thread groups."""
     used: collections.Counter[str] = collections.Counter()
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
@@ -63,18 +64,35 @@ def _threads(pid: int) -> collections.Counter[str]:
         except OSError:  # the thread ended meanwhile
             continue
         fields = stat.rsplit(")", 1)[1].split()
-        used[_group(tid == str(pid), name)] += (int(fields[11]) + int(fields[12])) / _TICK
+        group = _group(tid == str(pid), python_names.get(tid, name))
+        used[group] += (int(fields[11]) + int(fields[12])) / _TICK
     return used
 
 
 def _group(main: bool, name: str) -> str:
     if main:
         return "event loop (main thread)"
-    if name == "python":  # Python names none of its threads for the OS
-        return "other Python threads (the history writer's chDB calls, gRPC's poller)"
+    if name.startswith("history"):
+        return "history writer's thread (chDB inserts)"
+    if "_poll_wrapper" in name:
+        return "gRPC's poller thread"
+    if name == "python":  # a Python thread py-spy could not name
+        return "other Python threads"
     if name.startswith(("grpc", "event_engine", "default-executo", "resolver")):
         return "gRPC core threads"
     return "chDB engine threads (merges, pools)"
+
+
+async def _python_thread_names(pid: int) -> dict[str, str]:
+    """OS thread id -> Python thread name, from ``py-spy dump`` (Python names none for the OS)."""
+    if (spy := _py_spy()) is None:
+        return {}
+    dump = await asyncio.create_subprocess_exec(
+        spy, "dump", "-p", str(pid), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    out, _ = await dump.communicate()
+    found = re.findall(r'^Thread (\d+) \([^)]*\): "([^"]*)"', out.decode(errors="replace"), re.M)
+    return dict(found)
 
 
 def _py_spy() -> str | None:
@@ -124,11 +142,12 @@ async def _profiled(
             stderr=subprocess.DEVNULL,
         )
         await asyncio.sleep(0.5)  # attached
-    before, units = _threads(pid), 0
+    names = await _python_thread_names(pid)
+    before, units = _threads(pid, names), 0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         units += await load()
-    after = _threads(pid)
+    after = _threads(pid, names)
     used = collections.Counter({group: after[group] - before[group] for group in after})
     parts = None
     if spy is not None:
