@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from email.headerregistry import Address
+from email import policy
+from email.headerregistry import Address, BaseHeader, HeaderRegistry
 from email.message import EmailMessage
 from email.utils import formatdate
 
@@ -16,6 +17,26 @@ from opsmesh.notify.v1 import notify_pb2
 MAX_RECIPIENTS = 50
 _MAX_NAME = 200
 _FORBIDDEN = frozenset("\r\n\x00")
+
+
+class _HeaderClassPerKind(HeaderRegistry):
+    """The stdlib's registry makes a new class (``type(...)``) for every header it parses,
+    about a fifth of the CPU of building an email; one per kind of header does the same job
+    (the classes hold no state) and keeps the message byte for byte as it was."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made: dict[object, type[BaseHeader]] = {}
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        kind = self.registry.get(name.lower(), self.default_class)
+        made = self._made.get(kind)
+        if made is None:
+            made = self._made[kind] = super().__getitem__(name)
+        return made
+
+
+_POLICY = policy.default.clone(header_factory=_HeaderClassPerKind())
 
 
 def checked_recipients(
@@ -94,7 +115,7 @@ def build_message(
 ) -> tuple[EmailMessage, list[str]]:
     """The message and its envelope recipients (bcc is in the envelope only, each address once)."""
     to, cc, bcc = _checked(request)
-    message = EmailMessage()
+    message = EmailMessage(policy=_POLICY)
     message["From"] = sender
     message["To"] = _header(to)
     if cc:

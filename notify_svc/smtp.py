@@ -1,4 +1,5 @@
-"""Sending email over SMTP with aiosmtplib: pooled connections, TLS, clear failure kinds."""
+"""Sending email over SMTP with aiosmtplib: pooled connections, TLS, PIPELINING when the server
+offers it (``notify_svc.pipelining``), clear failure kinds."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from email.utils import parseaddr
 import aiosmtplib
 
 from mesh.settings import choice, integer, seconds, string
+from notify_svc.pipelining import PipeliningSMTP
 
 log = logging.getLogger("opsmesh.smtp")
 
@@ -35,7 +37,7 @@ class SmtpSettings:
     username: str = string("OPSMESH_SMTP_USERNAME")
     password: str = string("OPSMESH_SMTP_PASSWORD")
     timeout: float = seconds("OPSMESH_SMTP_TIMEOUT", 10.0, minimum=0.1, maximum=300)
-    pool_size: int = integer("OPSMESH_SMTP_POOL_SIZE", 4, minimum=1, maximum=100)
+    pool_size: int = integer("OPSMESH_SMTP_POOL_SIZE", 16, minimum=1, maximum=100)
     sender: str = string("OPSMESH_MAIL_FROM", "opsmesh <noreply@opsmesh.localhost>")
 
 
@@ -46,12 +48,12 @@ class SmtpProvider:
 
     def __init__(self, settings: SmtpSettings) -> None:
         self._settings = settings
-        self._idle: asyncio.LifoQueue[aiosmtplib.SMTP] = asyncio.LifoQueue()
+        self._idle: asyncio.LifoQueue[PipeliningSMTP] = asyncio.LifoQueue()
         self._slots = asyncio.Semaphore(settings.pool_size)
 
-    async def _connect(self) -> aiosmtplib.SMTP:
+    async def _connect(self) -> PipeliningSMTP:
         settings = self._settings
-        client = aiosmtplib.SMTP(
+        client = PipeliningSMTP(
             hostname=settings.host,
             port=settings.port,
             timeout=settings.timeout,
