@@ -29,6 +29,7 @@ SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_na
 
 _LIST_TOKEN_KIND = "sessions"  # noqa: S105 - a token kind, not a secret
 _CURSOR = re.compile(r"[0-9]{13}:[0-9a-f-]{36}")
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _DEFAULT_PAGE = 50
 _MAX_PAGE = 200
 # A merge without expected_version re-reads and retries when another writer got in first;
@@ -37,6 +38,9 @@ _MAX_MERGE_ATTEMPTS = 64
 
 
 def _session_id(value: str) -> str:
+    # Ids as CreateSession hands them out are already canonical: no UUID object to build.
+    if _CANONICAL_UUID.fullmatch(value) is not None:
+        return value
     return parse_uuid(value, "session_id")
 
 
@@ -44,22 +48,24 @@ def _not_found(session_id: str) -> NotFound:
     return NotFound(f"session {session_id} not found (expired, ended, or never existed)")
 
 
-def to_proto(stored: StoredSession) -> session_pb2.Session:
-    session = session_pb2.Session(
-        id=stored.id,
-        user_id=stored.user_id,
-        org_id=stored.org_id,
-        title=stored.title,
-        version=stored.version,
-        ttl=duration_from_millis(stored.ttl_ms),
-        created_at=timestamp_from_millis(stored.created_ms),
-        updated_at=timestamp_from_millis(stored.updated_ms),
-        expires_at=timestamp_from_millis(stored.expires_ms),
-        context_size_bytes=stored.context_size,
-    )
+def fill_session(session: session_pb2.Session, stored: StoredSession) -> None:
+    """Writes ``stored`` into ``session`` in place.
+
+    Responses fill their own ``session`` field: a Session built apart and passed to the
+    response's constructor would be copied (context included) once more.
+    """
+    session.id = stored.id
+    session.user_id = stored.user_id
+    session.org_id = stored.org_id
+    session.title = stored.title
+    session.version = stored.version
+    session.context_size_bytes = stored.context_size
+    session.ttl.FromMilliseconds(stored.ttl_ms)
+    session.created_at.FromMilliseconds(stored.created_ms)
+    session.updated_at.FromMilliseconds(stored.updated_ms)
+    session.expires_at.FromMilliseconds(stored.expires_ms)
     if stored.context is not None:
         session.context.CopyFrom(stored.context)
-    return session
 
 
 class SessionService(session_pb2_grpc.SessionServiceServicer):
@@ -120,7 +126,9 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
                 "expire one first",
                 reason=errors_pb2.ERROR_REASON_TOO_MANY_SESSIONS,
             ) from None
-        return session_pb2.CreateSessionResponse(session=to_proto(stored))
+        response = session_pb2.CreateSessionResponse()
+        fill_session(response.session, stored)
+        return response
 
     async def GetSession(
         self, request: session_pb2.GetSessionRequest, context: Context
@@ -130,7 +138,9 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
             stored = await self._store.get(current_principal(), session_id)
         except SessionNotFound:
             raise _not_found(session_id) from None
-        return session_pb2.GetSessionResponse(session=to_proto(stored))
+        response = session_pb2.GetSessionResponse()
+        fill_session(response.session, stored)
+        return response
 
     async def UpdateContext(
         self, request: session_pb2.UpdateContextRequest, context: Context
@@ -167,7 +177,9 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
                     # Someone else merged first: re-read and apply our patch on top.
                     await asyncio.sleep(random.uniform(0, 0.001 * (attempt + 1)))  # noqa: S311
                     continue
-                return session_pb2.UpdateContextResponse(session=to_proto(stored))
+                response = session_pb2.UpdateContextResponse()
+                fill_session(response.session, stored)
+                return response
         except SessionNotFound:
             raise _not_found(session_id) from None
         except VersionConflict as conflict:
@@ -223,7 +235,9 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
             limit=limit,
             with_context=request.view == session_pb2.SESSION_VIEW_FULL,
         )
-        return session_pb2.ListSessionsResponse(
-            sessions=[to_proto(s) for s in sessions],
-            next_page_token=encode_token(_LIST_TOKEN_KIND, cursor) if cursor else "",
+        response = session_pb2.ListSessionsResponse(
+            next_page_token=encode_token(_LIST_TOKEN_KIND, cursor) if cursor else ""
         )
+        for stored in sessions:
+            fill_session(response.sessions.add(), stored)
+        return response

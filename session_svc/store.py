@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 from google.protobuf import struct_pb2
 
 from mesh.context import Principal
-from mesh.redisconn import redis_errors
+from mesh.redisconn import LuaScript, redis_errors
 
 _MAX_MS = 10**13  # far beyond any created timestamp in ms (year 2286)
 
@@ -141,10 +141,10 @@ class SessionStore:
         self._prefix = key_prefix
         self._index_ttl_ms = max_ttl_ms
         self._max_sessions = max_sessions_per_user
-        self._create = client.register_script(_CREATE)
-        self._get_and_touch = client.register_script(_GET_AND_TOUCH)
-        self._set_context = client.register_script(_SET_CONTEXT)
-        self._expire = client.register_script(_EXPIRE)
+        self._create = LuaScript(client, _CREATE)
+        self._get_and_touch = LuaScript(client, _GET_AND_TOUCH)
+        self._set_context = LuaScript(client, _SET_CONTEXT)
+        self._expire = LuaScript(client, _EXPIRE)
 
     def _session_key(self, session_id: str) -> str:
         return f"{self._prefix}s:{session_id}"

@@ -227,6 +227,22 @@ async def test_bad_session_ids_are_invalid_argument_with_field(sessions, request
     assert violation.field == field
 
 
+async def test_a_session_id_in_any_uuid_spelling_reads_the_session_under_its_canonical_id(
+    sessions,
+) -> None:
+    created = await create(sessions, title="spelled")
+    for spelling in (created.id.upper(), "{" + created.id + "}", created.id.replace("-", "")):
+        got = (
+            await sessions.GetSession(pb.GetSessionRequest(session_id=spelling), metadata=ALICE)
+        ).session
+        assert (got.id, got.title) == (created.id, "spelled")
+    with pytest.raises(aio.AioRpcError) as caught:
+        await sessions.GetSession(
+            pb.GetSessionRequest(session_id=created.id + "\n"), metadata=ALICE
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 async def test_missing_session_is_not_found(sessions) -> None:
     with pytest.raises(aio.AioRpcError) as caught:
         await sessions.TouchSession(
