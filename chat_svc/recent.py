@@ -22,7 +22,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from mesh.redisconn import redis_errors
+from mesh.redisbatch import RedisBatch
+from mesh.redisconn import LuaScript, redis_errors
 
 _PREFIX = "opsmesh:chat:"
 EPOCH_KEY = f"{_PREFIX}turns-since"
@@ -61,7 +62,7 @@ class RecentTurns:
         self._redis = client
         self._keep = keep
         self._ttl_ms = int(ttl * 1000)
-        self._append = client.register_script(_APPEND)
+        self._append = LuaScript(client, _APPEND)
 
     @staticmethod
     def _key(org_id: str, user_id: str, session_id: str) -> str:
@@ -76,8 +77,10 @@ class RecentTurns:
         self, org_id: str, user_id: str, session_id: str
     ) -> tuple[list[Turn] | None, float | None]:
         """The cached turns (None: not cached) and the epoch in seconds (None: unknown)."""
+        batch = RedisBatch(self._redis)  # redis-py's generic command path costs more CPU
+        batch.command("MGET", self._key(org_id, user_id, session_id), EPOCH_KEY)
         with redis_errors():
-            raw, epoch = await self._redis.mget(self._key(org_id, user_id, session_id), EPOCH_KEY)
+            ((raw, epoch),) = await batch.run()
         turns = None if raw is None else [Turn(t["role"], t["content"]) for t in json.loads(raw)]
         return turns, (int(epoch) / 1000 if epoch is not None else None)
 
@@ -87,16 +90,17 @@ class RecentTurns:
         young = time.time() - created < self._ttl_ms / 1000
         return epoch is not None and created >= epoch and young
 
-    async def seed(self, org_id: str, user_id: str, session_id: str, turns: list[Turn]) -> None:
-        """Starts the session's list (if no one did meanwhile) from what is known."""
+    def seed(
+        self, batch: RedisBatch, org_id: str, user_id: str, session_id: str, turns: list[Turn]
+    ) -> None:
+        """Starts the session's list (if no one did meanwhile) from what is known, in ``batch``."""
         payload = json.dumps([_plain(t) for t in turns[-self._keep :]])
-        with redis_errors():
-            await self._redis.set(
-                self._key(org_id, user_id, session_id), payload, px=self._ttl_ms, nx=True
-            )
+        key = self._key(org_id, user_id, session_id)
+        batch.command("SET", key, payload, "PX", self._ttl_ms, "NX")
 
-    async def append(
+    def append(
         self,
+        batch: RedisBatch,
         org_id: str,
         user_id: str,
         session_id: str,
@@ -104,13 +108,12 @@ class RecentTurns:
         *,
         seed: list[Turn] | None = None,
     ) -> None:
-        """Appends ``turn`` to the session's list; with ``seed``, a missing list starts as
-        ``seed`` first (what :meth:`seed` does, in the same round trip)."""
+        """Appends ``turn`` to the session's list, in ``batch``; with ``seed``, a missing list
+        starts as ``seed`` first (what :meth:`seed` does, in the same command)."""
         args: list[str | int] = [json.dumps(_plain(turn)), self._keep, self._ttl_ms]
         if seed is not None:
             args.append(json.dumps([_plain(t) for t in seed[-self._keep :]]))
-        with redis_errors():
-            await self._append(keys=[self._key(org_id, user_id, session_id)], args=args)
+        batch.script(self._append, [self._key(org_id, user_id, session_id)], args)
 
 
 def _plain(turn: Turn) -> dict[str, Any]:

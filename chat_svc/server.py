@@ -49,6 +49,7 @@ async def build_runner(
         models=models,
         history=history,
         writer=writer,
+        redis=redis,
         stops=stops,
         sessions=session_pb2_grpc.SessionServiceStub(session_channel),
         approvals=Approvals(redis, stops),

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import redis.asyncio as aioredis
 from google.protobuf import json_format
 
 from chat_svc.agents.catalog import Agent
@@ -35,6 +36,8 @@ from mesh.errors import (
 )
 from mesh.pagination import decode_token, encode_token, page_size
 from mesh.protos import timestamp_from_datetime, timestamp_from_millis
+from mesh.redisbatch import RedisBatch
+from mesh.redisconn import redis_errors
 from mesh.servicer import Context, parse_uuid
 from opsmesh.chat.v1 import chat_pb2, chat_pb2_grpc
 from opsmesh.errors.v1 import errors_pb2
@@ -92,6 +95,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         models: ModelServer,
         history: HistoryStore,
         writer: HistoryWriter,
+        redis: aioredis.Redis,
         stops: StopSignals,
         sessions: session_pb2_grpc.SessionServiceAsyncStub,
         approvals: Approvals,
@@ -103,6 +107,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         self._models = models
         self._history = history
         self._writer = writer
+        self._redis = redis
         self._stops = stops
         self._sessions = sessions
         self._approvals = approvals
@@ -279,11 +284,12 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             generation, seed = await self._generation(
                 principal, ask, generation_id, user_message_id
             )
-            # The stop signal and the question's record are independent round trips.
-            stopped, _ = await asyncio.gather(
-                self._stops.register(generation_id, principal, _MAX_GENERATION_SECONDS),
-                self._record_question(principal, ask, user_message_id, claim, seed),
-            )
+            # The stop signal and the question's record: one Redis round trip.
+            batch = RedisBatch(self._redis)
+            stopped = self._stops.register(batch, generation_id, principal, _MAX_GENERATION_SECONDS)
+            self._record_question(batch, principal, ask, user_message_id, claim, seed)
+            with redis_errors():
+                await batch.run()
         except BaseException:
             await self._stops.finished(generation_id)
             if claim is not None:
@@ -292,8 +298,9 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         async for event in self._relay(generation, stopped, claim):
             yield event
 
-    async def _record_question(
+    def _record_question(
         self,
+        batch: RedisBatch,
         principal: Principal,
         ask: _Ask,
         user_message_id: str,
@@ -303,9 +310,10 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         if claim is not None and claim.question_recorded:
             # A retry of a failed turn: its question is in the history (and in ``seed``) already.
             if seed is not None:
-                await self._recent.seed(principal.org_id, principal.user_id, ask.session_id, seed)
+                self._recent.seed(batch, principal.org_id, principal.user_id, ask.session_id, seed)
             return
-        await self._record(
+        self._record(
+            batch,
             Message(
                 message_id=user_message_id,
                 session_id=ask.session_id,
@@ -319,12 +327,15 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             seed=seed,
         )
 
-    async def _record(self, message: Message, *, seed: list[Turn] | None = None) -> None:
-        """Into the durable history (batched, off the request path) and the recent turns
-        (started with ``seed`` if the cache has no list for the session yet)."""
+    def _record(
+        self, batch: RedisBatch, message: Message, *, seed: list[Turn] | None = None
+    ) -> None:
+        """Into the durable history (batched, off the request path) and, with ``batch``, the
+        recent turns (started with ``seed`` if the cache has no list for the session yet)."""
         self._writer.add(message)
         if self._settings.history_turns:
-            await self._recent.append(
+            self._recent.append(
+                batch,
                 message.org_id,
                 message.user_id,
                 message.session_id,
@@ -480,7 +491,6 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
     ) -> None:
         """Records the answer once, whatever ended it, and releases what the generation held."""
         principal = generation.principal
-        await self._stops.finished(generation.generation_id)
         answer = Message(
             message_id=generation.assistant_message_id,
             session_id=generation.session_id,
@@ -492,9 +502,14 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             metadata=generation.metadata(failure, stopped),
             incomplete=generation.final is None,
         )
+        # The generation's end and the answer's record: one Redis round trip.
+        batch = RedisBatch(self._redis)
+        self._stops.unregister(batch, generation.generation_id)
+        self._record(batch, answer)
         try:
-            await self._record(answer)
-        except OpsmeshError as error:  # the durable history has it; the cache re-reads it
+            with redis_errors():
+                await batch.run()
+        except OpsmeshError as error:  # the durable history has it; the stop key expires
             log.warning("could not cache answer %s: %s", answer.message_id, error.message)
         if claim is None:
             return

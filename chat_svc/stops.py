@@ -15,6 +15,7 @@ import logging
 import redis.asyncio as aioredis
 
 from mesh.context import Principal
+from mesh.redisbatch import RedisBatch
 from mesh.redisconn import redis_errors
 
 log = logging.getLogger("opsmesh.stops")
@@ -49,22 +50,27 @@ class StopSignals:
             receivers: int = await self._redis.publish(channel, b"1")
         return receivers
 
-    async def register(self, generation_id: str, owner: Principal, ttl: float) -> asyncio.Event:
-        """Marks a generation as running; the event is set when someone stops it."""
-        event = self.listen(self._channel(generation_id))
-        with redis_errors():
-            await self._redis.set(
-                self._owner_key(generation_id),
-                json.dumps([owner.org_id, owner.user_id]),
-                px=int(ttl * 1000),
-            )
-        return event
+    def register(
+        self, batch: RedisBatch, generation_id: str, owner: Principal, ttl: float
+    ) -> asyncio.Event:
+        """Marks a generation as running once ``batch`` has run; the event is set when someone
+        stops it."""
+        owner_json = json.dumps([owner.org_id, owner.user_id])
+        batch.command("SET", self._owner_key(generation_id), owner_json, "PX", int(ttl * 1000))
+        return self.listen(self._channel(generation_id))
+
+    def unregister(self, batch: RedisBatch, generation_id: str) -> None:
+        """The generation ended (its key goes with ``batch``; if that fails, it expires)."""
+        self.forget(self._channel(generation_id))
+        batch.command("DEL", self._owner_key(generation_id))
 
     async def finished(self, generation_id: str) -> None:
-        self.forget(self._channel(generation_id))
+        """:meth:`unregister` on its own, best effort."""
+        batch = RedisBatch(self._redis)
+        self.unregister(batch, generation_id)
         try:
             with redis_errors():
-                await self._redis.delete(self._owner_key(generation_id))
+                await batch.run()
         except Exception as error:  # noqa: BLE001 - the key expires by itself
             log.debug("could not unregister generation %s: %s", generation_id, error)
 

@@ -6,10 +6,12 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 from google.protobuf import struct_pb2
 from grpc import aio
 
@@ -61,15 +63,14 @@ def chat_settings(
     )
 
 
-@pytest.fixture
-async def chat(
-    session_runner: ServiceRunner, redis_server: RedisServer, history_dsn: str
+@asynccontextmanager
+async def running_chat(
+    session_runner: ServiceRunner, redis_url: str, history_dsn: str, **changes: object
 ) -> AsyncIterator[ChatStack]:
+    """A chat service on its own Ollama stand-in; ``changes`` replace its settings' fields."""
     ollama = await OllamaStandIn().start()
-    runner = await build_runner(
-        chat_settings(session_runner, redis_server.url, history_dsn, ollama.url),
-        options=FAST_HEALTH,
-    )
+    settings = chat_settings(session_runner, redis_url, history_dsn, ollama.url)
+    runner = await build_runner(replace(settings, **changes), options=FAST_HEALTH)  # type: ignore[arg-type]
     await runner.start()
     who = identity(f"u{uuid.uuid4().hex[:8]}", "acme")
     try:
@@ -87,6 +88,14 @@ async def chat(
     finally:
         await runner.stop()
         await ollama.stop()
+
+
+@pytest.fixture
+async def chat(
+    session_runner: ServiceRunner, redis_server: RedisServer, history_dsn: str
+) -> AsyncIterator[ChatStack]:
+    async with running_chat(session_runner, redis_server.url, history_dsn) as stack:
+        yield stack
 
 
 async def new_session(stack: ChatStack, **context: object) -> str:
@@ -508,56 +517,78 @@ async def test_history_writer_retries_while_clickhouse_is_away_and_never_drops_s
 async def test_history_shows_messages_still_waiting_for_their_batch_insert(
     session_runner: ServiceRunner, redis_server: RedisServer, history_dsn: str
 ) -> None:
-    ollama = await OllamaStandIn().start()
-    settings = chat_settings(session_runner, redis_server.url, history_dsn, ollama.url)
-    runner = await build_runner(replace(settings, history_flush_interval=60.0), options=FAST_HEALTH)
-    await runner.start()
-    who = identity(f"u{uuid.uuid4().hex[:8]}", "acme")
-    try:
-        async with (
-            aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel,
-            aio.insecure_channel(f"127.0.0.1:{session_runner.port}") as session_channel,
-        ):
-            stack = ChatStack(
-                chat_pb2_grpc.ChatServiceStub(channel),
-                session_pb2_grpc.SessionServiceStub(session_channel),
-                ollama,
-                runner,
-                who,
+    async with running_chat(
+        session_runner, redis_server.url, history_dsn, history_flush_interval=60.0
+    ) as stack:
+        session_id = await new_session(stack)
+        for turn in range(2):
+            await collect(
+                stack.stub.StreamChat(
+                    pb.StreamChatRequest(session_id=session_id, message=f"q{turn}"),
+                    metadata=stack.who,
+                )
             )
+        # Nothing is in ClickHouse yet (a minute to the next batch), and every page has it.
+        seen, token = [], ""
+        while True:
+            page = await stack.stub.GetHistory(
+                pb.GetHistoryRequest(
+                    session_id=session_id,
+                    page_size=3,
+                    page_token=token,
+                    order=pb.HISTORY_ORDER_OLDEST_FIRST,
+                ),
+                metadata=stack.who,
+            )
+            seen += [m.content for m in page.messages]
+            if not (token := page.next_page_token):
+                break
+        assert seen == ["q0", "Hello, world!", "q1", "Hello, world!"]
+        other = identity(stack.who[0][1], "evilcorp")
+        assert (
+            await stack.stub.GetHistory(pb.GetHistoryRequest(session_id=session_id), metadata=other)
+        ).messages == []
+
+
+async def test_a_full_redis_refuses_the_question_as_unavailable_and_leaves_nothing_running(
+    session_runner: ServiceRunner, tmp_path, history_dsn: str
+) -> None:
+    # Chat's own Redis (the session service keeps the shared one): only chat's writes fail.
+    redis = RedisServer(tmp_path / "chat-redis").start()
+    admin = aioredis.from_url(redis.url)
+    try:
+        async with running_chat(session_runner, redis.url, history_dsn) as stack:
             session_id = await new_session(stack)
-            for turn in range(2):
+            await collect(
+                stack.stub.StreamChat(
+                    pb.StreamChatRequest(session_id=session_id, message="fits"), metadata=stack.who
+                )
+            )
+            asked = len(stack.ollama.requests)
+            await admin.config_set("maxmemory-policy", "noeviction")
+            await admin.config_set("maxmemory", "1")  # every write is refused: OOM
+            with pytest.raises(aio.AioRpcError) as caught:
                 await collect(
                     stack.stub.StreamChat(
-                        pb.StreamChatRequest(session_id=session_id, message=f"q{turn}"),
-                        metadata=who,
+                        pb.StreamChatRequest(session_id=session_id, message="too much"),
+                        metadata=stack.who,
                     )
                 )
-            # Nothing is in ClickHouse yet (a minute to the next batch), and every page has it.
-            seen, token = [], ""
-            while True:
-                page = await stack.stub.GetHistory(
-                    pb.GetHistoryRequest(
-                        session_id=session_id,
-                        page_size=3,
-                        page_token=token,
-                        order=pb.HISTORY_ORDER_OLDEST_FIRST,
-                    ),
-                    metadata=who,
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "redis" in (caught.value.details() or "")
+            assert len(stack.ollama.requests) == asked  # the model was never asked
+            assert await admin.keys("opsmesh:chat:gen:*") == []
+            await admin.config_set("maxmemory", "0")
+            events = await collect(
+                stack.stub.StreamChat(
+                    pb.StreamChatRequest(session_id=session_id, message="again"),
+                    metadata=stack.who,
                 )
-                seen += [m.content for m in page.messages]
-                if not (token := page.next_page_token):
-                    break
-            assert seen == ["q0", "Hello, world!", "q1", "Hello, world!"]
-            other = identity(who[0][1], "evilcorp")
-            assert (
-                await stack.stub.GetHistory(
-                    pb.GetHistoryRequest(session_id=session_id), metadata=other
-                )
-            ).messages == []
+            )
+            assert events[-1].HasField("completed")
     finally:
-        await runner.stop()  # writes the waiting messages
-        await ollama.stop()
+        await admin.aclose()
+        redis.stop()
 
 
 def test_a_history_page_merges_unwritten_messages_once_in_order() -> None:

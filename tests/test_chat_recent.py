@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from chat_svc.recent import EPOCH_KEY, RecentTurns, Turn
 from devtools.servers import RedisServer
+from mesh.redisbatch import RedisBatch
 from opsmesh.chat.v1 import chat_pb2 as pb
 from tests.helpers import assert_eventually
 from tests.test_chat import ChatStack, collect, new_session
@@ -22,6 +25,13 @@ async def ask(stack: ChatStack, session_id: str, text: str) -> None:
             pb.StreamChatRequest(session_id=session_id, message=text), metadata=stack.who
         )
     )
+
+
+async def run(queue: Callable[..., None], client: aioredis.Redis, *args: Any, **kw: Any) -> None:
+    """What ``queue`` puts in a batch, run on its own."""
+    batch = RedisBatch(client)
+    queue(batch, *args, **kw)
+    await batch.run()
 
 
 def prompt_of_last_request(stack: ChatStack) -> list[tuple[str, str]]:
@@ -103,11 +113,12 @@ async def test_the_list_keeps_the_newest_turns_and_appends_only_to_a_known_list(
     client = aioredis.Redis.from_url(redis_server.url)
     recent = RecentTurns(client, keep=2, ttl=3600)
     try:
-        await recent.append("o", "u", "s", Turn("user", "lost: nobody knows this list"))
+        lost = Turn("user", "lost: nobody knows this list")
+        await run(recent.append, client, "o", "u", "s", lost)
         assert (await recent.read("o", "u", "s"))[0] is None
-        await recent.seed("o", "u", "s", [])
+        await run(recent.seed, client, "o", "u", "s", [])
         for n in range(3):
-            await recent.append("o", "u", "s", Turn("user", f"é/{n}"))
+            await run(recent.append, client, "o", "u", "s", Turn("user", f"é/{n}"))
         turns, _ = await recent.read("o", "u", "s")
         assert turns == [Turn("user", "é/1"), Turn("user", "é/2")]
         assert (await recent.read("o", "other-user", "s"))[0] is None
@@ -123,14 +134,14 @@ async def test_a_seeded_append_starts_a_missing_list_and_joins_an_existing_one(
     recent = RecentTurns(client, keep=3, ttl=3600)
     try:
         earlier = [Turn("user", "q0"), Turn("assistant", "a0"), Turn("user", "q1")]
-        await recent.append("o", "u", "seeded", Turn("assistant", "a1"), seed=earlier)
+        await run(recent.append, client, "o", "u", "seeded", Turn("assistant", "a1"), seed=earlier)
         turns, _ = await recent.read("o", "u", "seeded")
         assert turns == [Turn("assistant", "a0"), Turn("user", "q1"), Turn("assistant", "a1")]
         # A list someone started meanwhile wins over a (stale) seed.
-        await recent.append("o", "u", "seeded", Turn("user", "q2"), seed=[])
+        await run(recent.append, client, "o", "u", "seeded", Turn("user", "q2"), seed=[])
         turns, _ = await recent.read("o", "u", "seeded")
         assert turns == [Turn("user", "q1"), Turn("assistant", "a1"), Turn("user", "q2")]
-        await recent.append("o", "u", "empty", Turn("user", "first"), seed=[])
+        await run(recent.append, client, "o", "u", "empty", Turn("user", "first"), seed=[])
         assert (await recent.read("o", "u", "empty"))[0] == [Turn("user", "first")]
     finally:
         await client.aclose()
