@@ -7,8 +7,16 @@ takeovers do the same. A crash between writing the record and publishing thus
 leaves a "publish" marker, and the reaper publishes the task after a short
 grace (with the same message id, so a publish that did happen is de-duplicated
 by JetStream). The markers are also the reaper's index of unfinished tasks:
-it walks them instead of every record kept for the retention period, and
-removes those whose task is final (lazily, so finishing a task costs nothing).
+it walks them instead of every record kept for the retention period.
+
+A task's work message names the revision of the marker written with it, and
+the worker that records the task as final removes that marker revision with a
+compare-and-delete sent without waiting for an answer (one message, no round
+trip). A marker that changed since (RetryTask reopened the task, the reaper
+turned it to "queued") is left alone, and so is one whose removal got lost:
+the reaper removes the markers of final tasks it finds, as before; it is only
+no longer the one who removes them all (a get and a delete per finished task,
+one at a time, cost a reaper pass more CPU than the worker spent running them).
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import time
 from dataclasses import dataclass
 
 import nats.js.errors
+from nats.aio.client import Client
+from nats.js.api import Header
 from nats.js.kv import KeyValue
 
 from mesh.natsconn import nats_errors
@@ -27,10 +37,30 @@ QUEUED = "queued"
 _PREFIX = "o"
 # JetStream's error code for a failed expected-last-sequence check (a delete that lost a race).
 _WRONG_LAST_SEQUENCE = 10071
+# How a key-value delete is written (nats.js.kv's own header and value).
+_KV_OPERATION = "KV-Operation"
+_KV_DELETE = "DEL"
 
 
 def marker_key(org_id: str, task_id: str) -> str:
     return f"{_PREFIX}.{org_id.encode().hex()}.{task_id}"
+
+
+async def close_unconfirmed(
+    nc: Client, bucket: str, org_id: str, task_id: str, revision: int
+) -> None:
+    """Removes revision ``revision`` of a final task's marker, without waiting for an answer.
+
+    A compare-and-delete published with no reply subject: JetStream stores it only while
+    ``revision`` is still the marker's last, and answers nothing either way, so it costs one
+    outgoing message. Whatever becomes of it, the reaper removes a final task's marker it
+    still finds.
+    """
+    await nc.publish(
+        f"$KV.{bucket}.{marker_key(org_id, task_id)}",
+        b"",
+        headers={_KV_OPERATION: _KV_DELETE, Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(revision)},
+    )
 
 
 @dataclass(frozen=True)
@@ -63,17 +93,18 @@ class OpenTasks:
     def __init__(self, kv: KeyValue) -> None:
         self._kv = kv
 
-    async def publishing(self, task: task_pb2.Task) -> None:
-        """Marks the task as about to be published (before its record is written or changed)."""
-        await self._put(task, PUBLISH)
+    async def publishing(self, task: task_pb2.Task) -> int:
+        """Marks the task as about to be published (before its record is written or changed);
+        the marker's revision, which the work message carries."""
+        return await self._put(task, PUBLISH)
 
-    async def queued(self, task: task_pb2.Task) -> None:
+    async def queued(self, task: task_pb2.Task) -> int:
         """Marks the task's work message as stored."""
-        await self._put(task, QUEUED)
+        return await self._put(task, QUEUED)
 
-    async def _put(self, task: task_pb2.Task, state: str) -> None:
+    async def _put(self, task: task_pb2.Task, state: str) -> int:
         with nats_errors():
-            await self._kv.put(
+            return await self._kv.put(
                 marker_key(task.org_id, task.id), f"{state} {time.time():.3f}".encode()
             )
 

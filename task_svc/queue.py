@@ -21,6 +21,9 @@ DUPLICATE_WINDOW_SECONDS = 120.0
 
 
 REVISION_HEADER = "Opsmesh-Revision"
+MARKER_HEADER = "Opsmesh-Marker"
+"""The revision of the task's open-task marker written with the message (task_svc/outbox.py);
+the worker that finishes the task removes that revision. Absent: the reaper removes it."""
 
 
 def message_id(task: task_pb2.Task) -> str:
@@ -63,17 +66,21 @@ class Publisher:
         self._topology = topology
         self.timeout = timeout
 
-    async def publish(self, task: task_pb2.Task, revision: int) -> None:
-        """Queues ``task``; the message carries the record as of ``revision``.
+    async def publish(self, task: task_pb2.Task, revision: int, *, marker: int = 0) -> None:
+        """Queues ``task``; the message carries the record as of ``revision``, and ``marker``,
+        the revision of the task's open-task marker (0: none to name).
 
         The worker starts from that copy and its compare-and-set tells it whether the
         record moved on since (then it reads the record, the truth, again).
         """
+        headers = {"Nats-Msg-Id": message_id(task), REVISION_HEADER: str(revision)}
+        if marker:
+            headers[MARKER_HEADER] = str(marker)
         with nats_errors():
             await self._js.publish(
                 self._topology.subject(task.type),
                 task.SerializeToString(),
                 timeout=self.timeout,
                 stream=self._topology.stream,
-                headers={"Nats-Msg-Id": message_id(task), REVISION_HEADER: str(revision)},
+                headers=headers,
             )

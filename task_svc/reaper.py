@@ -148,7 +148,7 @@ class Reaper:
             await self._open.close(marker)
             report.closed += 1
         elif lease.is_stale(task):
-            await self._take_over(task, revision)
+            await self._take_over(task, revision, marker)
             report.taken_over.append(task.id)
         elif task.type in idle and self._unchanged_for_grace(task):
             # Waiting, yet its consumer holds no message at all: the message was lost (an
@@ -172,15 +172,16 @@ class Reaper:
         self.metrics.reaped.labels(action="published").inc()
         report.published.append(task.id)
 
-    async def _take_over(self, task: task_pb2.Task, revision: int) -> None:
+    async def _take_over(self, task: task_pb2.Task, revision: int, marker: Marker) -> None:
         """Queues a message for a task whose worker died; the worker that gets it takes over.
 
         The record is left as it is: the taking worker's claim closes the stale attempt by
         compare-and-set (see lease.claim), so a reaper that crashes half-way changes
         nothing. The message id names the record's version, so reapers that find the same
-        stale attempt queue one message between them.
+        stale attempt queue one message between them. The marker is left as it is too, so
+        the message names it: the worker that finishes the task removes it.
         """
-        await self._publisher.publish(task, revision)
+        await self._publisher.publish(task, revision, marker=marker.revision)
         log.warning(
             "task %s: the lease of %s lapsed; queued for another worker",
             task.id,

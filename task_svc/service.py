@@ -100,6 +100,18 @@ def with_typed_payload(task: task_pb2.Task) -> task_pb2.Task:
     return task
 
 
+def _with_payload(task: task_pb2.Task, payload: Message) -> task_pb2.Task:
+    """A new task as the client reads it: the typed payload is the request's, as validated.
+
+    What :func:`with_typed_payload` would parse back out of the record's JSON copy of that
+    same payload, without converting it to JSON and back.
+    """
+    typed: Message = task.workspace if task.type == task_pb2.TASK_TYPE_WORKSPACE else task.email
+    typed.CopyFrom(payload)
+    typed.SetInParent()  # an empty payload still says which kind of task this is
+    return task
+
+
 class TaskService(task_pb2_grpc.TaskServiceServicer):
     def __init__(
         self, store: TaskStore, publisher: Publisher, retry: dict[int, RetryPolicy]
@@ -128,12 +140,12 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             version=1,
         )
         task.payload.update(json_format.MessageToDict(payload, preserving_proto_field_name=True))
-        stored, revision, created = await self._record(task)
+        stored, revision, created, marker = await self._record(task)
         if not created:
             await self._open.discard(task)
             return with_typed_payload(stored)
         try:
-            await self._publisher.publish(stored, revision)
+            await self._publisher.publish(stored, revision, marker=marker)
         except DependencyUnavailable:
             # Nothing was queued: remove the record so that the client's retry with the same
             # idempotency key starts afresh.
@@ -150,13 +162,15 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         # The marker stays "publish": turning it to "queued" here would cost every publish
         # another round trip. The reaper's first look (within the outbox grace, well inside
         # JetStream's duplicate window) re-publishes with the same message id, which JetStream
-        # drops, and turns it to "queued" then.
-        return with_typed_payload(stored)
+        # drops, and turns it to "queued" then; a task finished before that has had its marker
+        # removed by its worker.
+        return _with_payload(stored, payload)
 
-    async def _record(self, task: task_pb2.Task) -> tuple[task_pb2.Task, int, bool]:
+    async def _record(self, task: task_pb2.Task) -> tuple[task_pb2.Task, int, bool, int]:
         """Writes the outbox marker, then the record: a crash after the marker leaves a task the
         reaper publishes (or, with no record, a marker it removes), never a recorded task that
-        nobody runs.
+        nobody runs. Returns the stored task, its revision, whether it is new, and the marker's
+        revision.
 
         Both writes go out back to back on one connection without waiting for the marker's
         acknowledgement (a round trip on every publish): asyncio starts the two in order, and
@@ -170,7 +184,8 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         if isinstance(marked, BaseException):
             await self._store.forget(task)  # no marker, no record: the client may try again
             raise marked
-        return recorded
+        stored, revision, created = recorded
+        return stored, revision, created, marked
 
     async def PublishWorkspaceTask(
         self, request: task_pb2.PublishWorkspaceTaskRequest, context: Context
@@ -281,7 +296,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         resubmit(await self._store.get(org_id, task_id))  # refuse before marking anything
         # Marked before the record changes: a crash between the two steps leaves a pending
         # task the reaper publishes.
-        await self._open.publishing(task_pb2.Task(id=task_id, org_id=org_id))
+        marker = await self._open.publishing(task_pb2.Task(id=task_id, org_id=org_id))
         task, revision = await self._store.change(org_id, task_id, resubmit)
-        await self._publisher.publish(task, revision)
+        await self._publisher.publish(task, revision, marker=marker)
         return task_pb2.RetryTaskResponse(task=with_typed_payload(task))

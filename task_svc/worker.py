@@ -7,7 +7,8 @@ and skipped (a redelivery); a task whose running attempt holds a live lease
 otherwise the worker claims it with a lease of its own, renews the lease (and
 JetStream's ack deadline) while the handler runs, and records the outcome
 *before* acknowledging, so a crash at any point leads to a redelivery or a
-takeover by the reaper (task_svc/reaper.py), never to a lost task. Transient
+takeover by the reaper (task_svc/reaper.py), never to a lost task. Once a task
+is final its open-task marker is removed too (task_svc/outbox.py). Transient
 failures are retried with exponential backoff and jitter through
 ``nak(delay)``; after the type's last attempt the task is failed and kept as a
 dead letter for RetryTask. docs/tasks.md has the whole lifecycle.
@@ -51,7 +52,8 @@ from task_svc.handlers import (
     email_without_notifier,
     workspace_without_cluster,
 )
-from task_svc.queue import REVISION_HEADER, Publisher, ensure_topology
+from task_svc.outbox import close_unconfirmed
+from task_svc.queue import MARKER_HEADER, REVISION_HEADER, Publisher, ensure_topology
 from task_svc.reaper import Reaper, ReaperSettings
 from task_svc.store import TaskStore, now
 from task_svc.workspace import KubeClient, workspace_handler
@@ -87,6 +89,7 @@ class Worker:
     def __init__(
         self,
         *,
+        nc: Client,
         js: JetStreamContext,
         store: TaskStore,
         settings: WorkerSettings,
@@ -94,6 +97,7 @@ class Worker:
         registry: CollectorRegistry | None = None,
         reaper: Reaper | None = None,
     ) -> None:
+        self._nc = nc
         self._js = js
         self._reaper = reaper
         self.store = store
@@ -200,6 +204,7 @@ class Worker:
             )
         except lease.AlreadyFinished:
             await message.ack()  # a redelivery, or cancelled while queued
+            await self._close_marker(queued, message)
             return
         except lease.LeaseHeld as held:
             # Another worker runs it (a second message, or a redelivery after a NATS
@@ -212,6 +217,7 @@ class Worker:
             return
         if task.status == states.FAILED:
             await message.ack()  # its last attempt's worker died: recorded as failed
+            await self._close_marker(task, message)
             return
         context = AttemptContext(self.store, task, revision, worker_id=self._settings.worker_id)
         await self._attempt(context, message, policy)
@@ -280,10 +286,24 @@ class Worker:
         return await self._settle(context, message, states.SUCCEEDED, "")
 
     async def _settle(self, context: AttemptContext, message: Msg, status: int, error: str) -> str:
-        """Records a final outcome, then acknowledges the message."""
+        """Records a final outcome, then acknowledges the message and closes the task's marker."""
         await self._finish(context, status, error)
         await message.ack()
+        await self._close_marker(context.task, message)
         return states.name(status)
+
+    async def _close_marker(self, task: task_pb2.Task, message: Msg) -> None:
+        """Removes the open-task marker named by the message, now that the task is final.
+
+        Neither this nor the ack waits for an answer, so both go out in one socket write.
+        """
+        marker = _marker_revision(message)
+        if marker:
+            await quietly(
+                close_unconfirmed(
+                    self._nc, self._settings.topology.bucket, task.org_id, task.id, marker
+                )
+            )
 
     async def _failed_attempt(
         self, context: AttemptContext, message: Msg, policy: RetryPolicy, error: Exception
@@ -366,6 +386,14 @@ class Worker:
         return len(self._in_flight)
 
 
+def _marker_revision(message: Msg) -> int:
+    """The marker revision the message names; 0 for none (or one this code cannot read)."""
+    try:
+        return int((message.headers or {}).get(MARKER_HEADER, 0))
+    except ValueError:
+        return 0
+
+
 async def _call(handler: Handler, context: AttemptContext) -> None:
     await handler(context)
 
@@ -441,6 +469,7 @@ async def serve(environ: Mapping[str, str], handlers: Mapping[int, Handler] | No
     configured, closers = handlers_for(settings)
     chosen = handlers or configured
     worker = Worker(
+        nc=client,
         js=js,
         store=store,
         settings=settings,

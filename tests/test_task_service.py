@@ -690,3 +690,35 @@ def test_lease_rules_for_records_without_one() -> None:
     assert "gave up after 3 attempts" in last_try.error
     with pytest.raises(lease.LeaseLost):
         lease.check_owner(last_try, "w1", 3)
+
+
+async def test_the_worker_removes_a_final_tasks_marker_without_the_reaper(stack) -> None:
+    # The reaper used to remove every finished task's marker, a get and a delete each, one at
+    # a time; the worker that records the outcome now removes it with one message.
+    handler = ScriptedHandler()
+    done, failed = await publish_email(stack), await publish_email(stack)
+    handler.scripts[failed.payload["notification_id"]] = Script(permanent=True)
+    async with task_store(stack) as store:
+        assert {m.task_id for m in await OpenTasks(store.kv).listing()} == {done.id, failed.id}
+        async with running_worker(stack, handler):  # no reaper
+            await wait_status(stack, done.id, pb.TASK_STATUS_SUCCEEDED)
+            await wait_status(stack, failed.id, pb.TASK_STATUS_FAILED)
+
+            async def closed() -> None:
+                assert await OpenTasks(store.kv).listing() == []
+
+            await assert_eventually(closed, timeout=5)
+
+
+async def test_a_marker_written_again_since_the_publish_outlives_the_task_it_named(stack) -> None:
+    # RetryTask or the reaper wrote the marker again after the message was queued: the
+    # worker's removal names the old revision and leaves the new one to whoever wrote it.
+    handler = ScriptedHandler()
+    task = await publish_email(stack)
+    async with task_store(stack) as store:
+        rewritten = await OpenTasks(store.kv).queued(task)
+        async with running_worker(stack, handler):
+            await wait_status(stack, task.id, pb.TASK_STATUS_SUCCEEDED)
+            await asyncio.sleep(0.3)  # time for a removal to land, were one sent
+        (marker,) = await OpenTasks(store.kv).listing()
+    assert (marker.task_id, marker.revision, marker.queued) == (task.id, rewritten, True)
