@@ -188,15 +188,17 @@ async def test_a_distant_relay_costs_two_round_trips_per_email_when_pipelining(
     finally:
         await provider.close()
         controller.stop()
+    # Bounds a round trip apart from what the other mode takes, so a busy machine's slack
+    # cannot turn one into the other.
     if pipelining:  # MAIL+RCPT+DATA, then the message
-        assert 2 * round_trip <= took < 3 * round_trip
+        assert 2 * round_trip <= took < 4 * round_trip
     else:  # MAIL, RCPT, DATA, the message
-        assert 4 * round_trip <= took < 5.5 * round_trip
+        assert 4 * round_trip <= took
 
 
 async def test_a_burst_opens_its_connections_side_by_side(tmp_path: Path) -> None:
     """A cold pool opens a connection per concurrent send at once, not one after another."""
-    round_trip = 0.1
+    round_trip = 0.2
     port = free_port()
     handler: Mailbox = _SinkHandler(tmp_path / "mail", pipelining=True)
     controller = _SinkController(handler, round_trip=round_trip, hostname="127.0.0.1", port=port)
@@ -212,5 +214,6 @@ async def test_a_burst_opens_its_connections_side_by_side(tmp_path: Path) -> Non
         await provider.close()
         controller.stop()
     # Greeting, EHLO, MAIL+RCPT+DATA, the message: 4 round trips when the four connections
-    # open together; opening them one by one would take at least 3 more round trips.
-    assert 4 * round_trip <= took < 7 * round_trip
+    # open together; opening them one by one would take at least 3 more round trips (the
+    # bound leaves a busy machine most of one).
+    assert 4 * round_trip <= took < 6.9 * round_trip
