@@ -60,10 +60,10 @@ def fill_session(session: session_pb2.Session, stored: StoredSession) -> None:
     session.title = stored.title
     session.version = stored.version
     session.context_size_bytes = stored.context_size
-    session.ttl.FromMilliseconds(stored.ttl_ms)
-    session.created_at.FromMilliseconds(stored.created_ms)
-    session.updated_at.FromMilliseconds(stored.updated_ms)
-    session.expires_at.FromMilliseconds(stored.expires_ms)
+    session.ttl.CopyFrom(duration_from_millis(stored.ttl_ms))
+    session.created_at.CopyFrom(timestamp_from_millis(stored.created_ms))
+    session.updated_at.CopyFrom(timestamp_from_millis(stored.updated_ms))
+    session.expires_at.CopyFrom(timestamp_from_millis(stored.expires_ms))
     if stored.context is not None:
         session.context.CopyFrom(stored.context)
 
