@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.connection import AbstractConnection
 
-from mesh.redisconn import LuaScript
+from mesh.redisconn import LuaScript, exchange
 
 Encodable = str | bytes | int | float
 
@@ -27,12 +27,13 @@ class RedisBatch:
     A script Redis has lost (restart, ``SCRIPT FLUSH``) answers ``NOSCRIPT``, which means it
     did not run: it is loaded and that command alone sent again. Any other error reply is
     raised after every reply was read (so the connection goes back to the pool clean); a
-    connection that fails or is cancelled mid-exchange is dropped by redis-py, never reused.
+    connection that fails or is cancelled mid-exchange is dropped (see
+    :func:`mesh.redisconn.exchange`), never reused.
     """
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._pool = client.connection_pool
-        self._commands: list[tuple[Encodable, ...]] = []
+        self._commands: list[tuple[Any, ...]] = []
         self._scripts: dict[int, LuaScript] = {}
 
     def __len__(self) -> int:
@@ -45,7 +46,7 @@ class RedisBatch:
         self, script: LuaScript, keys: Sequence[str], args: Sequence[Encodable] = ()
     ) -> None:
         self._scripts[len(self._commands)] = script
-        self._commands.append(("EVALSHA", script.sha, len(keys), *keys, *args))
+        self._commands.append(script.command(keys, args))
 
     async def run(self) -> list[Any]:
         """Every command's reply, in the order they were queued."""
@@ -53,17 +54,16 @@ class RedisBatch:
             return []
         connection: AbstractConnection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            replies = await _exchange(connection, self._commands)
+            replies = await exchange(connection, self._commands)
             lost = [
                 index
                 for index, reply in enumerate(replies)
                 if isinstance(reply, redis.exceptions.NoScriptError) and index in self._scripts
             ]
             if lost:
-                for script in {id(self._scripts[i]): self._scripts[i] for i in lost}.values():
-                    await connection.send_command("SCRIPT", "LOAD", script.source)
-                    await connection.read_response()
-                again = await _exchange(connection, [self._commands[i] for i in lost])
+                scripts = {id(self._scripts[i]): self._scripts[i] for i in lost}.values()
+                await exchange(connection, [("SCRIPT", "LOAD", s.source) for s in scripts])
+                again = await exchange(connection, [self._commands[i] for i in lost])
                 for index, reply in zip(lost, again, strict=True):
                     replies[index] = reply
         finally:
@@ -72,16 +72,3 @@ class RedisBatch:
             if isinstance(reply, redis.exceptions.ResponseError):
                 raise reply
         return replies
-
-
-async def _exchange(
-    connection: AbstractConnection, commands: Sequence[tuple[Encodable, ...]]
-) -> list[Any]:
-    await connection.send_packed_command(connection.pack_commands(commands))
-    replies: list[Any] = []
-    for _ in commands:
-        try:
-            replies.append(await connection.read_response())
-        except redis.exceptions.ResponseError as error:  # one command's error reply
-            replies.append(error)
-    return replies

@@ -177,46 +177,57 @@ class LuaScript:
     def source(self) -> str:
         return self._source
 
+    def command(
+        self, keys: Sequence[str], args: Sequence[str | bytes | int | float]
+    ) -> tuple[Any, ...]:
+        """The ``EVALSHA`` command that runs this script."""
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
     async def __call__(self, keys: Sequence[str], args: Sequence[str | bytes | int]) -> Any:
         connection: AbstractConnection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            try:
-                return await self._run(connection, keys, args)
-            except redis.exceptions.NoScriptError:
-                await connection.send_command("SCRIPT", "LOAD", self._source)
-                await connection.read_response()
-                return await self._run(connection, keys, args)
+            (reply,) = await exchange(connection, [self.command(keys, args)])
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                await exchange(connection, [("SCRIPT", "LOAD", self._source)])
+                (reply,) = await exchange(connection, [self.command(keys, args)])
         finally:
             await self._pool.release(connection)
+        if isinstance(reply, redis.exceptions.ResponseError):
+            raise reply
+        return reply
 
-    async def _run(
-        self,
-        connection: AbstractConnection,
-        keys: Sequence[str],
-        args: Sequence[str | bytes | int],
-    ) -> Any:
-        command = connection.pack_command("EVALSHA", self.sha, len(keys), *keys, *args)
-        timeout = connection.socket_timeout
-        try:
-            # One timer for the whole exchange: redis-py's send_command times the write with
-            # asyncio.wait_for (a Task per call) and the read with a second timer.
-            async with asyncio.timeout(timeout):
-                await connection._send_packed_command(command)
-                return await connection.read_response(timeout=math.inf)
-        except redis.exceptions.ResponseError:
-            raise  # an error reply: the exchange is complete, the connection clean
-        except TimeoutError:
-            await connection.disconnect(nowait=True)
-            raise redis.exceptions.TimeoutError(
-                f"no reply from Redis within {timeout:g}s"
-            ) from None
-        except OSError as error:
-            await connection.disconnect(nowait=True)
-            raise redis.exceptions.ConnectionError(f"writing to Redis failed: {error}") from error
-        except BaseException:
-            # Cancelled or failed mid-exchange: a reply may still come, so never reuse it.
-            await connection.disconnect(nowait=True)
-            raise
+
+async def exchange(connection: AbstractConnection, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """Sends ``commands`` in one write and reads their replies, in order; an error reply is
+    returned in its place (a ``ResponseError``), the exchange being complete all the same.
+
+    One timer (the connection's socket timeout) for the whole exchange: redis-py's
+    ``send_command`` times the write with ``asyncio.wait_for`` (a Task per call) and each read
+    with another timer. A connection that fails, times out or is cancelled mid-exchange is
+    disconnected before anyone can reuse it with a reply still pending.
+    """
+    packed = connection.pack_commands(commands)
+    timeout = connection.socket_timeout
+    replies: list[Any] = []
+    try:
+        async with asyncio.timeout(timeout):
+            await connection._send_packed_command(packed)
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response(timeout=math.inf))
+                except redis.exceptions.ResponseError as error:
+                    replies.append(error)
+    except TimeoutError:
+        await connection.disconnect(nowait=True)
+        raise redis.exceptions.TimeoutError(f"no reply from Redis within {timeout:g}s") from None
+    except OSError as error:
+        await connection.disconnect(nowait=True)
+        raise redis.exceptions.ConnectionError(f"writing to Redis failed: {error}") from error
+    except BaseException:
+        # Cancelled or failed mid-exchange: a reply may still come, so never reuse it.
+        await connection.disconnect(nowait=True)
+        raise
+    return replies
 
 
 def connect_redis(settings: RedisSettings) -> aioredis.Redis:
