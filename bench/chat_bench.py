@@ -315,6 +315,12 @@ def _report(levels: list[Level], per_request: float, floor: Floor) -> bool:
         for name, share in sorted(busiest.cpu_share.items(), key=lambda item: -item[1])
     )
     print(f"CPU at {busiest.streams} streams (share of one core, 2 = both): {shares}")
+    first, share = max(busiest.cpu_share.items(), key=lambda item: item[1])
+    total = sum(busiest.cpu_share.values())
+    print(
+        f"  saturates first: {first} ({share * 100:.0f}% of a core; one Python process tops out "
+        f"at 100%); together these processes use {total * 50:.0f}% of the two cores"
+    )
     by = {level.streams: level for level in levels}
     checks = {
         "added TTFT p50 <= 2 ms at 1 stream": by[1].added[0] <= 2,
