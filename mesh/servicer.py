@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import TypeAlias
 
@@ -15,11 +16,16 @@ Context: TypeAlias = "aio.ServicerContext[object, object]"
 MAX_IDEMPOTENCY_KEY = 128
 
 
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def parse_uuid(value: str, field: str, *, kind: str = "UUID") -> str:
     """``value`` in canonical UUID form, or INVALID_ARGUMENT naming ``field``.
 
     ``kind`` is what the error calls the value ("task id", "notification id", ...).
     """
+    if _CANONICAL_UUID.fullmatch(value) is not None:
+        return value  # as ids are handed out: no UUID object to build and print again
     try:
         return str(uuid.UUID(value))
     except ValueError:

@@ -29,7 +29,6 @@ SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_na
 
 _LIST_TOKEN_KIND = "sessions"  # noqa: S105 - a token kind, not a secret
 _CURSOR = re.compile(r"[0-9]{13}:[0-9a-f-]{36}")
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _DEFAULT_PAGE = 50
 _MAX_PAGE = 200
 # A merge without expected_version re-reads and retries when another writer got in first;
@@ -38,9 +37,6 @@ _MAX_MERGE_ATTEMPTS = 64
 
 
 def _session_id(value: str) -> str:
-    # Ids as CreateSession hands them out are already canonical: no UUID object to build.
-    if _CANONICAL_UUID.fullmatch(value) is not None:
-        return value
     return parse_uuid(value, "session_id")
 
 
