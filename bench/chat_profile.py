@@ -38,12 +38,12 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import uvloop
 from chat_bench import _new_sessions, _processes, through_chat
 from grpc import aio
+from measure import cpu_seconds
 
 from devtools.servers import RedisServer
 from opsmesh.chat.v1 import chat_pb2, chat_pb2_grpc
 from opsmesh.session.v1 import session_pb2_grpc
 
-_TICK = os.sysconf("SC_CLK_TCK")
 # What a sampled stack was doing: the part of its innermost frame that has a marker.
 PARTS = (
     ("Redis", ("redis/", "mesh/redisbatch.py", "mesh/redisconn.py")),
@@ -59,13 +59,11 @@ def _threads(pid: int, python_names: dict[str, str]) -> collections.Counter[str]
     used: collections.Counter[str] = collections.Counter()
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            seconds = cpu_seconds(pid, int(tid))
             name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
         except OSError:  # the thread ended meanwhile
             continue
-        fields = stat.rsplit(")", 1)[1].split()
-        group = _group(tid == str(pid), python_names.get(tid, name))
-        used[group] += (int(fields[11]) + int(fields[12])) / _TICK
+        used[_group(tid == str(pid), python_names.get(tid, name))] += seconds
     return used
 
 

@@ -44,8 +44,10 @@ async def throughput(
     return done / (time.perf_counter() - began)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux /proc), to price a run's work."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU time a process (or one of its threads) has used so far (Linux /proc),
+    to price a run's work."""
+    stat = f"/proc/{pid}/task/{thread}/stat" if thread is not None else f"/proc/{pid}/stat"
+    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     # Fields 14 and 15 of proc(5) (utime, stime); index 11/12 after the command name is cut.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
