@@ -21,6 +21,7 @@ one at a time, cost a reaper pass more CPU than the worker spent running them).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from nats.js.kv import KeyValue
 
 from mesh.natsconn import nats_errors
 from opsmesh.task.v1 import task_pb2
+from task_svc.keyindex import KeyIndex
 
 PUBLISH = "publish"
 QUEUED = "queued"
@@ -90,8 +92,9 @@ def _parse(key: str, value: bytes, revision: int) -> Marker | None:
 
 
 class OpenTasks:
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, index: KeyIndex) -> None:
         self._kv = kv
+        self._index = index
 
     async def publishing(self, task: task_pb2.Task) -> int:
         """Marks the task as about to be published (before its record is written or changed);
@@ -138,16 +141,18 @@ class OpenTasks:
 
     async def listing(self) -> list[Marker]:
         """Every marker, as of now."""
-        markers: list[Marker] = []
+        keys = await self._index.keys(f"{_PREFIX}.*.*")
+        entries = await asyncio.gather(*(self._entry(key) for key in keys))
+        markers = (
+            _parse(entry.key, entry.value or b"", entry.revision or 0)
+            for entry in entries
+            if entry is not None
+        )
+        return [marker for marker in markers if marker is not None]
+
+    async def _entry(self, key: str) -> KeyValue.Entry | None:
         with nats_errors():
-            watcher = await self._kv.watch(f"{_PREFIX}.*.*", ignore_deletes=True)
             try:
-                while True:
-                    entry = await watcher.updates(timeout=5)  # type: ignore[no-untyped-call]
-                    if entry is None:
-                        return markers
-                    marker = _parse(entry.key, entry.value or b"", entry.revision or 0)
-                    if marker is not None:
-                        markers.append(marker)
-            finally:
-                await watcher.stop()  # type: ignore[no-untyped-call]
+                return await self._kv.get(key)
+            except nats.js.errors.KeyNotFoundError:  # removed since listed, or a tombstone
+                return None

@@ -13,7 +13,7 @@ from mesh.revocations import RevocationFeed
 from mesh.server import Registration, RunnerOptions, ServiceRunner, run_main
 from opsmesh.task.v1 import task_pb2_grpc
 from task_svc.config import TaskSettings
-from task_svc.queue import Publisher, ensure_topology
+from task_svc.queue import Publisher
 from task_svc.service import SERVICE_NAME, TaskService
 from task_svc.store import TaskStore
 
@@ -27,7 +27,9 @@ async def build_runner(
     """A ready-to-start server; connects to NATS and declares the stream and bucket first."""
     client = await connect_nats(settings.nats, name="task_svc")
     js = client.jetstream(timeout=settings.nats.request_timeout)
-    store = TaskStore(await ensure_topology(js, settings.topology))
+    store = await TaskStore.open(
+        client, js, settings.topology, request_timeout=settings.nats.request_timeout
+    )
     publisher = Publisher(js, settings.topology, timeout=settings.nats.request_timeout)
     service = TaskService(store, publisher, dict(settings.retry))
     # Tokens of revoked sessions are refused before they expire (jwt mode only).

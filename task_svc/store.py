@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Callable, Collection
 
 import nats.js.errors
 from google.protobuf import timestamp_pb2
+from nats.aio.client import Client
+from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from mesh.clock import StrictMillis
@@ -25,6 +27,9 @@ from mesh.errors import Aborted, NotFound
 from mesh.natsconn import nats_errors
 from opsmesh.errors.v1 import errors_pb2
 from opsmesh.task.v1 import task_pb2
+from task_svc.config import Topology
+from task_svc.keyindex import KeyIndex
+from task_svc.queue import ensure_topology
 
 _CAS_ATTEMPTS = 64
 
@@ -72,13 +77,27 @@ def _not_found(task_id: str) -> NotFound:
 
 
 class TaskStore:
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, index: KeyIndex) -> None:
         self._kv = kv
+        self._index = index
+
+    @classmethod
+    async def open(
+        cls, nc: Client, js: JetStreamContext, topology: Topology, *, request_timeout: float
+    ) -> TaskStore:
+        """The store on the topology's records bucket, once the stream and bucket exist."""
+        kv = await ensure_topology(js, topology)
+        return cls(kv, KeyIndex(nc, topology.bucket, timeout=request_timeout))
 
     @property
     def kv(self) -> KeyValue:
         """The bucket, which also holds the open-task markers (task_svc/outbox.py)."""
         return self._kv
+
+    @property
+    def index(self) -> KeyIndex:
+        """The keys the bucket holds (markers included)."""
+        return self._index
 
     async def create(self, task: task_pb2.Task) -> tuple[task_pb2.Task, int, bool]:
         """Stores a new task: ``(task, revision, True)``; with an idempotency key already used,
@@ -189,7 +208,7 @@ class TaskStore:
         types: Collection[int] = (),
     ) -> tuple[list[task_pb2.Task], str | None]:
         """Up to ``limit`` tasks older than task id ``before``, newest first; the next cursor."""
-        keys = await self._keys(f"t.{_org(org_id)}.*")
+        keys = await self._index.keys(f"t.{_org(org_id)}.*")
         ids = sorted((key.rsplit(".", 1)[1] for key in keys), reverse=True)
         if before is not None:
             ids = [task_id for task_id in ids if task_id < before]
@@ -206,20 +225,6 @@ class TaskStore:
                 more = position + 1 < len(ids)
                 return page, task_id if more else None
         return page, None
-
-    async def _keys(self, pattern: str) -> list[str]:
-        # KeyValue.keys(filters=...) needs nats-server 2.10; a watch with one filter works on 2.9.
-        keys: list[str] = []
-        with nats_errors():
-            watcher = await self._kv.watch(pattern, meta_only=True, ignore_deletes=True)
-            try:
-                while True:
-                    entry = await watcher.updates(timeout=5)  # type: ignore[no-untyped-call]
-                    if entry is None:
-                        return keys
-                    keys.append(entry.key)
-            finally:
-                await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def watch(self, org_id: str, task_id: str) -> AsyncIterator[task_pb2.Task]:
         """The task's current state, then every change, for as long as the caller iterates."""

@@ -53,7 +53,7 @@ from task_svc.handlers import (
     workspace_without_cluster,
 )
 from task_svc.outbox import close_unconfirmed
-from task_svc.queue import MARKER_HEADER, REVISION_HEADER, Publisher, ensure_topology
+from task_svc.queue import MARKER_HEADER, REVISION_HEADER, Publisher
 from task_svc.reaper import Reaper, ReaperSettings
 from task_svc.store import TaskStore, now
 from task_svc.workspace import KubeClient, workspace_handler
@@ -464,7 +464,9 @@ async def serve(environ: Mapping[str, str], handlers: Mapping[int, Handler] | No
     )
     client: Client = await connect_nats(settings.nats, name=f"task-worker-{settings.worker_id}")
     js = client.jetstream(timeout=settings.nats.request_timeout)
-    store = TaskStore(await ensure_topology(js, settings.topology))
+    store = await TaskStore.open(
+        client, js, settings.topology, request_timeout=settings.nats.request_timeout
+    )
     registry = CollectorRegistry()
     configured, closers = handlers_for(settings)
     chosen = handlers or configured

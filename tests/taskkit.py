@@ -20,7 +20,6 @@ from mesh.settings import ServerSettings
 from opsmesh.task.v1 import task_pb2, task_pb2_grpc
 from task_svc.config import RetryPolicy, TaskSettings, Topology, WorkerSettings
 from task_svc.handlers import PermanentError, TaskContext
-from task_svc.queue import ensure_topology
 from task_svc.server import build_runner
 from task_svc.store import TaskStore
 from task_svc.worker import Worker, reaper_for
@@ -121,7 +120,7 @@ async def running_worker(
     """A worker in this process; with ``reap_interval``, running its reaper too."""
     client: Client = await connect_nats(NatsSettings(url=stack.nats_url), name=worker_id)
     js = client.jetstream(timeout=2.0)
-    store = TaskStore(await ensure_topology(js, stack.topology))
+    store = await TaskStore.open(client, js, stack.topology, request_timeout=2.0)
     settings = WorkerSettings(
         nats=NatsSettings(url=stack.nats_url, request_timeout=2.0),
         topology=stack.topology,
@@ -163,7 +162,9 @@ async def task_store(stack: TaskStack) -> AsyncIterator[TaskStore]:
     """Direct access to the stack's records bucket, to stage what a crash leaves behind."""
     client: Client = await connect_nats(NatsSettings(url=stack.nats_url), name="staging")
     try:
-        yield TaskStore(await ensure_topology(client.jetstream(timeout=2.0), stack.topology))
+        yield await TaskStore.open(
+            client, client.jetstream(timeout=2.0), stack.topology, request_timeout=2.0
+        )
     finally:
         await client.close()
 

@@ -568,7 +568,7 @@ async def test_the_reaper_takes_over_a_stale_attempt_whose_message_is_gone(stack
     async with task_store(stack) as store:
         task = await stage_task(store)
         await store.change(task.org_id, task.id, abandon)
-        await OpenTasks(store.kv).queued(task)  # its message was queued and is gone
+        await OpenTasks(store.kv, store.index).queued(task)  # its message was queued and is gone
     async with running_worker(stack, handler, reap_interval=0.2):
         done = await wait_status(stack, task.id, pb.TASK_STATUS_SUCCEEDED, within=10)
     assert [a.worker for a in done.attempts] == ["dead", "w1"]
@@ -581,12 +581,12 @@ async def test_a_task_recorded_but_never_published_is_published_by_the_reaper(st
     async with task_store(stack) as store:
         task = await stage_task(store)
         leftover = pb.Task(id=str(uuid.uuid4()), org_id="acme")  # marker, record never written
-        await OpenTasks(store.kv).publishing(leftover)
+        await OpenTasks(store.kv, store.index).publishing(leftover)
         async with running_worker(stack, handler, reap_interval=0.2):
             done = await wait_status(stack, task.id, pb.TASK_STATUS_SUCCEEDED, within=10)
 
             async def cleared() -> None:
-                assert await OpenTasks(store.kv).listing() == []
+                assert await OpenTasks(store.kv, store.index).listing() == []
 
             await assert_eventually(cleared, timeout=10)
     assert done.attempts[0].worker == "w1"
@@ -638,7 +638,7 @@ async def stage_task(store: TaskStore) -> pb.Task:
         version=1,
     )
     task.payload.update({"notification_id": str(uuid.uuid4())})
-    await OpenTasks(store.kv).publishing(task)
+    await OpenTasks(store.kv, store.index).publishing(task)
     await store.create(task)
     return task
 
@@ -699,13 +699,16 @@ async def test_the_worker_removes_a_final_tasks_marker_without_the_reaper(stack)
     done, failed = await publish_email(stack), await publish_email(stack)
     handler.scripts[failed.payload["notification_id"]] = Script(permanent=True)
     async with task_store(stack) as store:
-        assert {m.task_id for m in await OpenTasks(store.kv).listing()} == {done.id, failed.id}
+        assert {m.task_id for m in await OpenTasks(store.kv, store.index).listing()} == {
+            done.id,
+            failed.id,
+        }
         async with running_worker(stack, handler):  # no reaper
             await wait_status(stack, done.id, pb.TASK_STATUS_SUCCEEDED)
             await wait_status(stack, failed.id, pb.TASK_STATUS_FAILED)
 
             async def closed() -> None:
-                assert await OpenTasks(store.kv).listing() == []
+                assert await OpenTasks(store.kv, store.index).listing() == []
 
             await assert_eventually(closed, timeout=5)
 
@@ -716,9 +719,9 @@ async def test_a_marker_written_again_since_the_publish_outlives_the_task_it_nam
     handler = ScriptedHandler()
     task = await publish_email(stack)
     async with task_store(stack) as store:
-        rewritten = await OpenTasks(store.kv).queued(task)
+        rewritten = await OpenTasks(store.kv, store.index).queued(task)
         async with running_worker(stack, handler):
             await wait_status(stack, task.id, pb.TASK_STATUS_SUCCEEDED)
             await asyncio.sleep(0.3)  # time for a removal to land, were one sent
-        (marker,) = await OpenTasks(store.kv).listing()
+        (marker,) = await OpenTasks(store.kv, store.index).listing()
     assert (marker.task_id, marker.revision, marker.queued) == (task.id, rewritten, True)
