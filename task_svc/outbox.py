@@ -21,7 +21,6 @@ one at a time, cost a reaper pass more CPU than the worker spent running them).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 
@@ -141,18 +140,6 @@ class OpenTasks:
 
     async def listing(self) -> list[Marker]:
         """Every marker, as of now."""
-        keys = await self._index.keys(f"{_PREFIX}.*.*")
-        entries = await asyncio.gather(*(self._entry(key) for key in keys))
-        markers = (
-            _parse(entry.key, entry.value or b"", entry.revision or 0)
-            for entry in entries
-            if entry is not None
-        )
+        entries = await self._index.entries(self._kv, f"{_PREFIX}.*.*")
+        markers = (_parse(entry.key, entry.value or b"", entry.revision or 0) for entry in entries)
         return [marker for marker in markers if marker is not None]
-
-    async def _entry(self, key: str) -> KeyValue.Entry | None:
-        with nats_errors():
-            try:
-                return await self._kv.get(key)
-            except nats.js.errors.KeyNotFoundError:  # removed since listed, or a tombstone
-                return None

@@ -69,3 +69,24 @@ async def test_no_jetstream_answer_is_unavailable(client: Client) -> None:
     index._info = "nobody.listens.here"
     with pytest.raises(DependencyUnavailable):
         await index.keys("t.*.*")
+
+
+async def test_entries_are_the_latest_values_without_removed_keys(
+    bucket: tuple[KeyValue, KeyIndex],
+) -> None:
+    kv, index = bucket
+    assert await index.entries(kv, "o.*.*") == []
+    await kv.put("o.a.1", b"first")
+    for attempt in range(300):  # the race the index closes: never an empty answer
+        (entry,) = await index.entries(kv, "o.*.*")
+        assert (entry.key, entry.value) == ("o.a.1", b"first"), attempt
+    await kv.put("o.a.1", b"second")
+    await kv.put("o.a.2", b"x")
+    await kv.put("o.b.1", b"y")
+    await kv.delete("o.a.2")
+    await kv.put("t.a.1", b"not a marker")
+    got = {entry.key: entry.value for entry in await index.entries(kv, "o.*.*")}
+    assert got == {"o.a.1": b"second", "o.b.1": b"y"}
+    await kv.purge("o.a.1")
+    await kv.delete("o.b.1")
+    assert await index.entries(kv, "o.*.*") == []  # only tombstones: still answered
