@@ -11,12 +11,17 @@ it walks them instead of every record kept for the retention period.
 
 A task's work message names the revision of the marker written with it, and
 the worker that records the task as final removes that marker revision with a
-compare-and-delete sent without waiting for an answer (one message, no round
+compare-and-remove sent without waiting for an answer (one message, no round
 trip). A marker that changed since (RetryTask reopened the task, the reaper
 turned it to "queued") is left alone, and so is one whose removal got lost:
 the reaper removes the markers of final tasks it finds, as before; it is only
 no longer the one who removes them all (a get and a delete per finished task,
 one at a time, cost a reaper pass more CPU than the worker spent running them).
+
+Markers are removed from the bucket's stream without a tombstone
+(task_svc/bucketstream.py): a KV delete's tombstone stays for the retention
+period, and the reaper's walk would grow with every task ever finished in it.
+A pass removes the tombstones it still finds (written by earlier versions).
 """
 
 from __future__ import annotations
@@ -25,43 +30,30 @@ import time
 from dataclasses import dataclass
 
 import nats.js.errors
-from nats.aio.client import Client
-from nats.js.api import Header
-from nats.js.kv import KeyValue
 
 from mesh.natsconn import nats_errors
 from opsmesh.task.v1 import task_pb2
-from task_svc.keyindex import KeyIndex
+from task_svc.bucketstream import BucketStream
+from task_svc.store import TaskStore
 
 PUBLISH = "publish"
 QUEUED = "queued"
 _PREFIX = "o"
-# JetStream's error code for a failed expected-last-sequence check (a delete that lost a race).
-_WRONG_LAST_SEQUENCE = 10071
-# How a key-value delete is written (nats.js.kv's own header and value).
-_KV_OPERATION = "KV-Operation"
-_KV_DELETE = "DEL"
 
 
 def marker_key(org_id: str, task_id: str) -> str:
     return f"{_PREFIX}.{org_id.encode().hex()}.{task_id}"
 
 
-async def close_unconfirmed(
-    nc: Client, bucket: str, org_id: str, task_id: str, revision: int
-) -> None:
+async def close_unconfirmed(bucket: BucketStream, org_id: str, task_id: str, revision: int) -> None:
     """Removes revision ``revision`` of a final task's marker, without waiting for an answer.
 
-    A compare-and-delete published with no reply subject: JetStream stores it only while
-    ``revision`` is still the marker's last, and answers nothing either way, so it costs one
+    A compare-and-remove published with no reply subject: JetStream removes the marker only
+    while ``revision`` is still its last, and answers nothing either way, so it costs one
     outgoing message. Whatever becomes of it, the reaper removes a final task's marker it
     still finds.
     """
-    await nc.publish(
-        f"$KV.{bucket}.{marker_key(org_id, task_id)}",
-        b"",
-        headers={_KV_OPERATION: _KV_DELETE, Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(revision)},
-    )
+    await bucket.remove_unconfirmed(marker_key(org_id, task_id), up_to=revision)
 
 
 @dataclass(frozen=True)
@@ -91,9 +83,9 @@ def _parse(key: str, value: bytes, revision: int) -> Marker | None:
 
 
 class OpenTasks:
-    def __init__(self, kv: KeyValue, index: KeyIndex) -> None:
-        self._kv = kv
-        self._index = index
+    def __init__(self, store: TaskStore) -> None:
+        self._kv = store.kv  # markers live in the records bucket
+        self._bucket = store.bucket_stream
 
     async def publishing(self, task: task_pb2.Task) -> int:
         """Marks the task as about to be published (before its record is written or changed);
@@ -123,23 +115,22 @@ class OpenTasks:
         return True
 
     async def close(self, marker: Marker) -> None:
-        """Removes the marker of a final (or never recorded) task, unless it changed meanwhile."""
-        with nats_errors():
-            try:
-                await self._kv.delete(
-                    marker_key(marker.org_id, marker.task_id), last=marker.revision
-                )
-            except nats.js.errors.APIError as error:
-                if error.err_code != _WRONG_LAST_SEQUENCE:
-                    raise
-                # Reopened meanwhile (RetryTask): the next pass looks again.
+        """Removes the marker of a final (or never recorded) task, unless it changed meanwhile
+        (RetryTask reopened it: the next pass looks again)."""
+        await self._bucket.remove(marker_key(marker.org_id, marker.task_id), up_to=marker.revision)
 
     async def discard(self, task: task_pb2.Task) -> None:
-        with nats_errors():
-            await self._kv.purge(marker_key(task.org_id, task.id))
+        await self._bucket.remove(marker_key(task.org_id, task.id))
 
     async def listing(self) -> list[Marker]:
-        """Every marker, as of now."""
-        entries = await self._index.entries(self._kv, f"{_PREFIX}.*.*")
-        markers = (_parse(entry.key, entry.value or b"", entry.revision or 0) for entry in entries)
-        return [marker for marker in markers if marker is not None]
+        """Every marker, as of now; the tombstones met on the way are removed."""
+        markers: list[Marker] = []
+        for entry in await self._bucket.entries(self._kv, f"{_PREFIX}.*.*"):
+            if entry.operation is not None:
+                if entry.revision:
+                    await self._bucket.remove_unconfirmed(entry.key, up_to=entry.revision)
+                continue
+            marker = _parse(entry.key, entry.value or b"", entry.revision or 0)
+            if marker is not None:
+                markers.append(marker)
+        return markers

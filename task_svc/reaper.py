@@ -104,7 +104,7 @@ class Reaper:
         self._js = js
         self._timeout = publisher.timeout
         self._store = store
-        self._open = OpenTasks(store.kv, store.index)
+        self._open = OpenTasks(store)
         self._publisher = publisher
         self._settings = settings
         self.metrics = ReaperMetrics(registry or CollectorRegistry())

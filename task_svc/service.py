@@ -117,7 +117,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         self, store: TaskStore, publisher: Publisher, retry: dict[int, RetryPolicy]
     ) -> None:
         self._store = store
-        self._open = OpenTasks(store.kv, store.index)
+        self._open = OpenTasks(store)
         self._publisher = publisher
         self._retry = retry
 

@@ -27,8 +27,8 @@ from mesh.errors import Aborted, NotFound
 from mesh.natsconn import nats_errors
 from opsmesh.errors.v1 import errors_pb2
 from opsmesh.task.v1 import task_pb2
+from task_svc.bucketstream import BucketStream
 from task_svc.config import Topology
-from task_svc.keyindex import KeyIndex
 from task_svc.queue import ensure_topology
 
 _CAS_ATTEMPTS = 64
@@ -77,9 +77,9 @@ def _not_found(task_id: str) -> NotFound:
 
 
 class TaskStore:
-    def __init__(self, kv: KeyValue, index: KeyIndex) -> None:
+    def __init__(self, kv: KeyValue, bucket_stream: BucketStream) -> None:
         self._kv = kv
-        self._index = index
+        self._bucket_stream = bucket_stream
 
     @classmethod
     async def open(
@@ -87,7 +87,7 @@ class TaskStore:
     ) -> TaskStore:
         """The store on the topology's records bucket, once the stream and bucket exist."""
         kv = await ensure_topology(js, topology)
-        return cls(kv, KeyIndex(nc, topology.bucket, timeout=request_timeout))
+        return cls(kv, BucketStream(nc, topology.bucket, timeout=request_timeout))
 
     @property
     def kv(self) -> KeyValue:
@@ -95,9 +95,9 @@ class TaskStore:
         return self._kv
 
     @property
-    def index(self) -> KeyIndex:
-        """The keys the bucket holds (markers included)."""
-        return self._index
+    def bucket_stream(self) -> BucketStream:
+        """The bucket's stream: key listings and removals without tombstones."""
+        return self._bucket_stream
 
     async def create(self, task: task_pb2.Task) -> tuple[task_pb2.Task, int, bool]:
         """Stores a new task: ``(task, revision, True)``; with an idempotency key already used,
@@ -208,7 +208,7 @@ class TaskStore:
         types: Collection[int] = (),
     ) -> tuple[list[task_pb2.Task], str | None]:
         """Up to ``limit`` tasks older than task id ``before``, newest first; the next cursor."""
-        keys = await self._index.keys(f"t.{_org(org_id)}.*")
+        keys = await self._bucket_stream.keys(f"t.{_org(org_id)}.*")
         ids = sorted((key.rsplit(".", 1)[1] for key in keys), reverse=True)
         if before is not None:
             ids = [task_id for task_id in ids if task_id < before]

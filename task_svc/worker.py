@@ -89,7 +89,6 @@ class Worker:
     def __init__(
         self,
         *,
-        nc: Client,
         js: JetStreamContext,
         store: TaskStore,
         settings: WorkerSettings,
@@ -97,7 +96,6 @@ class Worker:
         registry: CollectorRegistry | None = None,
         reaper: Reaper | None = None,
     ) -> None:
-        self._nc = nc
         self._js = js
         self._reaper = reaper
         self.store = store
@@ -299,11 +297,7 @@ class Worker:
         """
         marker = _marker_revision(message)
         if marker:
-            await quietly(
-                close_unconfirmed(
-                    self._nc, self._settings.topology.bucket, task.org_id, task.id, marker
-                )
-            )
+            await quietly(close_unconfirmed(self.store.bucket_stream, task.org_id, task.id, marker))
 
     async def _failed_attempt(
         self, context: AttemptContext, message: Msg, policy: RetryPolicy, error: Exception
@@ -471,7 +465,6 @@ async def serve(environ: Mapping[str, str], handlers: Mapping[int, Handler] | No
     configured, closers = handlers_for(settings)
     chosen = handlers or configured
     worker = Worker(
-        nc=client,
         js=js,
         store=store,
         settings=settings,

@@ -141,7 +141,6 @@ async def running_worker(
         else reaper_for(client, js, store, settings, handlers, registry)
     )
     worker = Worker(
-        nc=client,
         js=js,
         store=store,
         settings=settings,

@@ -16,7 +16,7 @@ from devtools.servers import NatsServer
 from opsmesh.task.v1 import task_pb2 as pb
 from task_svc import lease
 from task_svc.handlers import workspace_without_cluster
-from task_svc.outbox import OpenTasks
+from task_svc.outbox import OpenTasks, marker_key
 from task_svc.queue import Publisher
 from task_svc.service import with_typed_payload
 from task_svc.store import TaskStore, new_task_id
@@ -568,7 +568,7 @@ async def test_the_reaper_takes_over_a_stale_attempt_whose_message_is_gone(stack
     async with task_store(stack) as store:
         task = await stage_task(store)
         await store.change(task.org_id, task.id, abandon)
-        await OpenTasks(store.kv, store.index).queued(task)  # its message was queued and is gone
+        await OpenTasks(store).queued(task)  # its message was queued and is gone
     async with running_worker(stack, handler, reap_interval=0.2):
         done = await wait_status(stack, task.id, pb.TASK_STATUS_SUCCEEDED, within=10)
     assert [a.worker for a in done.attempts] == ["dead", "w1"]
@@ -581,12 +581,12 @@ async def test_a_task_recorded_but_never_published_is_published_by_the_reaper(st
     async with task_store(stack) as store:
         task = await stage_task(store)
         leftover = pb.Task(id=str(uuid.uuid4()), org_id="acme")  # marker, record never written
-        await OpenTasks(store.kv, store.index).publishing(leftover)
+        await OpenTasks(store).publishing(leftover)
         async with running_worker(stack, handler, reap_interval=0.2):
             done = await wait_status(stack, task.id, pb.TASK_STATUS_SUCCEEDED, within=10)
 
             async def cleared() -> None:
-                assert await OpenTasks(store.kv, store.index).listing() == []
+                assert await OpenTasks(store).listing() == []
 
             await assert_eventually(cleared, timeout=10)
     assert done.attempts[0].worker == "w1"
@@ -638,7 +638,7 @@ async def stage_task(store: TaskStore) -> pb.Task:
         version=1,
     )
     task.payload.update({"notification_id": str(uuid.uuid4())})
-    await OpenTasks(store.kv, store.index).publishing(task)
+    await OpenTasks(store).publishing(task)
     await store.create(task)
     return task
 
@@ -699,7 +699,7 @@ async def test_the_worker_removes_a_final_tasks_marker_without_the_reaper(stack)
     done, failed = await publish_email(stack), await publish_email(stack)
     handler.scripts[failed.payload["notification_id"]] = Script(permanent=True)
     async with task_store(stack) as store:
-        assert {m.task_id for m in await OpenTasks(store.kv, store.index).listing()} == {
+        assert {m.task_id for m in await OpenTasks(store).listing()} == {
             done.id,
             failed.id,
         }
@@ -708,9 +708,25 @@ async def test_the_worker_removes_a_final_tasks_marker_without_the_reaper(stack)
             await wait_status(stack, failed.id, pb.TASK_STATUS_FAILED)
 
             async def closed() -> None:
-                assert await OpenTasks(store.kv, store.index).listing() == []
+                # Not even a tombstone: the reaper's walk would grow with every finished task.
+                assert await store.bucket_stream.keys("o.*.*") == []
 
             await assert_eventually(closed, timeout=5)
+
+
+async def test_a_reaper_pass_removes_tombstones_that_earlier_versions_left(stack) -> None:
+    handler = ScriptedHandler()
+    async with task_store(stack) as store:
+        legacy = await stage_task(store)
+        await OpenTasks(store).publishing(legacy)
+        await store.kv.delete(marker_key(legacy.org_id, legacy.id))  # how markers went before
+        assert await store.bucket_stream.keys("o.*.*") == [marker_key(legacy.org_id, legacy.id)]
+        async with running_worker(stack, handler, reap_interval=0.2):
+
+            async def swept() -> None:
+                assert await store.bucket_stream.keys("o.*.*") == []
+
+            await assert_eventually(swept, timeout=5)
 
 
 async def test_a_marker_written_again_since_the_publish_outlives_the_task_it_named(stack) -> None:
@@ -719,9 +735,9 @@ async def test_a_marker_written_again_since_the_publish_outlives_the_task_it_nam
     handler = ScriptedHandler()
     task = await publish_email(stack)
     async with task_store(stack) as store:
-        rewritten = await OpenTasks(store.kv, store.index).queued(task)
+        rewritten = await OpenTasks(store).queued(task)
         async with running_worker(stack, handler):
             await wait_status(stack, task.id, pb.TASK_STATUS_SUCCEEDED)
             await asyncio.sleep(0.3)  # time for a removal to land, were one sent
-        (marker,) = await OpenTasks(store.kv, store.index).listing()
+        (marker,) = await OpenTasks(store).listing()
     assert (marker.task_id, marker.revision, marker.queued) == (task.id, rewritten, True)

@@ -1,0 +1,130 @@
+"""The stream under a key-value bucket, for what nats.py's ``KeyValue`` does not do well.
+
+**Listing keys.** A KV watch (what ``KeyValue.keys`` runs too) ends its initial
+values with a marker that nats.py queues *before* the values when the server
+delivered them before answering its consumer-info request: one listing in about
+500 of a bucket with one key came back empty (ListTasks showed no task right after
+PublishWorkspaceTask). The stream's subject index has no such race: ``STREAM.INFO``
+with a ``subjects_filter`` names every subject holding a message, up to 100,000 per
+answer, paged by offset; nothing is created on the server. Values in bulk still
+come fastest from a watch, which streams them: :meth:`BucketStream.entries` asks
+the index first whether anything matches, then ends the watch on the first value
+the server sent with nothing left pending, never on nats.py's marker.
+
+**Removing keys.** ``KeyValue.delete`` and ``purge`` leave a tombstone, a message
+kept for the bucket's whole retention (30 days by default). Open-task markers come
+and go with every task, so their tombstones piled up and every reaper pass streamed
+all of them (20,000 took 0.73 s). :meth:`BucketStream.remove` purges the key's
+messages up to a revision on the stream itself (``STREAM.PURGE`` with a filter and a
+sequence): nothing is left behind, and a revision written since stays, which makes it
+a compare-and-delete too.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js.kv import KeyValue
+
+from mesh.errors import DependencyUnavailable
+from mesh.natsconn import nats_errors
+
+# The JetStream API's subject prefix; opsmesh runs JetStream without a domain.
+_API = "$JS.API"
+# Looks at an index that named keys, each followed by a watch that found none of them.
+_WATCH_ATTEMPTS = 3
+
+
+class BucketStream:
+    def __init__(self, nc: Client, bucket: str, *, timeout: float) -> None:
+        self._nc = nc
+        self._subject_prefix = f"$KV.{bucket}."
+        self._info = f"{_API}.STREAM.INFO.KV_{bucket}"
+        self._purge = f"{_API}.STREAM.PURGE.KV_{bucket}"
+        self._timeout = timeout
+
+    async def keys(self, pattern: str) -> list[str]:
+        """Every key matching ``pattern`` (NATS wildcards) that holds a message, unordered.
+
+        Keys removed by ``KeyValue.delete`` or ``purge`` are named too (their tombstone is a
+        message): a caller reading the values skips keys that turn out to be gone.
+        """
+        keys: list[str] = []
+        while True:
+            answer = await self._ask(
+                self._info,
+                {"subjects_filter": self._subject_prefix + pattern, "offset": len(keys)},
+            )
+            subjects = list((answer.get("state") or {}).get("subjects") or {})
+            keys.extend(subject[len(self._subject_prefix) :] for subject in subjects)
+            if not subjects or len(keys) >= int(answer.get("total") or 0):
+                return keys
+
+    async def entries(self, kv: KeyValue, pattern: str) -> list[KeyValue.Entry]:
+        """The last message of every key of ``kv`` (this stream's bucket) matching ``pattern``.
+
+        Tombstones included (``operation`` set): a caller may remove them.
+        """
+        for _ in range(_WATCH_ATTEMPTS):
+            if not await self.keys(pattern):
+                return []
+            try:
+                return await self._watch_last(kv, pattern)
+            except nats.errors.TimeoutError:
+                continue  # every key was removed between the two looks: look again
+        raise DependencyUnavailable("nats", "a key-value watch delivered nothing")
+
+    async def _watch_last(self, kv: KeyValue, pattern: str) -> list[KeyValue.Entry]:
+        latest: dict[str, KeyValue.Entry] = {}
+        with nats_errors():
+            watcher = await kv.watch(pattern)
+        try:
+            while True:
+                entry = await watcher.updates(timeout=self._timeout)  # type: ignore[no-untyped-call]
+                if entry is None:  # nats.py's end marker: it may come before the values
+                    continue
+                latest[entry.key] = entry
+                if entry.delta == 0:
+                    return list(latest.values())
+        finally:
+            with nats_errors():
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def remove(self, key: str, *, up_to: int | None = None) -> None:
+        """Removes ``key`` without a tombstone; with ``up_to``, only revisions up to that one."""
+        subject, request = self._removal(key, up_to)
+        await self._ask(subject, request)
+
+    async def remove_unconfirmed(self, key: str, *, up_to: int) -> None:
+        """:meth:`remove`, published without waiting for an answer: one outgoing message.
+
+        JetStream acts on it all the same and answers nothing; a removal that got lost leaves
+        the key as it was.
+        """
+        subject, request = self._removal(key, up_to)
+        with nats_errors():
+            await self._nc.publish(subject, json.dumps(request).encode())
+
+    def _removal(self, key: str, up_to: int | None) -> tuple[str, dict[str, Any]]:
+        if up_to is not None and up_to < 1:
+            # Revisions start at 1; JetStream reads a "seq" of 1 (or 0) as no limit at all.
+            raise ValueError(f"no revision {up_to}")
+        request: dict[str, Any] = {"filter": self._subject_prefix + key}
+        if up_to is not None:
+            request["seq"] = up_to + 1  # JetStream purges the sequences below this one
+        return self._purge, request
+
+    async def _ask(self, subject: str, request: dict[str, Any]) -> dict[str, Any]:
+        with nats_errors():
+            reply = await self._nc.request(
+                subject, json.dumps(request).encode(), timeout=self._timeout
+            )
+            answer: dict[str, Any] = json.loads(reply.data)
+            if "error" in answer:
+                # Raised inside nats_errors, so "JetStream unavailable" becomes UNAVAILABLE.
+                nats.js.errors.APIError.from_error(answer["error"])
+        return answer
