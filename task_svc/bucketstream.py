@@ -11,13 +11,14 @@ come fastest from a watch, which streams them: :meth:`BucketStream.entries` asks
 the index first whether anything matches, then ends the watch on the first value
 the server sent with nothing left pending, never on nats.py's marker.
 
-**Removing keys.** ``KeyValue.delete`` and ``purge`` leave a tombstone, a message
-kept for the bucket's whole retention (30 days by default). Open-task markers come
-and go with every task, so their tombstones piled up and every reaper pass streamed
-all of them (20,000 took 0.73 s). :meth:`BucketStream.remove` purges the key's
-messages up to a revision on the stream itself (``STREAM.PURGE`` with a filter and a
-sequence): nothing is left behind, and a revision written since stays, which makes it
-a compare-and-delete too.
+**Removing tombstones.** ``KeyValue.delete`` and ``purge`` leave a tombstone, a
+message kept for the bucket's whole retention (30 days by default), and a watch
+delivers them all. :meth:`BucketStream.remove` purges the messages of the keys
+matching a pattern up to a revision on the stream itself (``STREAM.PURGE`` with a
+filter and a sequence): nothing is left behind. It costs JetStream time in
+proportion to the stream (measured on nats-server 2.9: 20 µs of CPU on an empty
+bucket, 400 µs on one of 100,000 records, against 6 µs for a KV delete), so it is
+for sweeping many tombstones at once, not for removing one key at a time.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.js.api import Header
 from nats.js.kv import KeyValue
 
 from mesh.errors import DependencyUnavailable
@@ -35,6 +37,9 @@ from mesh.natsconn import nats_errors
 
 # The JetStream API's subject prefix; opsmesh runs JetStream without a domain.
 _API = "$JS.API"
+# How a key-value delete is written (nats.js.kv's own header and value).
+_KV_OPERATION = "KV-Operation"
+_KV_DELETE = "DEL"
 # Looks at an index that named keys, each followed by a watch that found none of them.
 _WATCH_ATTEMPTS = 3
 
@@ -94,29 +99,31 @@ class BucketStream:
             with nats_errors():
                 await watcher.stop()  # type: ignore[no-untyped-call]
 
-    async def remove(self, key: str, *, up_to: int | None = None) -> None:
-        """Removes ``key`` without a tombstone; with ``up_to``, only revisions up to that one."""
-        subject, request = self._removal(key, up_to)
-        await self._ask(subject, request)
-
-    async def remove_unconfirmed(self, key: str, *, up_to: int) -> None:
-        """:meth:`remove`, published without waiting for an answer: one outgoing message.
-
-        JetStream acts on it all the same and answers nothing; a removal that got lost leaves
-        the key as it was.
-        """
-        subject, request = self._removal(key, up_to)
-        with nats_errors():
-            await self._nc.publish(subject, json.dumps(request).encode())
-
-    def _removal(self, key: str, up_to: int | None) -> tuple[str, dict[str, Any]]:
-        if up_to is not None and up_to < 1:
+    async def remove(self, pattern: str, *, up_to: int) -> None:
+        """Removes every message of the keys matching ``pattern`` up to revision ``up_to``,
+        leaving no tombstone; later revisions stay."""
+        if up_to < 1:
             # Revisions start at 1; JetStream reads a "seq" of 1 (or 0) as no limit at all.
             raise ValueError(f"no revision {up_to}")
-        request: dict[str, Any] = {"filter": self._subject_prefix + key}
-        if up_to is not None:
-            request["seq"] = up_to + 1  # JetStream purges the sequences below this one
-        return self._purge, request
+        # JetStream purges the sequences below "seq".
+        await self._ask(self._purge, {"filter": self._subject_prefix + pattern, "seq": up_to + 1})
+
+    async def delete_unconfirmed(self, key: str, *, last: int) -> None:
+        """``KeyValue.delete(key, last=last)`` published without a reply subject.
+
+        JetStream stores the delete only while ``last`` is still the key's last revision and
+        answers nothing either way, so it costs one outgoing message and no round trip; a
+        delete that lost leaves the key as it was.
+        """
+        with nats_errors():
+            await self._nc.publish(
+                self._subject_prefix + key,
+                b"",
+                headers={
+                    _KV_OPERATION: _KV_DELETE,
+                    Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(last),
+                },
+            )
 
     async def _ask(self, subject: str, request: dict[str, Any]) -> dict[str, Any]:
         with nats_errors():

@@ -68,6 +68,11 @@ class ReaperMetrics:
             ["action"],
             registry=registry,
         )
+        self.swept = Counter(
+            "opsmesh_task_marker_tombstones_swept_total",
+            "Tombstones of open-task markers removed from the records bucket by a reaper's sweep.",
+            registry=registry,
+        )
 
 
 @dataclass
@@ -78,6 +83,8 @@ class PassReport:
     published: list[str] = field(default_factory=list)
     closed: int = 0
     purged: int = 0
+    swept: int = 0
+    """Tombstones of removed markers swept away."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +94,8 @@ class ReaperSettings:
     types: Collection[int]
     interval: float
     outbox_grace: float
+    sweep_after: int = 1000
+    """Tombstones of removed markers a pass meets before it sweeps them (task_svc/outbox.py)."""
 
 
 class Reaper:
@@ -127,13 +136,17 @@ class Reaper:
             report.purged += purged
             if depth == 0:
                 idle.add(task_type)
-        for marker in await self._open.listing():
+        survey = await self._open.survey()
+        for marker in survey.markers:
             try:
                 await self._visit(marker, report, idle)
             except DependencyUnavailable:
                 raise
             except Exception:  # one odd record must not stop the pass
                 log.exception("reaper: task %s", marker.task_id)
+        if len(survey.tombstones) >= self._settings.sweep_after:
+            report.swept = await self._open.sweep(survey)
+            self.metrics.swept.inc(report.swept)
         return report
 
     async def _visit(self, marker: Marker, report: PassReport, idle: Collection[int]) -> None:

@@ -90,46 +90,42 @@ async def test_entries_are_the_last_values_tombstones_included(bucket: Bucket) -
     assert got == {"o.a.1": (b"second", None), "o.a.2": (b"", "DEL"), "o.b.1": (b"y", None)}
 
 
-async def test_a_removed_key_leaves_nothing_behind(bucket: Bucket) -> None:
+async def test_removal_up_to_a_revision_leaves_no_tombstone_and_keeps_later_ones(
+    bucket: Bucket,
+) -> None:
     kv, stream = bucket
-    await kv.put("o.a.1", b"x")
+    await kv.put("t.a.1", b"a record, not under the pattern")
+    old = await kv.put("o.a.1", b"x")
     await kv.put("o.a.2", b"x")
-    await stream.remove("o.a.1")
-    await stream.remove("o.a.1")  # gone already: no error
-    assert await stream.keys("o.*.*") == ["o.a.2"]  # no tombstone, unlike KeyValue.delete
-    with pytest.raises(nats.js.errors.KeyNotFoundError):
-        await kv.get("o.a.1")
-    assert await stream.entries(kv, "o.a.1") == []
-
-
-async def test_removal_up_to_a_revision_keeps_a_later_one(bucket: Bucket) -> None:
-    kv, stream = bucket
-    first = await kv.put("o.a.1", b"publish")
-    later = await kv.put("o.a.1", b"queued")
-    await stream.remove("o.a.1", up_to=first)  # a compare-and-remove that lost
+    await kv.delete("o.a.2")
+    cut = await kv.put("o.a.3", b"live")
+    later = await kv.put("o.a.1", b"written again")
+    await stream.remove("o.>", up_to=cut - 1)
+    assert sorted(await stream.keys(">")) == ["o.a.1", "o.a.3", "t.a.1"]  # no tombstone left
     entry = await kv.get("o.a.1")
-    assert (entry.value, entry.revision) == (b"queued", later)
-    await stream.remove("o.a.1", up_to=later)
-    assert await stream.keys("o.*.*") == []
+    assert (entry.value, entry.revision) == (b"written again", later)
+    assert old < cut
+    with pytest.raises(ValueError, match="no revision 0"):
+        await stream.remove("o.>", up_to=0)  # JetStream would read it as "everything"
 
 
-async def test_an_unconfirmed_removal_lands_without_an_answer(
+async def test_an_unconfirmed_delete_lands_only_on_its_revision(
     client: Client, bucket: Bucket
 ) -> None:
     kv, stream = bucket
     stale = await kv.put("o.a.1", b"publish")
     await kv.put("o.a.1", b"queued")
     gone = await kv.put("o.a.2", b"x")
-    await stream.remove_unconfirmed("o.a.1", up_to=stale)  # written again since: kept
-    await stream.remove_unconfirmed("o.a.2", up_to=gone)
-    with pytest.raises(ValueError, match="no revision 0"):
-        await stream.remove_unconfirmed("o.a.1", up_to=0)  # JetStream would purge it all
+    await stream.delete_unconfirmed("o.a.1", last=stale)  # written again since: kept
+    await stream.delete_unconfirmed("o.a.2", last=gone)
     await client.flush()
 
-    async def removed() -> None:
-        assert await stream.keys("o.*.*") == ["o.a.1"]
+    async def deleted() -> None:
+        with pytest.raises(nats.js.errors.KeyNotFoundError):
+            await kv.get("o.a.2")
 
-    await assert_eventually(removed, timeout=5)
+    await assert_eventually(deleted, timeout=5)
+    assert (await kv.get("o.a.1")).value == b"queued"
 
 
 async def test_a_watch_that_finds_nothing_looks_again(
@@ -137,7 +133,7 @@ async def test_a_watch_that_finds_nothing_looks_again(
 ) -> None:
     # The index named a key that was removed before the watch began: no entry will come.
     kv, stream = bucket
-    await kv.put("o.a.1", b"x")
+    revision = await kv.put("o.a.1", b"x")
     real_keys = stream.keys
     looks: list[int] = []
 
@@ -145,7 +141,7 @@ async def test_a_watch_that_finds_nothing_looks_again(
         found = await real_keys(pattern)
         looks.append(len(found))
         if len(looks) == 1:
-            await stream.remove("o.a.1")
+            await stream.remove("o.a.1", up_to=revision)
         return found
 
     monkeypatch.setattr(stream, "keys", keys_then_removed)

@@ -14,7 +14,7 @@ from nats.js import JetStreamContext
 
 from devtools.servers import NatsServer
 from opsmesh.task.v1 import task_pb2 as pb
-from task_svc import lease
+from task_svc import lease, outbox
 from task_svc.handlers import workspace_without_cluster
 from task_svc.outbox import OpenTasks, marker_key
 from task_svc.queue import Publisher
@@ -708,25 +708,91 @@ async def test_the_worker_removes_a_final_tasks_marker_without_the_reaper(stack)
             await wait_status(stack, failed.id, pb.TASK_STATUS_FAILED)
 
             async def closed() -> None:
-                # Not even a tombstone: the reaper's walk would grow with every finished task.
-                assert await store.bucket_stream.keys("o.*.*") == []
+                assert await OpenTasks(store).listing() == []
 
             await assert_eventually(closed, timeout=5)
 
 
-async def test_a_reaper_pass_removes_tombstones_that_earlier_versions_left(stack) -> None:
+async def stage_tombstones(store: TaskStore, count: int) -> None:
+    """Markers of tasks that finished: what a worker's delete leaves, one each."""
+    tasks = [pb.Task(id=new_task_id(), org_id="acme") for _ in range(count)]
+    await asyncio.gather(*(OpenTasks(store).publishing(task) for task in tasks))
+    await asyncio.gather(*(store.kv.delete(marker_key(task.org_id, task.id)) for task in tasks))
+
+
+async def test_a_sweep_removes_tombstones_and_no_live_marker(stack) -> None:
+    async with task_store(stack) as store:
+        open_tasks = OpenTasks(store)
+        live = []
+        for _ in range(4):
+            await stage_tombstones(store, 3)
+            live.append(await stage_task(store))
+            await open_tasks.publishing(live[-1])
+        await stage_tombstones(store, 2)
+        survey = await open_tasks.survey()
+        assert (len(survey.markers), len(survey.tombstones)) == (4, 14)
+        before = {m.task_id: m for m in survey.markers}
+        # Written while the sweep is under way: a new marker, one turned to queued.
+        late = await stage_task(store)
+        await open_tasks.publishing(late)
+        assert await open_tasks.requeued(before[live[0].id])
+        assert await open_tasks.sweep(survey) == 14
+        after = {m.task_id: m for m in await open_tasks.listing()}
+        assert set(after) == {task.id for task in live} | {late.id}
+        assert len(await store.bucket_stream.keys("o.*.*")) == 5  # not a tombstone left
+        assert after[live[0].id].queued
+        for task in live[1:]:  # written again as they were, at a new revision
+            assert (after[task.id].state, after[task.id].since) == (
+                before[task.id].state,
+                before[task.id].since,
+            )
+            assert after[task.id].revision > survey.last_revision
+
+
+async def test_a_sweep_rewrites_at_most_its_budget_of_live_markers(
+    stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(outbox, "_SWEEP_REWRITES", 2)
+    async with task_store(stack) as store:
+        open_tasks = OpenTasks(store)
+        revisions = []
+        for _ in range(4):
+            await stage_tombstones(store, 2)
+            revisions.append(await open_tasks.publishing(await stage_task(store)))
+        survey = await open_tasks.survey()
+        # The cut stops at the third oldest live marker: the tombstones before it go.
+        assert await open_tasks.sweep(survey) == 6
+        after = sorted(m.revision for m in await open_tasks.listing())
+        assert after[:2] == revisions[2:]  # the two past the cut kept their revision
+        assert len((await open_tasks.survey()).tombstones) == 2
+
+
+async def test_a_reaper_pass_sweeps_and_the_reaper_closes_what_it_rewrote(stack) -> None:
+    release = asyncio.Event()
     handler = ScriptedHandler()
     async with task_store(stack) as store:
-        legacy = await stage_task(store)
-        await OpenTasks(store).publishing(legacy)
-        await store.kv.delete(marker_key(legacy.org_id, legacy.id))  # how markers went before
-        assert await store.bucket_stream.keys("o.*.*") == [marker_key(legacy.org_id, legacy.id)]
+        await stage_tombstones(store, 1000)  # ReaperSettings.sweep_after
+        task = await publish_email(stack)
+        handler.scripts[task.payload["notification_id"]] = Script(release=release)
+        first = {m.task_id: m.revision for m in await OpenTasks(store).listing()}[task.id]
         async with running_worker(stack, handler, reap_interval=0.2):
 
             async def swept() -> None:
-                assert await store.bucket_stream.keys("o.*.*") == []
+                survey = await OpenTasks(store).survey()
+                assert survey.tombstones == []
+                # The running task's marker was written again to let the cut pass it.
+                (marker,) = survey.markers
+                assert (marker.task_id, marker.revision > first) == (task.id, True)
 
-            await assert_eventually(swept, timeout=5)
+            await assert_eventually(swept, timeout=10)
+            release.set()
+            await wait_status(stack, task.id, pb.TASK_STATUS_SUCCEEDED)
+
+            # Its worker's delete names the first revision and misses; the reaper closes it.
+            async def closed() -> None:
+                assert await OpenTasks(store).listing() == []
+
+            await assert_eventually(closed, timeout=10)
 
 
 async def test_a_marker_written_again_since_the_publish_outlives_the_task_it_named(stack) -> None:
