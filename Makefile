@@ -151,6 +151,7 @@ bench: $(STAMP) $(UI_BUILD) ## run the benchmarks (bench/*.py; installs the Cele
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(BENCH) bench/session_bench.py || true
 	$(BENCH) bench/task_bench.py || true
+	$(BENCH) bench/reaper_bench.py || true
 	$(BENCH) bench/notify_bench.py || true
 	$(BENCH) bench/chat_bench.py || true
 	$(BENCH) bench/chat_profile.py || true
