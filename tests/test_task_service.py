@@ -727,14 +727,12 @@ async def test_a_sweep_removes_tombstones_and_no_live_marker(stack) -> None:
         for _ in range(4):
             await stage_tombstones(store, 3)
             live.append(await stage_task(store))
-            await open_tasks.publishing(live[-1])
         await stage_tombstones(store, 2)
         survey = await open_tasks.survey()
         assert (len(survey.markers), len(survey.tombstones)) == (4, 14)
         before = {m.task_id: m for m in survey.markers}
         # Written while the sweep is under way: a new marker, one turned to queued.
         late = await stage_task(store)
-        await open_tasks.publishing(late)
         assert await open_tasks.requeued(before[live[0].id])
         assert await open_tasks.sweep(survey) == 14
         after = {m.task_id: m for m in await open_tasks.listing()}
@@ -758,7 +756,8 @@ async def test_a_sweep_rewrites_at_most_its_budget_of_live_markers(
         revisions = []
         for _ in range(4):
             await stage_tombstones(store, 2)
-            revisions.append(await open_tasks.publishing(await stage_task(store)))
+            task = await stage_task(store)
+            revisions.append(await open_tasks.publishing(task))  # its marker's revision
         survey = await open_tasks.survey()
         # The cut stops at the third oldest live marker: the tombstones before it go.
         assert await open_tasks.sweep(survey) == 6
