@@ -26,9 +26,10 @@ MARKER_HEADER = "Opsmesh-Marker"
 the worker that finishes the task removes that revision. Absent: the reaper removes it."""
 
 
-def message_id(task: task_pb2.Task) -> str:
+def message_id(task: task_pb2.Task, *, resend: int = 0) -> str:
     # A resubmitted task (RetryTask) has a new version, so it is not taken as a duplicate.
-    return f"{task.id}:{task.version}"
+    base = f"{task.id}:{task.version}"
+    return f"{base}:resend-{resend}" if resend else base
 
 
 async def ensure_topology(js: JetStreamContext, topology: Topology) -> KeyValue:
@@ -66,14 +67,18 @@ class Publisher:
         self._topology = topology
         self.timeout = timeout
 
-    async def publish(self, task: task_pb2.Task, revision: int, *, marker: int = 0) -> None:
+    async def publish(
+        self, task: task_pb2.Task, revision: int, *, marker: int = 0, resend: int = 0
+    ) -> None:
         """Queues ``task``; the message carries the record as of ``revision``, and ``marker``,
         the revision of the task's open-task marker (0: none to name).
 
         The worker starts from that copy and its compare-and-set tells it whether the
-        record moved on since (then it reads the record, the truth, again).
+        record moved on since (then it reads the record, the truth, again). ``resend``
+        (non-zero) gives the message an id of its own, for a message known to be gone that
+        JetStream would otherwise drop as a duplicate of it.
         """
-        headers = {"Nats-Msg-Id": message_id(task), REVISION_HEADER: str(revision)}
+        headers = {"Nats-Msg-Id": message_id(task, resend=resend), REVISION_HEADER: str(revision)}
         if marker:
             headers[MARKER_HEADER] = str(marker)
         with nats_errors():

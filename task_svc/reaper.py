@@ -165,8 +165,11 @@ class Reaper:
             report.taken_over.append(task.id)
         elif task.type in idle and self._unchanged_for_grace(task):
             # Waiting, yet its consumer holds no message at all: the message was lost (an
-            # unclean NATS restart can drop the last writes) or never published.
-            await self._publish(task, revision, report)
+            # unclean NATS restart can drop the last writes) or never published. It may
+            # have been stored first, so the message id names the marker's revision: the
+            # first id is in JetStream's duplicate window for two minutes, and a message
+            # under it would be dropped. Reapers that read the same marker still send one.
+            await self._publish(task, revision, report, resend=marker.revision)
             await self._open.requeued(marker)
         elif not marker.queued and marker.age() > self._settings.outbox_grace:
             if task.status == states.PENDING:
@@ -180,8 +183,10 @@ class Reaper:
             idle_for > self._settings.outbox_grace
         )
 
-    async def _publish(self, task: task_pb2.Task, revision: int, report: PassReport) -> None:
-        await self._publisher.publish(task, revision)
+    async def _publish(
+        self, task: task_pb2.Task, revision: int, report: PassReport, *, resend: int = 0
+    ) -> None:
+        await self._publisher.publish(task, revision, resend=resend)
         self.metrics.reaped.labels(action="published").inc()
         report.published.append(task.id)
 

@@ -575,6 +575,24 @@ async def test_the_reaper_takes_over_a_stale_attempt_whose_message_is_gone(stack
     assert handler.effects[task.id] == 1
 
 
+async def test_a_message_lost_after_it_was_stored_is_sent_again_under_an_id_of_its_own(
+    stack,
+) -> None:
+    # An unclean NATS restart can lose a stored message while its id stays in JetStream's
+    # duplicate window (two minutes): a re-send under the same id would be dropped, and the
+    # task would wait that long (the SIGKILL-together fault test caught one).
+    handler = ScriptedHandler()
+    task = await publish_email(stack)
+    client = await nats.connect(stack.nats_url)
+    try:
+        await client.jetstream(timeout=2.0).purge_stream(stack.topology.stream)
+    finally:
+        await client.close()
+    async with running_worker(stack, handler, reap_interval=0.2):
+        await wait_status(stack, task.id, pb.TASK_STATUS_SUCCEEDED, within=10)
+    assert handler.calls[task.payload["notification_id"]] == 1
+
+
 async def test_a_task_recorded_but_never_published_is_published_by_the_reaper(stack) -> None:
     # The crash between writing the record and publishing its message.
     handler = ScriptedHandler()
