@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import nats
 import nats.errors
@@ -89,6 +91,29 @@ async def close_nats(client: Client) -> None:
         await client.drain()
     else:
         await client.close()
+
+
+# The JetStream API's subject prefix; opsmesh runs JetStream without a domain.
+JETSTREAM_API = "$JS.API"
+
+
+async def jetstream_request(
+    nc: Client, operation: str, request: Mapping[str, Any], *, request_timeout: float
+) -> dict[str, Any]:
+    """One JetStream API call (``operation``: e.g. ``STREAM.PURGE.<stream>``), its answer.
+
+    For what nats.py's JetStream context leaves out of its answers or requests (a purge's
+    count, subject listings by offset). An error answer raises nats.py's own APIError
+    subclass, and an outage is DependencyUnavailable, as with ``nats_errors``.
+    """
+    with nats_errors():
+        reply = await nc.request(
+            f"{JETSTREAM_API}.{operation}", json.dumps(request).encode(), timeout=request_timeout
+        )
+        answer: dict[str, Any] = json.loads(reply.data)
+        if "error" in answer:
+            nats.js.errors.APIError.from_error(answer["error"])
+    return answer
 
 
 @contextmanager

@@ -23,20 +23,16 @@ for sweeping many tombstones at once, not for removing one key at a time.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import nats.errors
-import nats.js.errors
 from nats.aio.client import Client
 from nats.js.api import Header
 from nats.js.kv import KeyValue
 
 from mesh.errors import DependencyUnavailable
-from mesh.natsconn import nats_errors
+from mesh.natsconn import jetstream_request, nats_errors
 
-# The JetStream API's subject prefix; opsmesh runs JetStream without a domain.
-_API = "$JS.API"
 # How a key-value delete is written (nats.js.kv's own header and value).
 _KV_OPERATION = "KV-Operation"
 _KV_DELETE = "DEL"
@@ -48,8 +44,8 @@ class BucketStream:
     def __init__(self, nc: Client, bucket: str, *, timeout: float) -> None:
         self._nc = nc
         self._subject_prefix = f"$KV.{bucket}."
-        self._info = f"{_API}.STREAM.INFO.KV_{bucket}"
-        self._purge = f"{_API}.STREAM.PURGE.KV_{bucket}"
+        self._info = f"STREAM.INFO.KV_{bucket}"
+        self._purge = f"STREAM.PURGE.KV_{bucket}"
         self._timeout = timeout
 
     async def keys(self, pattern: str) -> list[str]:
@@ -125,13 +121,5 @@ class BucketStream:
                 },
             )
 
-    async def _ask(self, subject: str, request: dict[str, Any]) -> dict[str, Any]:
-        with nats_errors():
-            reply = await self._nc.request(
-                subject, json.dumps(request).encode(), timeout=self._timeout
-            )
-            answer: dict[str, Any] = json.loads(reply.data)
-            if "error" in answer:
-                # Raised inside nats_errors, so "JetStream unavailable" becomes UNAVAILABLE.
-                nats.js.errors.APIError.from_error(answer["error"])
-        return answer
+    async def _ask(self, operation: str, request: dict[str, Any]) -> dict[str, Any]:
+        return await jetstream_request(self._nc, operation, request, request_timeout=self._timeout)

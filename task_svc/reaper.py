@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Collection, Mapping
@@ -41,7 +40,7 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mesh.errors import DependencyUnavailable, NotFound
-from mesh.natsconn import nats_errors
+from mesh.natsconn import jetstream_request, nats_errors
 from opsmesh.task.v1 import task_pb2
 from task_svc import lease, states
 from task_svc.config import TYPE_NAMES, RetryPolicy, Topology
@@ -233,13 +232,13 @@ class Reaper:
     async def _purge_below(self, subject: str, sequence: int) -> int:
         """Drops ``subject``'s messages before ``sequence``: all acknowledged (the ack floor)."""
         # The JetStream API's own reply says how many went (nats-py's purge_stream drops it).
-        request = json.dumps({"filter": subject, "seq": sequence}).encode()
-        reply = await self._nc.request(
-            f"$JS.API.STREAM.PURGE.{self._settings.topology.stream}",
-            request,
-            timeout=self._timeout,
+        answer = await jetstream_request(
+            self._nc,
+            f"STREAM.PURGE.{self._settings.topology.stream}",
+            {"filter": subject, "seq": sequence},
+            request_timeout=self._timeout,
         )
-        return int(json.loads(reply.data).get("purged", 0))
+        return int(answer.get("purged", 0))
 
     async def _stored(self, subject: str) -> int:
         info = await self._js.stream_info(self._settings.topology.stream, subjects_filter=subject)
