@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -168,6 +169,23 @@ async def test_a_reply_that_does_not_come_is_a_transient_failure_and_the_connect
         await provider.close()
 
 
+@asynccontextmanager
+async def distant_relay(
+    tmp_path: Path, round_trip: float, *, pipelining: bool, pool_size: int
+) -> AsyncIterator[SmtpProvider]:
+    """A provider sending to the dev sink with ``round_trip`` s of latency on the wire."""
+    port = free_port()
+    handler: Mailbox = _SinkHandler(tmp_path / "mail", pipelining=pipelining)
+    controller = _SinkController(handler, round_trip=round_trip, hostname="127.0.0.1", port=port)
+    controller.start()
+    provider = SmtpProvider(SmtpSettings(port=port, timeout=5.0, pool_size=pool_size))
+    try:
+        yield provider
+    finally:
+        await provider.close()
+        controller.stop()
+
+
 @pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-at-a-time"])
 async def test_a_distant_relay_costs_two_round_trips_per_email_when_pipelining(
     tmp_path: Path, pipelining: bool
@@ -175,19 +193,11 @@ async def test_a_distant_relay_costs_two_round_trips_per_email_when_pipelining(
     """The dev sink's --round-trip delays what the client sends, not each reply: a pipelined
     group shares one round trip, as over a network."""
     round_trip = 0.2
-    port = free_port()
-    handler: Mailbox = _SinkHandler(tmp_path / "mail", pipelining=pipelining)
-    controller = _SinkController(handler, round_trip=round_trip, hostname="127.0.0.1", port=port)
-    controller.start()
-    provider = SmtpProvider(SmtpSettings(port=port, timeout=5.0, pool_size=1))
-    try:
+    async with distant_relay(tmp_path, round_trip, pipelining=pipelining, pool_size=1) as provider:
         await provider.send(email(["ann@example.com"]), ["ann@example.com"])  # connects
         began = time.perf_counter()
         await provider.send(email(["bob@example.com"]), ["bob@example.com"])
         took = time.perf_counter() - began
-    finally:
-        await provider.close()
-        controller.stop()
     # Bounds a round trip apart from what the other mode takes, so a busy machine's slack
     # cannot turn one into the other.
     if pipelining:  # MAIL+RCPT+DATA, then the message
@@ -199,20 +209,12 @@ async def test_a_distant_relay_costs_two_round_trips_per_email_when_pipelining(
 async def test_a_burst_opens_its_connections_side_by_side(tmp_path: Path) -> None:
     """A cold pool opens a connection per concurrent send at once, not one after another."""
     round_trip = 0.2
-    port = free_port()
-    handler: Mailbox = _SinkHandler(tmp_path / "mail", pipelining=True)
-    controller = _SinkController(handler, round_trip=round_trip, hostname="127.0.0.1", port=port)
-    controller.start()
-    provider = SmtpProvider(SmtpSettings(port=port, timeout=5.0, pool_size=4))
-    try:
+    async with distant_relay(tmp_path, round_trip, pipelining=True, pool_size=4) as provider:
         began = time.perf_counter()
         await asyncio.gather(
             *(provider.send(email([f"u{n}@example.com"]), [f"u{n}@example.com"]) for n in range(4))
         )
         took = time.perf_counter() - began
-    finally:
-        await provider.close()
-        controller.stop()
     # Greeting, EHLO, MAIL+RCPT+DATA, the message: 4 round trips when the four connections
     # open together; opening them one by one would take at least 3 more round trips (the
     # bound leaves a busy machine most of one).
