@@ -150,9 +150,6 @@ class OpenTasks:
                 survey.tombstones.append(entry.revision or 0)
                 continue
             survey.live.append(entry)
-            marker = _parse(entry.key, entry.value or b"", entry.revision or 0)
-            if marker is not None:
-                survey.markers.append(marker)
         return survey
 
     async def sweep(self, survey: Survey) -> int:
@@ -180,9 +177,14 @@ class OpenTasks:
 
 @dataclass
 class Survey:
-    markers: list[Marker] = field(default_factory=list)
     live: list[KeyValue.Entry] = field(default_factory=list)
     """Every live marker's entry, including values this code could not parse."""
     tombstones: list[int] = field(default_factory=list)
     """The revision of every tombstone."""
     last_revision: int = 0
+
+    @property
+    def markers(self) -> list[Marker]:
+        """The live markers this code wrote."""
+        parsed = (_parse(entry.key, entry.value or b"", entry.revision or 0) for entry in self.live)
+        return [marker for marker in parsed if marker is not None]
