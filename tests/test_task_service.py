@@ -239,6 +239,22 @@ async def test_another_org_cannot_see_or_change_a_task(stack) -> None:
     assert still.status == pb.TASK_STATUS_PENDING
 
 
+@pytest.mark.parametrize("org", [">", "*", "acme.*", "acme.>"], ids=repr)
+async def test_an_org_named_like_a_subject_wildcard_lists_no_other_orgs_tasks(
+    stack, org: str
+) -> None:
+    # ListTasks filters the bucket's subjects by the org: a wildcard in it must stay a name.
+    # The service refuses such an org id at the door, and the store keeps it a name anyway.
+    task = await publish_email(stack)
+    with pytest.raises(aio.AioRpcError) as refused:
+        await stack.stub.ListTasks(pb.ListTasksRequest(), metadata=identity("mallory", org))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    async with task_store(stack) as store:
+        assert await store.page(org, before=None, limit=50) == ([], None)
+        listed, _ = await store.page("acme", before=None, limit=200)
+        assert task.id in {t.id for t in listed}
+
+
 @pytest.mark.parametrize(
     ("payload", "field"),
     [
